@@ -1,0 +1,5 @@
+import sys
+
+from phyassist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Load a tokenizer and model as a config's ``model`` section says: registry key, Hub id or
+local path; full precision or 4-bit NF4; one device or layers spread over the GPUs present."""
+
+from __future__ import annotations
+
+import os
+
+from phyassist.models.chat_templates import ensure_chat_template
+from phyassist.models.registry import get_spec, resolve_model_path
+from phyassist.models.schema import ModelConfig
+
+
+def _offline(mcfg: ModelConfig) -> bool:
+    return mcfg.local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(mcfg: ModelConfig, padding_side: str = "right"):
+    """Tokenizer with a chat template and a pad token (for batching)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(mcfg.name)
+    tok = AutoTokenizer.from_pretrained(path, revision=mcfg.revision, local_files_only=_offline(mcfg))
+    spec = get_spec(mcfg.name)
+    ensure_chat_template(tok, mcfg.chat_template, spec.chat_template if spec else None)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def bnb_config(mcfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    q = mcfg.quant
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype))
+
+
+def max_memory(mcfg: ModelConfig) -> dict | None:
+    """Per-GPU cap from the config (the study's profile: two 24 GB cards)."""
+    import torch
+
+    if not torch.cuda.is_available() or not mcfg.max_memory_per_gpu:
+        return None
+    n = mcfg.num_gpus or torch.cuda.device_count()
+    return {i: mcfg.max_memory_per_gpu for i in range(n)}
+
+
+def device_map(mcfg: ModelConfig):
+    import torch
+
+    if mcfg.device_map == "cpu" or not torch.cuda.is_available():
+        return {"": "cpu"}
+    if mcfg.device_map == "single":
+        return {"": 0}
+    return mcfg.device_map  # "auto" / "balanced": accelerate places layers under max_memory
+
+
+def load_model(mcfg: ModelConfig, *, for_training: bool = False):
+    """The causal LM, quantized per ``mcfg.quant``; MoE experts are quantized too (see
+    :mod:`phyassist.models.quantize`), which bitsandbytes' own 4-bit load skips."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(mcfg.name)
+    kwargs = dict(revision=mcfg.revision, local_files_only=_offline(mcfg), dtype=torch_dtype(mcfg.dtype),
+                  device_map=device_map(mcfg), max_memory=max_memory(mcfg))
+    if mcfg.attn_implementation:
+        kwargs["attn_implementation"] = mcfg.attn_implementation
+    if mcfg.quant.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(mcfg)
+        kwargs["dtype"] = torch_dtype(mcfg.quant.compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if mcfg.quant.load_in_4bit and mcfg.quant.quantize_experts:
+        from phyassist.models.quantize import quantize_moe_experts
+
+        quantize_moe_experts(model, mcfg.quant)
+    if for_training:
+        model.config.use_cache = False
+    return model

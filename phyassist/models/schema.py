@@ -1,0 +1,35 @@
+"""Config section ``model``: which base model, how it is loaded and quantized, where it runs."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from phyassist.schema_base import Section
+
+
+class QuantConfig(Section):
+    """bitsandbytes 4-bit settings (QLoRA)."""
+
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quantize_experts: bool = Field(
+        True, description="Also quantize fused 3-D MoE expert tensors (bitsandbytes skips them).")
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m-instruct",
+                      description="Registry key (see `python -m phyassist models`), Hub id or local path.")
+    revision: Optional[str] = None
+    chat_template: Literal["auto", "tokenizer", "mixtral", "chatml", "llama3"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_seq_length: int = Field(1024, gt=0)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    device_map: Literal["auto", "balanced", "cpu", "single"] = "auto"
+    num_gpus: Optional[int] = Field(None, ge=1, description="GPUs to use (default: all present).")
+    max_memory_per_gpu: Optional[str] = Field(None, description="Per-GPU cap, e.g. '24GiB'.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = "sdpa"
+    local_files_only: bool = Field(False, description="Never touch the network (HF_HUB_OFFLINE also does).")

@@ -1,0 +1,48 @@
+"""Config sections ``train`` (LoRA + SFT hyper-parameters) and ``wandb``."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from phyassist.schema_base import Section
+
+
+class LoraConfig(Section):
+    r: int = Field(32, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_router: bool = Field(False, description="Also adapt the MoE router `gate` (no dropout there).")
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainConfig(Section):
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: str = "paged_adamw_32bit"
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    max_grad_norm: float = Field(0.3, gt=0)
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    max_steps: int = Field(660, description="-1 trains for num_train_epochs.")
+    num_train_epochs: float = Field(1.0, gt=0)
+    save_steps: int = Field(20, gt=0)
+    logging_steps: int = Field(20, gt=0)
+    save_total_limit: Optional[int] = Field(3, gt=0)
+    group_by_length: bool = True
+    gradient_checkpointing: bool = True
+    completion_only_loss: bool = True
+    packing: bool = Field(False, description="Padding-free packing (no cross-example attention).")
+    bf16: bool = True
+    resume: bool = Field(True, description="Continue from the last checkpoint in the output folder.")
+
+
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "phyassist"
+    run_name: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+    entity: Optional[str] = None

@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import pytest
+
+from phyassist.config import ConfigError, list_profiles, load_config, parse_override, to_yaml
+from phyassist.runinfo import write_run_info
+
+
+@pytest.mark.parametrize("profile", ["smoke", "paper", "single-gpu"])
+def test_profiles_validate(profile):
+    cfg = load_config(profile)
+    assert cfg.name == profile
+
+
+def test_profiles_listed():
+    assert {"smoke", "paper", "single-gpu"} <= set(list_profiles())
+
+
+def test_inheritance_single_gpu_from_paper():
+    cfg = load_config("single-gpu")
+    assert cfg.model.name == "mixtral-8x7b-instruct"
+    assert cfg.model.max_memory_per_gpu is None and cfg.model.num_gpus == 1
+    assert cfg.train.lora.r == 32
+
+
+def test_overrides_parse_as_yaml():
+    assert parse_override("train.max_steps=10") == (["train", "max_steps"], 10)
+    cfg = load_config("smoke", ["train.max_steps=3", "train.lora.r=4", "wandb.tags=[a, b]"])
+    assert cfg.train.max_steps == 3 and cfg.train.lora.r == 4 and cfg.wandb.tags == ["a", "b"]
+
+
+def test_unknown_key_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ntrain:\n  learnin_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.learnin_rate: unknown key"):
+        load_config(p)
+
+
+def test_wrong_type_named():
+    with pytest.raises(ConfigError, match=r"train\.max_grad_norm.*'abc'"):
+        load_config("smoke", ["train.max_grad_norm=abc"])
+
+
+def test_bad_value_named():
+    with pytest.raises(ConfigError, match=r"train\.lora\.dropout"):
+        load_config("smoke", ["train.lora.dropout=1.5"])
+    with pytest.raises(ConfigError, match=r"model\.quant\.quant_type"):
+        load_config("smoke", ["model.quant.quant_type=int3"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("smoke", ["train.max_steps"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("paper", ["train.max_steps=7"])
+    out = write_run_info(cfg, tmp_path)
+    again = load_config(out / "config.resolved.yaml")
+    assert again == cfg
+    import json
+    assert "transformers" in json.loads((out / "versions.json").read_text())
+    assert "max_steps: 7" in to_yaml(cfg)
+
+
+def test_cli_reports_config_error():
+    r = subprocess.run([sys.executable, "-m", "phyassist", "models", "--config", "smoke", "train.nope=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "train.nope: unknown key" in r.stderr
+
+
+def test_cli_lists_models():
+    r = subprocess.run([sys.executable, "-m", "phyassist", "models"], capture_output=True, text=True)
+    assert r.returncode == 0 and "mixtral-8x7b-instruct" in r.stdout and "smollm2-135m-instruct" in r.stdout
