@@ -60,7 +60,7 @@ def execute_notebook(nb_path: Path, out_dir: Path, parameters: dict, timeout: in
     out = out_dir / nb_path.name
     try:
         pm.execute_notebook(str(src), str(out), parameters=parameters, cwd=str(REPO_ROOT),
-                            kernel_name="python3", progress_bar=False, execution_timeout=timeout,
+                            kernel_name="python3", language="python", progress_bar=False, execution_timeout=timeout,
                             log_output=False)
     finally:
         if src != nb_path:

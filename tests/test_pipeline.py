@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import nbformat
+
+from phyassist.pipeline import execute_notebook, notebook_config, strip_gpu_cells
+
+
+def _nb(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('config = "smoke"\noverrides = {}\noutput_dir = None')
+    params.metadata["tags"] = ["parameters"]
+    gpu = nbformat.v4.new_code_cell("import torch\nassert torch.cuda.is_available()")
+    gpu.metadata["tags"] = ["gpu"]
+    body = nbformat.v4.new_code_cell(
+        "from phyassist.pipeline import notebook_config\n"
+        "cfg = notebook_config(config, overrides, output_dir)\n"
+        "print('steps', cfg.train.max_steps, cfg.out)")
+    nb.cells = [params, gpu, body]
+    p = tmp_path / "t.ipynb"
+    nbformat.write(nb, p)
+    return p
+
+
+def test_gpu_cells_replaced(tmp_path):
+    out = strip_gpu_cells(_nb(tmp_path), tmp_path / "cpu.ipynb")
+    cells = json.loads(out.read_text())["cells"]
+    assert "skipped" in "".join(cells[1]["source"])
+
+
+def test_notebook_executes_with_papermill_parameters(tmp_path):
+    import torch
+
+    nb = _nb(tmp_path)
+    out = execute_notebook(nb, tmp_path / "out", {"config": "smoke", "overrides": {"train.max_steps": 3},
+                                                  "output_dir": str(tmp_path / "o")})
+    text = out.read_text()
+    assert "steps 3" in text
+    if not torch.cuda.is_available():
+        assert "skipped: this cell needs a CUDA GPU" in text
+
+
+def test_notebook_config_overrides(tmp_path):
+    cfg = notebook_config("smoke", {"train.max_steps": 2}, str(tmp_path))
+    assert cfg.train.max_steps == 2 and cfg.out == tmp_path
+
+
+def test_unknown_stage_and_help():
+    r = subprocess.run([sys.executable, "-m", "phyassist", "nosuchstage"], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_committed_notebooks_have_no_outputs():
+    from phyassist.paths import REPO_ROOT
+
+    for nb in list((REPO_ROOT / "notebooks").glob("*.ipynb")) + list(REPO_ROOT.glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        assert not any(c.get("outputs") for c in cells if c["cell_type"] == "code"), nb
