@@ -15,6 +15,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     target_router: bool = Field(False, description="Also adapt the MoE router `gate` (no dropout there).")
+    router_parameters: list[str] = Field(
+        default_factory=lambda: ["mlp.gate.weight"],
+        description="Router weights adapted through PEFT's target_parameters when target_router is on.")
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
@@ -38,6 +41,10 @@ class TrainConfig(Section):
     packing: bool = Field(False, description="Padding-free packing (no cross-example attention).")
     bf16: bool = True
     resume: bool = Field(True, description="Continue from the last checkpoint in the output folder.")
+    eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate on val.jsonl every N steps (None: never).")
+    max_eval_records: int = Field(200, gt=0, description="Cap on validation records (evaluation costs time).")
+    dataloader_num_workers: int = Field(0, ge=0)
+    check_memory: bool = Field(True, description="Refuse to start when the projection exceeds GPU memory.")
 
 
 class WandbConfig(Section):
@@ -46,3 +53,4 @@ class WandbConfig(Section):
     run_name: Optional[str] = None
     tags: list[str] = Field(default_factory=list)
     entity: Optional[str] = None
+    log_system: bool = Field(True, description="Log tokens/s, GPU memory and power with the training metrics.")

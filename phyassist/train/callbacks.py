@@ -1,0 +1,74 @@
+"""What a run logs besides loss: throughput and GPU state (meter), and the wandb run setup."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from phyassist.io import atomic_write_text
+
+
+class SystemMeter:
+    """Tokens/s since the last sample, peak GPU memory and GPU power, as log entries."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._t = time.perf_counter()
+        self._tokens = 0
+
+    def sample(self, state) -> dict:
+        if not self.enabled:
+            return {}
+        now, tokens = time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        out = {}
+        if tokens > self._tokens and now > self._t:
+            out["tokens_per_s"] = round((tokens - self._tokens) / (now - self._t), 1)
+        self._t, self._tokens = now, tokens
+        out.update(gpu_stats())
+        return out
+
+
+def gpu_stats() -> dict:
+    """Peak allocated memory (GiB) and power draw (W) of every visible GPU; {} without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    out = {}
+    for i in range(torch.cuda.device_count()):
+        out[f"gpu{i}_peak_gib"] = round(torch.cuda.max_memory_allocated(i) / 2**30, 3)
+        try:
+            out[f"gpu{i}_power_w"] = round(torch.cuda.power_draw(i) / 1000.0, 1)
+        except Exception:  # NVML absent: memory only
+            pass
+    return out
+
+
+def wandb_run_id(out: Path) -> str:
+    """A run id kept in the output folder, so a resumed run continues the same wandb run."""
+    import uuid
+
+    path = out / "wandb_run_id.txt"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    rid = uuid.uuid4().hex[:12]
+    atomic_write_text(path, rid)
+    return rid
+
+
+def init_wandb(cfg, out: Path):
+    """Start (or resume) the wandb run named in the config; the offline run folder stays in
+    ``<out>/wandb`` for ``wandb sync``. Returns the run, or None when disabled."""
+    w = cfg.wandb
+    os.environ["WANDB_MODE"] = w.mode
+    if w.mode == "disabled":
+        return None
+    import wandb
+
+
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=w.project, entity=w.entity, name=w.run_name or cfg.name, tags=list(w.tags),
+                      config=cfg.model_dump(mode="json"), mode=w.mode, dir=str(out),
+                      id=wandb_run_id(out), resume="allow")

@@ -1,0 +1,255 @@
+"""Dry run: build the configured model on the meta device (no weights, no GPU), count the
+LoRA's trainable parameters and project GPU memory per GPU, so a student can repeat the study's
+model selection (which candidates fit 2 x 24 GB?) in seconds.
+
+The projection is arithmetic on the architecture, term by term (bench/finetune_mixtral.md
+compares it with measured peaks):
+
+* 4-bit weights: every matrix the run quantizes (attention/MLP linears, fused MoE experts) at
+  0.5 byte per value plus block statistics: one fp32 absmax per 64 values, or with double
+  quantization one byte per 64 values plus one fp32 per 16,384 values.
+* 16-bit weights: embeddings, LM head, norms and routers in the compute dtype.
+* LoRA + optimizer: fp32 adapter weights, gradients and two 32-bit Adam moments (16 bytes each).
+* activations at the micro-batch: with gradient checkpointing, one bf16 hidden state per layer
+  boundary plus one layer's full working set (for MoE: the dequantized experts of a layer too),
+  plus the logits (bf16 + fp32 loss copies + gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GIB = 2**30
+CUDA_OVERHEAD_GIB = 0.6  # CUDA context + cuBLAS workspace + allocator slack, per GPU
+
+
+@dataclass
+class Projection:
+    model: str
+    total_params: int
+    trainable: int
+    layers: int
+    quant_params: int  # values stored in 4 bit
+    dense_params: int  # values kept in 16 bit
+    layer_weight_gib: float  # one decoder layer in 4 bit (double quant as configured)
+    weights_4bit_gib: float  # whole model, without double quant
+    weights_4bit_dq_gib: float  # whole model, with double quant
+    double_quant: bool
+    lora_opt_gib: float
+    boundary_gib_per_layer: float
+    layer_work_gib: float
+    logits_gib: float
+    embed_gib: float
+    head_gib: float
+    micro_batch: int
+    seq_len: int
+    cap_gib: float | None
+    num_gpus: int
+    per_gpu: list[float] = field(default_factory=list)
+    layers_per_gpu: list[int] = field(default_factory=list)
+
+    @property
+    def weights_gib(self) -> float:
+        return self.weights_4bit_dq_gib if self.double_quant else self.weights_4bit_gib
+
+    def split(self, n: int) -> tuple[list[int], list[float]]:
+        """Balance layers over ``n`` GPUs (embeddings on the first, head + logits on the last)."""
+        per_layer = self.layer_weight_gib + self.boundary_gib_per_layer
+        fixed = [CUDA_OVERHEAD_GIB + self.layer_work_gib + self.lora_opt_gib / n for _ in range(n)]
+        fixed[0] += self.embed_gib
+        fixed[-1] += self.head_gib + self.logits_gib
+        counts = balance_layers(self.layers, fixed, per_layer)
+        return counts, [f + c * per_layer for f, c in zip(fixed, counts)]
+
+    def per_gpu_gib(self, n: int) -> float:
+        return max(self.split(n)[1])
+
+    def gpus_needed(self, cap_gib: float, limit: int = 64) -> int | None:
+        return next((n for n in range(1, limit + 1) if self.per_gpu_gib(n) <= cap_gib), None)
+
+    def fits(self) -> bool | None:
+        return None if self.cap_gib is None else max(self.per_gpu) <= self.cap_gib
+
+    def summary_line(self) -> str:
+        return (f"weights {self.weights_gib:.1f} GiB + LoRA/optimizer {self.lora_opt_gib:.2f} GiB + "
+                f"activations at {self.micro_batch}x{self.seq_len}")
+
+
+def balance_layers(n_layers: int, fixed: list[float], per_layer: float) -> list[int]:
+    """Layer counts per GPU minimising the largest GPU's total (greedy: each layer to the
+    GPU with least load, kept contiguous by assigning counts, not positions)."""
+    counts = [0] * len(fixed)
+    for _ in range(n_layers):
+        i = min(range(len(fixed)), key=lambda j: fixed[j] + (counts[j] + 1) * per_layer)
+        counts[i] += 1
+    return counts
+
+
+def layer_device_map(config, counts: list[int], devices: list | None = None) -> dict:
+    """An explicit ``device_map``: contiguous blocks of decoder layers per GPU, embeddings on
+    the first GPU, final norm and LM head on the last."""
+    devices = devices if devices is not None else list(range(len(counts)))
+    if sum(counts) != config.num_hidden_layers:
+        raise ValueError(f"layer counts {counts} do not add up to {config.num_hidden_layers} layers")
+    dmap = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
+    layer = 0
+    for dev, c in zip(devices, counts):
+        for _ in range(c):
+            dmap[f"model.layers.{layer}"] = dev
+            layer += 1
+    dmap["model.norm"] = devices[-1]
+    dmap["lm_head"] = devices[-1]
+    return dmap
+
+
+def meta_model(name: str):
+    """The architecture on the meta device: shapes without memory or weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phyassist.models.registry import architecture_config
+
+    config = architecture_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, config
+
+
+def _is_quantized(name: str, p, quant_experts: bool) -> bool:
+    """Which parameters a QLoRA load stores in 4 bit: linear weights (not the LM head) and,
+    with ``quantize_experts``, the fused 3-D expert tensors."""
+    if p.dim() == 3:
+        return quant_experts
+    return p.dim() == 2 and name.endswith("proj.weight") or name.endswith(("fc1.weight", "fc2.weight"))
+
+
+def four_bit_bytes(n: int, double_quant: bool, blocksize: int = 64) -> float:
+    blocks = math.ceil(n / blocksize)
+    stats = blocks * 1 + math.ceil(blocks / 256) * 4 if double_quant else blocks * 4
+    return n / 2 + stats
+
+
+def count_trainable(model, lcfg) -> int:
+    from phyassist.train.lora import apply_lora, trainable_parameters
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return trainable_parameters(apply_lora(model, lcfg))
+
+
+def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) -> Projection:
+    """The memory projection for ``cfg`` (see module docstring for each term)."""
+    m, t = cfg.model, cfg.train
+    model, config = meta_model(m.name)
+    bsz = micro_batch or t.per_device_train_batch_size
+    seq = m.max_seq_length
+    tokens = bsz * seq
+    q_params = dense = 0
+    layer_q = layer_dense = 0
+    q4 = m.quant.load_in_4bit
+    dense_bytes = 2 if m.dtype != "float32" and m.quant.compute_dtype != "float32" else 4
+    for name, p in model.named_parameters():
+        quant = q4 and _is_quantized(name, p, m.quant.quantize_experts)
+        if quant:
+            q_params += p.numel()
+        else:
+            dense += p.numel()
+        if ".layers.0." in name:
+            layer_q, layer_dense = (layer_q + p.numel(), layer_dense) if quant else (layer_q, layer_dense + p.numel())
+    total = q_params + dense
+    trainable = count_trainable(model, t.lora)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    vocab = config.vocab_size
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    experts = getattr(config, "num_local_experts", 0) or 0
+    top_k = getattr(config, "num_experts_per_tok", 1) if experts else 1
+    kv = hidden // config.num_attention_heads * getattr(config, "num_key_value_heads", config.num_attention_heads)
+    act = 2  # bf16 activations
+    attn_work = tokens * (6 * hidden + 4 * kv) * act
+    mlp_work = tokens * top_k * (2 * hidden + 3 * inter) * act
+    dequant_work = (experts * 3 * hidden * inter * act) if (experts and q4) else 0
+    layer_work = attn_work + mlp_work + dequant_work
+    ckpt = t.gradient_checkpointing
+    boundary = tokens * hidden * act if ckpt else layer_work
+    bytes_w = lambda n, dq: four_bit_bytes(n, dq) if q4 else n * dense_bytes  # noqa: E731
+    embed = config.vocab_size * hidden * dense_bytes
+    head = 0 if getattr(config, "tie_word_embeddings", False) else embed
+    proj = Projection(
+        model=m.name, total_params=total, trainable=trainable, layers=layers, quant_params=q_params,
+        dense_params=dense,
+        layer_weight_gib=(bytes_w(layer_q, m.quant.double_quant) + layer_dense * dense_bytes) / GIB,
+        weights_4bit_gib=(bytes_w(q_params, False) + dense * dense_bytes) / GIB,
+        weights_4bit_dq_gib=(bytes_w(q_params, True) + dense * dense_bytes) / GIB,
+        double_quant=m.quant.double_quant, lora_opt_gib=trainable * 16 / GIB,
+        boundary_gib_per_layer=boundary / GIB, layer_work_gib=(layer_work if ckpt else 0) / GIB,
+        logits_gib=tokens * vocab * (2 + 4 + 4) / GIB, embed_gib=embed / GIB, head_gib=head / GIB,
+        micro_batch=bsz, seq_len=seq, cap_gib=parse_gib(m.max_memory_per_gpu),
+        num_gpus=num_gpus or m.num_gpus or 1)
+    proj.layers_per_gpu, proj.per_gpu = proj.split(proj.num_gpus)
+    return proj
+
+
+def parse_gib(text: str | None) -> float | None:
+    """'24GiB' / '24GB' / '24000MiB' -> GiB."""
+    if not text:
+        return None
+    s = text.strip().upper().replace(" ", "")
+    units = {"GIB": 1.0, "GB": 1e9 / GIB, "MIB": 1 / 1024, "MB": 1e6 / GIB, "TIB": 1024.0}
+    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(u):
+            return float(s[: -len(u)]) * f
+    return float(s)
+
+
+def largest_micro_batch(cfg, cap_gib: float, num_gpus: int, limit: int = 64) -> int:
+    """The largest micro-batch whose projection fits ``cap_gib`` on ``num_gpus`` (0: none)."""
+    best = 0
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        if b > limit or project(cfg, micro_batch=b, num_gpus=num_gpus).per_gpu_gib(num_gpus) > cap_gib:
+            break
+        best = b
+    return best
+
+
+def report(cfg, proj: Projection) -> str:
+    """The dry run's printout: counts, the per-term projection and a clear verdict."""
+    n = proj.num_gpus
+    lines = [
+        f"model            {proj.model}  ({proj.total_params / 1e9:.2f} B parameters, {proj.layers} layers)",
+        f"trainable (LoRA) {proj.trainable:,}  (r={cfg.train.lora.r}, alpha={cfg.train.lora.alpha}, "
+        f"targets {', '.join(cfg.train.lora.target_modules)}{' + router' if cfg.train.lora.target_router else ''})",
+        f"micro-batch      {proj.micro_batch} x {proj.seq_len} tokens, gradient checkpointing "
+        f"{'on' if cfg.train.gradient_checkpointing else 'off'}",
+        "memory projection (GiB)",
+        f"  weights, 4-bit without double quant   {proj.weights_4bit_gib:8.2f}",
+        f"  weights, 4-bit with double quant      {proj.weights_4bit_dq_gib:8.2f}"
+        f"{'   <- configured' if proj.double_quant else ''}",
+        f"  LoRA + gradients + Adam (fp32)        {proj.lora_opt_gib:8.2f}",
+        f"  activations: layer boundaries         {proj.boundary_gib_per_layer * proj.layers:8.2f}",
+        f"  activations: one layer's working set  {proj.layer_work_gib:8.2f}",
+        f"  activations: logits + loss            {proj.logits_gib:8.2f}",
+        f"  CUDA context + workspace (per GPU)    {CUDA_OVERHEAD_GIB:8.2f}",
+    ]
+    for i, (c, g) in enumerate(zip(proj.layers_per_gpu, proj.per_gpu)):
+        lines.append(f"  GPU {i}: {c:3d} layers                      {g:8.2f}")
+    cap = proj.cap_gib
+    if cap is None:
+        lines.append(f"verdict: needs about {max(proj.per_gpu):.1f} GiB on {n} GPU(s) (no cap configured)")
+        return "\n".join(lines)
+    if proj.fits():
+        lines.append(f"verdict: FITS - {max(proj.per_gpu):.1f} GiB peak per GPU under the {cap:.1f} GiB cap on {n} GPU(s)")
+    else:
+        need = proj.gpus_needed(cap)
+        mb = largest_micro_batch(cfg, cap, n)
+        alt = [f"{need} GPUs of {cap:.0f} GiB" if need else f"no count of {cap:.0f} GiB GPUs"]
+        if mb:
+            alt.append(f"micro-batch {mb} (with more gradient accumulation)")
+        lines.append(f"verdict: DOES NOT FIT - {max(proj.per_gpu):.1f} GiB per GPU needed, cap {cap:.1f} GiB "
+                     f"on {n} GPU(s). Would fit: {' or '.join(alt)}.")
+    return "\n".join(lines)
+
+
+def dry_run(cfg) -> tuple[Projection, str]:
+    proj = project(cfg)
+    return proj, report(cfg, proj)

@@ -1,0 +1,322 @@
+"""QLoRA supervised fine-tuning with TRL's SFTTrainer, as the study ran it.
+
+``train(cfg)`` reads ``<out>/data/train.jsonl`` (written by the data stage), tokenizes each record
+with the loss on the answer only, loads the base model in 4-bit NF4 (experts included, see
+:mod:`phyassist.models.quantize`), attaches the study's LoRA and trains; a killed run continues
+from its last checkpoint with the same data order. ``load_for_inference`` gives the model back
+with the adapter attached.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from phyassist.io import atomic_write_json, read_jsonl
+from phyassist.train.lora import apply_lora
+
+IGNORE = -100
+RUN_META = "phyassist_train.json"  # written into each checkpoint: which base model it belongs to
+
+
+class TrainSetupError(ValueError):
+    """A training run that cannot start as configured; the message says what to change."""
+
+
+# ---------------------------------------------------------------- data
+
+def data_file(cfg, split: str = "train") -> Path:
+    return cfg.out / "data" / f"{split}.jsonl"
+
+
+def read_records(cfg, split: str = "train", required: bool = True) -> list[dict] | None:
+    """Records written by the data stage; a missing train file is an error naming the file."""
+    path = data_file(cfg, split)
+    if not path.exists():
+        if required:
+            raise FileNotFoundError(
+                f"{path}: training data not found; run `python -m phyassist data --config <profile> "
+                f"--output-dir {cfg.out}` first (or pass train_records=)")
+        return None
+    rows = read_jsonl(path)
+    if required and not rows:
+        raise ValueError(f"{path}: no records")
+    return rows
+
+
+def _segments(tokenizer, record: dict, index: int) -> list[tuple[str, bool]]:
+    """The record as (text, in_loss) pieces: prompt/completion, or a multi-turn ``messages`` list
+    rendered with the chat template and split at each assistant turn."""
+    if "messages" in record and record["messages"]:
+        msgs = record["messages"]
+        pieces, done = [], ""
+        for i, m in enumerate(msgs):
+            if m.get("role") != "assistant":
+                continue
+            prefix = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise ValueError(f"record {index}: chat template does not render turns as prefixes")
+            pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
+            done = full
+        if not pieces:
+            raise ValueError(f"record {index}: messages contain no assistant turn")
+        return pieces
+    if "prompt" in record and "completion" in record:
+        return [(record["prompt"], False), (record["completion"], True)]
+    raise ValueError(f"record {index}: needs `prompt` and `completion`, or `messages` "
+                     f"(got keys {sorted(record)})")
+
+
+def tokenize_record(tokenizer, record: dict, max_length: int, completion_only: bool = True,
+                    index: int = 0) -> dict:
+    """``input_ids`` and ``labels`` (-100 outside the answer when ``completion_only``).
+
+    Templates render special tokens into the text, so none are added here; an EOS ends the
+    sequence so the model learns to stop.
+    """
+    ids, labels = [], []
+    for text, in_loss in _segments(tokenizer, record, index):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if (in_loss or not completion_only) else [IGNORE] * len(piece)
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(eos)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def build_dataset(tokenizer, records: Iterable[dict], max_length: int, completion_only: bool = True):
+    """A tokenized ``datasets.Dataset``; records whose answer is cut off entirely are dropped."""
+    from datasets import Dataset
+
+    rows = [tokenize_record(tokenizer, r, max_length, completion_only, i) for i, r in enumerate(records)]
+    rows = [r for r in rows if any(t != IGNORE for t in r["labels"])]
+    if not rows:
+        raise ValueError(f"no record has answer tokens within max_seq_length={max_length}")
+    return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------- checks
+
+def check_hardware(cfg) -> None:
+    """Refuse a GPU profile on a machine without GPUs, or with too little memory (say how much)."""
+    import torch
+
+    m = cfg.model
+    wants_gpu = m.device_map != "cpu" and (m.num_gpus or m.max_memory_per_gpu)
+    if wants_gpu and not torch.cuda.is_available():
+        raise TrainSetupError(
+            f"profile '{cfg.name}' trains {m.name} on {m.num_gpus or 'the'} GPU(s) but no CUDA GPU is visible. "
+            "Run `python -m phyassist train --config <profile> --dry-run` to see the memory it needs, "
+            "or `--config smoke` to train the embedded default on the CPU.")
+    if not torch.cuda.is_available() or not cfg.train.check_memory:
+        return
+    from phyassist.train.dryrun import project
+
+    proj = project(cfg)
+    n = min(m.num_gpus or torch.cuda.device_count(), torch.cuda.device_count())
+    have = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 2**30
+    need = proj.per_gpu_gib(n)
+    if need > have:
+        raise TrainSetupError(
+            f"{m.name} needs about {need:.1f} GiB per GPU on {n} GPU(s) (projection: "
+            f"{proj.summary_line()}), but the smallest GPU here has {have:.1f} GiB. "
+            f"It would fit on {proj.gpus_needed(have)} such GPU(s), or with a smaller micro-batch.")
+
+
+def model_identity(cfg) -> str:
+    return cfg.model.name if cfg.model.revision is None else f"{cfg.model.name}@{cfg.model.revision}"
+
+
+def last_checkpoint(ckpt_dir: Path, cfg) -> str | None:
+    """The newest checkpoint to resume from, refusing one made for another base model."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not cfg.train.resume or not ckpt_dir.is_dir():
+        return None
+    last = get_last_checkpoint(str(ckpt_dir))
+    if last is None:
+        return None
+    meta = Path(last) / RUN_META
+    if meta.exists():
+        base = json.loads(meta.read_text(encoding="utf-8")).get("base_model")
+        if base != model_identity(cfg):
+            raise TrainSetupError(
+                f"{last}: checkpoint was trained on base model {base!r}, this run uses "
+                f"{model_identity(cfg)!r}. Use another --output-dir, or set train.resume=false "
+                f"to start over (the old checkpoints are then replaced).")
+    return last
+
+
+# ---------------------------------------------------------------- trainer
+
+def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
+    """TRL's SFTConfig with the run's hyper-parameters (configs/paper.yaml: the study's)."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.train
+    use_cuda = torch.cuda.is_available() and cfg.model.device_map != "cpu"
+    return SFTConfig(
+        output_dir=str(ckpt_dir), seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
+        optim=t.optim, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
+        save_steps=t.save_steps, logging_steps=t.logging_steps, save_total_limit=t.save_total_limit,
+        logging_first_step=True,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=t.bf16 and use_cuda, use_cpu=not use_cuda,
+        max_length=cfg.model.max_seq_length, completion_only_loss=t.completion_only_loss,
+        packing=t.packing, packing_strategy="bfd", padding_free=t.packing,
+        eval_strategy="steps" if (has_eval and t.eval_steps) else "no", eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        report_to=["wandb"] if cfg.wandb.mode != "disabled" else "none",
+        run_name=cfg.wandb.run_name or cfg.name,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=True, disable_tqdm=False,
+    )
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class PhyAssistSFTTrainer(SFTTrainer):
+        """SFTTrainer whose log lines also carry the system meter's numbers (tokens/s, GPU)."""
+
+        meter = None
+
+        def log(self, logs, start_time=None):
+            if self.meter is not None and "loss" in logs:
+                logs = {**logs, **self.meter.sample(self.state)}
+            return super().log(logs, start_time)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            path = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if path.is_dir():
+                atomic_write_json(path / RUN_META, self._phyassist_meta)
+
+    return PhyAssistSFTTrainer
+
+
+def _load(cfg, model, tokenizer):
+    from phyassist.models.loading import load_model, load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(cfg.model, padding_side="right")
+    if model is None:
+        model = load_model(cfg.model, for_training=True)
+    return model, tokenizer
+
+
+def prepare_for_training(model, cfg):
+    """Cast norms to fp32 and enable input gradients for checkpointing (PEFT's k-bit prep),
+    then attach the LoRA adapter."""
+    from peft import prepare_model_for_kbit_training
+
+    if cfg.model.quant.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return apply_lora(model, cfg.train.lora)
+
+
+def train(cfg, train_records=None, eval_records=None, output_dir=None, model=None, tokenizer=None,
+          callbacks=None) -> Path:
+    """Fine-tune; returns the adapter folder (``<out>/adapter`` by default, PEFT format)."""
+    from phyassist.train.callbacks import SystemMeter, init_wandb
+    from phyassist.train.plots import plot_training
+
+    out = Path(output_dir) if output_dir else cfg.out
+    if output_dir:
+        cfg = cfg.model_copy(update={"output_dir": str(out)})
+    records = train_records if train_records is not None else read_records(cfg, "train")
+    if eval_records is None and cfg.train.eval_steps:
+        eval_records = read_records(cfg, "val", required=False)
+    if model is None:
+        check_hardware(cfg)
+    ckpt_dir, adapter_dir = out / "checkpoints", out / "adapter"
+    resume = last_checkpoint(ckpt_dir, cfg)
+
+    model, tokenizer = _load(cfg, model, tokenizer)
+    max_len = cfg.model.max_seq_length
+    train_ds = build_dataset(tokenizer, records, max_len, cfg.train.completion_only_loss)
+    eval_ds = None
+    if eval_records:
+        eval_ds = build_dataset(tokenizer, eval_records[:cfg.train.max_eval_records], max_len,
+                                cfg.train.completion_only_loss)
+    model = prepare_for_training(model, cfg)
+
+    init_wandb(cfg, out)
+    meter = SystemMeter(enabled=cfg.wandb.log_system)
+    trainer = _trainer_class()(model=model, args=sft_config(cfg, ckpt_dir, eval_ds is not None),
+                               train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                               callbacks=list(callbacks or []))
+    trainer.meter = meter
+    trainer._phyassist_meta = {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump()}
+    trainer.train(resume_from_checkpoint=resume)
+    save_adapter(trainer, tokenizer, adapter_dir, cfg)
+    state = ckpt_dir / "trainer_state.json"
+    trainer.state.save_to_json(str(state))
+    plot_training(state, out / "images")
+    _finish_wandb()
+    return adapter_dir
+
+
+def save_adapter(trainer, tokenizer, adapter_dir: Path, cfg) -> Path:
+    """Write the final adapter atomically: into a temp folder, then renamed over the old one."""
+    import shutil
+
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(tmp / RUN_META, {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump(),
+                                       "global_step": trainer.state.global_step})
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    tmp.rename(adapter_dir)
+    return adapter_dir
+
+
+def _finish_wandb() -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:
+        pass
+
+
+def load_for_inference(cfg, adapter_dir=None):
+    """(model, tokenizer) for generation: base model as configured, adapter attached if given,
+    tokenizer left-padded for batched generation."""
+    from phyassist.models.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    model = load_model(cfg.model, for_training=False)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
+        meta = adapter_dir / RUN_META
+        if meta.exists():
+            base = json.loads(meta.read_text(encoding="utf-8")).get("base_model")
+            if base and base != model_identity(cfg):
+                raise TrainSetupError(f"{adapter_dir}: adapter was trained on {base!r}, not {model_identity(cfg)!r}")
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer
