@@ -29,6 +29,8 @@ def fetch_url(url: str, dest: Path, timeout: float = 60.0) -> bool:
             return False
         raise OSError(f"{url}: download failed (HTTP {exc.code})") from None
     except (urllib.error.URLError, OSError) as exc:
+        if isinstance(getattr(exc, "reason", exc), FileNotFoundError):  # file:// mirror without the file
+            return False
         raise OSError(f"{url}: download failed ({getattr(exc, 'reason', exc)}); without internet, "
                       "point data.data_dir at a local copy and set data.download=false") from None
     total = int(resp.headers.get("Content-Length") or 0) or None

@@ -144,7 +144,7 @@ def prepare(cfg, tokenizer=None, out_dir: str | Path | None = None) -> dict:
     held_out = [rm.row for rm in ledger.all_removed if rm.rule == "held_out_split"]
     for name in {r.source for r in held_out}:
         tests[f"{name} (held-out test split)"] = [r for r in held_out if r.source == name]
-    if not tests:
+    if not tests and (dcfg.check_leakage or dcfg.cleaning.drop_test_overlap):
         ledger.note(f"no test sets found under {test_dir(dcfg)}: leakage not checked")
     pool = [r for rows in cleaned.values() for r in rows]
     pool = clean_pool(pool, dcfg.cleaning, ledger, test_keys([r for t in tests.values() for r in t]), cfg.seed)

@@ -36,7 +36,7 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> list[tuple[int, di
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
-        start = reader.line_num
+        start = reader.line_num + 1
         if not any(h.strip() for h in header):
             raise DataError(f"{path}: line 1: empty header row")
         seen = [h for h in header if h]
