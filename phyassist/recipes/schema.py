@@ -1,11 +1,123 @@
-"""Config section ``recipe``."""
+"""Config section ``recipe``: the template recipes that carry the kit to other tasks.
+
+``soulchat`` (recipe A) fine-tunes on multi-turn counseling dialogues and compares base vs
+fine-tuned; ``covid`` (recipe B) chains SFT -> reward model -> RL -> prediction on doctor-patient
+dialogues. Every data location and hyper-parameter is here, so a student edits YAML only.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
+
+from pydantic import Field
 
 from phyassist.schema_base import Section
 
 
+class DialogueDataConfig(Section):
+    """Where a recipe's dialogues come from and how they are split."""
+
+    path: Optional[str] = Field(None, description="Local file or folder; None: the bundled sample "
+                                "in data/sample/recipes/.")
+    download: bool = Field(False, description="Fetch from `source` into `path` (or the cache) first.")
+    source: Optional[str] = Field(None, description="Download id/URL (ModelScope dataset id, GitHub repo).")
+    files: dict[str, str] = Field(default_factory=dict, description="split -> file name inside `path`.")
+    format: Literal["auto", "messages", "sharegpt", "instruction", "prefixed"] = Field(
+        "auto", description="messages: {messages:[{role,content}]}; sharegpt: {conversations:[{from,value}]}; "
+        "instruction: {instruction,input,output}; prefixed: lists of 'speaker：text' utterances.")
+    user_prefix: str = Field("病人：", description="prefixed format: the user's speaker tag.")
+    assistant_prefix: str = Field("医生：", description="prefixed format: the assistant's speaker tag.")
+    unit: Literal["conversation", "turn"] = Field(
+        "conversation", description="conversation: one record per dialogue (loss on every assistant turn); "
+        "turn: one record per assistant turn with the earlier turns as history.")
+    system_prompt: Optional[str] = None
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of train held out for validation "
+                                "when no validation file is given.")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share held out as test when no test file.")
+    max_samples: Optional[int] = Field(None, gt=0, description="Seeded cap per split (None: all).")
+    max_history_turns: Optional[int] = Field(None, gt=0, description="Keep at most this many earlier "
+                                             "turns as history (None: all).")
+    min_response_chars: int = Field(1, ge=0, description="Drop samples whose answer is shorter.")
+    max_chars: Optional[int] = Field(None, gt=0, description="Drop samples whose prompt+answer is longer.")
+
+
+class PreferenceDataConfig(Section):
+    """Preference pairs (prompt / chosen / rejected) for the reward model."""
+
+    path: Optional[str] = Field(None, description="JSON/JSONL file; None: the bundled synthetic sample.")
+    download: bool = False
+    url: str = Field("https://raw.githubusercontent.com/hiyouga/ChatGLM-Efficient-Tuning/main/data/"
+                     "comparison_gpt4_data_zh.json", description="comparison_gpt4_zh, as the case study used.")
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    max_samples: Optional[int] = Field(None, gt=0)
+
+
+class LoraSpec(Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class RewardConfig(Section):
+    """Reward model: the base with a LoRA adapter and a scalar head, trained by TRL's RewardTrainer."""
+
+    model: Optional[str] = Field(None, description="Base of the reward model; None: model.name.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    learning_rate: float = Field(1e-5, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: num_train_epochs.")
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    lr_scheduler_type: str = "cosine"
+    max_length: int = Field(1024, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0)
+
+
+class RLConfig(Section):
+    """RL on the SFT model: TRL's RLOO with a fresh LoRA adapter, KL penalty to the SFT reference."""
+
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    learning_rate: float = Field(1e-5, gt=0)
+    beta: float = Field(0.05, ge=0, description="KL coefficient (penalty to the SFT reference in the reward).")
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (leave-one-out baseline).")
+    per_device_train_batch_size: int = Field(4, gt=0, description="Completions per device step "
+                                             "(a multiple of num_generations).")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_steps: int = Field(300, gt=0)
+    max_prompt_chars: Optional[int] = Field(1500, gt=0, description="Drop longer prompts (keeps memory flat).")
+    max_completion_length: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0)
+    max_prompts: Optional[int] = Field(None, gt=0, description="Seeded cap on RL prompts.")
+
+
+class PredictConfig(Section):
+    max_examples: Optional[int] = Field(None, gt=0, description="Cap on test samples (seeded).")
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(8, gt=0)
+    compare_base: bool = Field(True, description="Recipe A: also generate with the base model.")
+    embedding_model: Optional[str] = Field(None, description="Sentence-embedding model for cosine; None: "
+                                           "the kit's default (all-MiniLM-L6-v2, offline).")
+
+
 class RecipeConfig(Section):
-    kind: Optional[str] = None
+    kind: Optional[Literal["soulchat", "covid"]] = Field(None, description="Which recipe this run is.")
+    steps: list[Literal["data", "sft", "reward", "rl", "predict"]] = Field(
+        default_factory=lambda: ["data", "sft", "predict"],
+        description="Steps `python -m phyassist recipe` runs, in order (covid: data, sft, reward, rl, predict).")
+    lang: Literal["zh", "en"] = "zh"
+    data: DialogueDataConfig = Field(default_factory=DialogueDataConfig)
+    preference: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    sft_load_best: bool = Field(True, description="Keep the adapter with the lowest validation loss "
+                                  "(evaluated every train.eval_steps) as <out>/sft/best_adapter and use it.")
+    sft_adapter: Optional[str] = Field(None, description="Use this SFT adapter instead of <out>/sft/adapter.")
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reward_adapter: Optional[str] = Field(None, description="Use this reward adapter instead of "
+                                          "<out>/reward/adapter.")
+    rl: RLConfig = Field(default_factory=RLConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    images_dir: Optional[str] = Field(None, description="Where plots go; None: <output_dir>/images "
+                                      "(the committed results use images/recipes/<run>).")
