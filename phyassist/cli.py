@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "publish": ("phyassist.publish.stage", "package the adapter and model card; push to the Hub"),
     "app": ("phyassist.app.stage", "the counselor assistant (Gradio)"),
     "chat": ("phyassist.chat", "streaming command-line chat with a model and its adapters"),
+    "recipe": ("phyassist.recipes.stage", "template recipes: SoulChat LoRA; COVID SFT -> reward model -> RL"),
     "models": ("phyassist.models.registry", "list the model registry"),
     "run": ("phyassist.pipeline", "every stage in order, through the notebooks (the main job)"),
 }
