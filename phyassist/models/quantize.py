@@ -100,16 +100,20 @@ class _GroupedExpertMLP(torch.autograd.Function):
         a = _swiglu(h, module.intermediate_dim)
         y = _grouped_matmul(a, w2.transpose(1, 2), offsets, counts)
         ctx.module, ctx.counts, ctx.recompute = module, counts, recompute
-        ctx.weights = (w1, w2) if module.save_dequantized else None
-        ctx.save_for_backward(x, offsets, *(() if recompute else (h,)))
+        ctx.has_w = module.save_dequantized
+        # Through save_for_backward (not ctx attributes) so that gradient checkpointing's
+        # saved-tensor hooks drop them in the first forward pass and keep them only in the recompute.
+        ctx.save_for_backward(x, offsets, *((w1, w2) if ctx.has_w else ()), *(() if recompute else (h,)))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, offsets, *saved = ctx.saved_tensors
         module, counts = ctx.module, ctx.counts
-        w1, w2 = ctx.weights or (module.gate_up.dequantize(), module.down.dequantize())
-        ctx.weights = None
+        if ctx.has_w:
+            w1, w2, *saved = saved
+        else:
+            w1, w2 = module.gate_up.dequantize(), module.down.dequantize()
         h = saved[0] if saved else _grouped_matmul(x, w1.transpose(1, 2), offsets, counts)
         inter = module.intermediate_dim
         gate, up = h[:, :inter], h[:, inter:]
@@ -120,6 +124,21 @@ class _GroupedExpertMLP(torch.autograd.Function):
         grad_up = grad_a * silu
         grad_x = _grouped_matmul(torch.cat([grad_gate, grad_up], dim=1), w1, offsets, counts)
         return grad_x, None, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` whose backward is the gather ``grad[inverse]`` (autograd's default for
+    indexing is a scatter-add, which profiled as a third of the plain path's step time)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 class Quant4bitExperts(nn.Module):
@@ -146,16 +165,21 @@ class Quant4bitExperts(nn.Module):
         tokens, k = top_k_index.shape
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
-        token_of = torch.div(order, k, rounding_mode="floor")
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         counts_t = torch.bincount(flat_expert, minlength=self.num_experts)
         offsets = torch.cumsum(counts_t, 0).to(torch.int32)
-        x = hidden_states[token_of].to(self.gate_up.quant_state.dtype)
+        dtype = self.gate_up.quant_state.dtype
+        # One copy of each token per chosen expert, then sorted by expert. Both moves are
+        # permutations, so their backward passes are gathers too (no scatter-add).
+        x = hidden_states.to(dtype).unsqueeze(1).expand(tokens, k, -1).reshape(tokens * k, -1)
+        x = _PermuteRows.apply(x, order, inverse)
         # The loop fallback needs host-side counts (a device sync); the grouped GEMM does not.
         counts = [0] * self.num_experts if uses_grouped_mm(x) else counts_t.tolist()
         y = _GroupedExpertMLP.apply(x, offsets, self, counts, self.recompute)
-        y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
-        out = torch.zeros_like(hidden_states)
-        return out.index_add_(0, token_of, y.to(out.dtype))
+        y = _PermuteRows.apply(y, inverse, order).view(tokens, k, -1)
+        out = (y * top_k_weights.to(y.dtype).unsqueeze(-1)).sum(1)
+        return out.to(hidden_states.dtype)
 
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()
@@ -209,3 +233,82 @@ def sixteen_bit_weights(model: nn.Module, min_dim: int = 2) -> list[str]:
         if p.is_floating_point() and p.dim() >= min_dim and not any(k in name for k in keep):
             bad.append(name)
     return bad
+
+
+# ------------------------------------------------------------------ building straight into 4 bit
+# A full-width Mixtral-8x7B is 87 GiB in bf16: it fits no single GPU before quantization, so it is
+# built on the meta device and materialized one decoder layer at a time, each layer quantized
+# before the next one exists. ``init_layer`` fills a materialized layer (random weights for the
+# benchmark; a checkpoint reader would copy tensors in).
+
+def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight in NF4 on the same device."""
+    import bitsandbytes as bnb
+
+    dev = linear.weight.device
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=double_quant,
+                          quant_type=quant_type, device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.data.to(compute_dtype), requires_grad=False,
+                                 quant_type=quant_type, compress_statistics=double_quant).to(dev)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return q
+
+
+def quantize_linears(module: nn.Module, quant_cfg, skip: tuple[str, ...] = ("lm_head", "gate")) -> int:
+    """Replace every ``nn.Linear`` under ``module`` (except ``skip``) by its 4-bit version."""
+    from phyassist.models.loading import torch_dtype
+
+    n = 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Linear) and not any(s == name.rsplit(".", 1)[-1] for s in skip):
+            _set_submodule(module, name, quantize_linear(child, quant_cfg.quant_type, quant_cfg.double_quant,
+                                                         torch_dtype(quant_cfg.compute_dtype)))
+            n += 1
+    return n
+
+
+def random_init_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Fill a materialized module like ``from_config`` does: normal(0, std) matrices, unit norms."""
+    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+
+
+def build_quantized_model(config, quant_cfg, device: torch.device | str, method: str = "grouped",
+                          layers: range | None = None, with_embed: bool = True, with_head: bool = True,
+                          init_layer=random_init_, dtype: torch.dtype = torch.bfloat16, progress: bool = True):
+    """A causal LM whose decoder layers (all, or ``layers``) live on ``device`` in 4 bit.
+
+    Modules left out (other layers, embeddings, head) stay on the meta device: that is how one
+    GPU's share of a layer-split model is simulated.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    base = model.model
+    with torch.device(device):
+        base.rotary_emb = type(base.rotary_emb)(config=config)
+    small = [base.norm] + ([base.embed_tokens] if with_embed else []) + ([model.lm_head] if with_head else [])
+    for i, mod in enumerate(small):
+        mod.to_empty(device=device)
+        random_init_(mod, seed=10_000 + i)
+    layers = layers if layers is not None else range(config.num_hidden_layers)
+    for i in tqdm(layers, desc="4-bit layers", disable=not progress):
+        layer = base.layers[i]
+        layer.to_empty(device=device)
+        init_layer(layer, seed=i)
+        quantize_linears(layer, quant_cfg)
+        quantize_moe_experts(layer, quant_cfg, method=method)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return model

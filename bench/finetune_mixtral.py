@@ -1,0 +1,294 @@
+"""Mixtral-8x7B QLoRA training step on one GPU: memory and speed of the expert paths side by side.
+
+Random weights of the full architecture (32 layers, full width), built layer by layer straight
+into 4-bit NF4 (87 GiB of bf16 fits no GPU). The study's LoRA (r=32 on q/k/v/o + router) is
+attached and a training step at the study's micro-batch (4 x 1024) is timed.
+
+Variants (one process, one after the other, each model freed before the next is built):
+  plain        bitsandbytes replace_parameter_4bit on the fused experts, stock expert loop, stock loss
+  grouped      our Quant4bitExperts (dequantize once per call, grouped GEMM), stock loss
+  grouped+ce   grouped + chunked fused linear cross-entropy
+  grouped+ce+sd  ... + keep the dequantized experts from the recompute for the backward pass
+  nockpt       grouped+ce without gradient checkpointing (expert gate/up activations recomputed)
+  nockpt-keep  grouped+ce without any recomputation (most memory)
+  half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
+               the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
+
+MFU = (4 x active parameters + 6 x layers x hidden x seq) FLOPs per token x tokens/s / peak,
+active parameters = attention + router + 2 of 8 experts per layer + LM head; 4 = forward (2) +
+input-gradient backward (2), the frozen weights get no weight gradient; causal attention counted
+as half of the full score/value products, forward + 2 x backward. Peak: dense bf16 of the GPU
+(H100 SXM 989.4 TFLOP/s; the measured cuBLAS ceiling is printed too).
+
+    python bench/finetune_mixtral.py                      # GPU, full size
+    python bench/finetune_mixtral.py --tiny --steps 2     # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from phyassist.models.quantize import build_quantized_model  # noqa: E402
+from phyassist.models.schema import QuantConfig  # noqa: E402
+from phyassist.train.fused_loss import fused_linear_cross_entropy  # noqa: E402
+from phyassist.train.lora import apply_lora, trainable_parameters  # noqa: E402
+from phyassist.train.schema import LoraConfig  # noqa: E402
+
+GIB = 2**30
+PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+VARIANTS = {
+    "plain": dict(method="parametrize", fused_ce=False, ckpt=True, save_dequantized=False),
+    "grouped": dict(method="grouped", fused_ce=False, ckpt=True, save_dequantized=False),
+    "grouped+ce": dict(method="grouped", fused_ce=True, ckpt=True, save_dequantized=False),
+    "grouped+ce+sd": dict(method="grouped", fused_ce=True, ckpt=True, save_dequantized=True),
+    "nockpt": dict(method="grouped", fused_ce=True, ckpt=False, save_dequantized=False, recompute=True),
+    "nockpt-keep": dict(method="grouped", fused_ce=True, ckpt=False, save_dequantized=False, recompute=False),
+}
+
+
+def mixtral_config(tiny: bool, layers: int | None = None):
+    from phyassist.models.registry import architecture_config
+
+    cfg = architecture_config("tiny-mixtral" if tiny else "mixtral-8x7b-instruct")
+    if layers:
+        cfg.num_hidden_layers = layers
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def active_params(cfg) -> int:
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads * cfg.num_key_value_heads
+    attn = h * (2 * h + 2 * kv)
+    experts = cfg.num_experts_per_tok * 3 * h * i
+    return cfg.num_hidden_layers * (attn + experts + cfg.num_local_experts * h) + cfg.vocab_size * h
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    return 4 * active_params(cfg) + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq
+
+
+def gpu_peak() -> tuple[str, float]:
+    if not torch.cuda.is_available():
+        return "cpu", float("nan")
+    name = torch.cuda.get_device_name()
+    return name, next((v for k, v in PEAKS.items() if k in name), float("nan"))
+
+
+def matmul_ceiling(dev) -> float:
+    """Measured dense bf16 GEMM rate (8192^3), TFLOP/s."""
+    if dev.type != "cuda":
+        return float("nan")
+    a, b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16), torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+
+
+def set_expert_flags(model, **flags):
+    from phyassist.models.quantize import Quant4bitExperts
+
+    for m in model.modules():
+        if isinstance(m, Quant4bitExperts):
+            for k, v in flags.items():
+                setattr(m, k, v)
+
+
+def prepare(model, ckpt: bool, lora_cfg):
+    model.config.use_cache = False
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return apply_lora(model, lora_cfg)
+
+
+def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
+    """A closure running forward + backward for the full model or one half."""
+    lm = peft_model.base_model.model
+    ids = batch
+    labels = batch.clone()
+    if part == "half1":
+        h_in = torch.randn(*ids.shape, hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        if part == "half0":
+            out = lm.model(input_ids=ids).last_hidden_state
+            out.backward(torch.randn_like(out))
+            return None
+        kwargs = {"inputs_embeds": h_in} if part == "half1" else {"input_ids": ids}
+        if fused_ce:
+            hidden = lm.model(**kwargs).last_hidden_state
+            loss = fused_linear_cross_entropy(hidden, lm.lm_head.weight, labels)
+        else:
+            loss = lm(**kwargs, labels=labels).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def run_variant(name, spec, args, dev, part="full"):
+    cfg = mixtral_config(args.tiny, args.layers)
+    quant = QuantConfig(load_in_4bit=True, double_quant=True, compute_dtype="bfloat16" if dev.type == "cuda" else "float32")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rng_layers = None
+    if part != "full":
+        half = cfg.num_hidden_layers // 2
+        cfg.num_hidden_layers = half
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        if part != "full":
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), dev)
+    t0 = time.perf_counter()
+    model = build_quantized_model(cfg, quant, dev, method=spec["method"], layers=rng_layers,
+                                  with_embed=part != "half1", with_head=part != "half0", dtype=dtype,
+                                  progress=False)
+    set_expert_flags(model, save_dequantized=spec.get("save_dequantized", False),
+                     recompute=spec.get("recompute", False))
+    build_s = time.perf_counter() - t0
+    weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
+    lora = LoraConfig(r=32, alpha=32, dropout=0.05, target_router=True)
+    peft_model = prepare(model, spec["ckpt"], lora)
+    peft_model.train()
+    trainable = trainable_parameters(peft_model)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, args.lr, dev)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(dev)
+    step = make_step(peft_model, part, spec["fused_ce"], batch, dev, cfg.hidden_size)
+    losses, times = [], []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for i in range(args.warmup + args.steps):
+        sync()
+        t = time.perf_counter()
+        loss = step()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+        if loss is not None:
+            losses.append(float(loss))
+    peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
+    reserved = torch.cuda.max_memory_reserved(dev) / GIB if dev.type == "cuda" else float("nan")
+    prof = profile_step(step, dev) if args.profile and part == "full" and name in args.profile.split(",") else None
+    step_s = sorted(times)[len(times) // 2]
+    tokens = args.batch * args.seq
+    tps = tokens / step_s
+    _, peak_flops = gpu_peak()
+    mfu = tps * flops_per_token(cfg, args.seq) / peak_flops if part == "full" else float("nan")
+    row = dict(variant=name, part=part, layers=cfg.num_hidden_layers, weights_gib=round(weights, 3),
+               peak_gib=round(peak, 3), reserved_gib=round(reserved, 3), step_s=round(step_s, 4),
+               tokens_per_s=round(tps, 1), mfu=round(mfu, 4), trainable=trainable, build_s=round(build_s, 1),
+               losses=[round(x, 4) for x in losses], times=[round(x, 4) for x in times], profile=prof)
+    del step, opt, params, peft_model, model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    return row
+
+
+def make_optimizer(params, lr, dev):
+    if dev.type == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def profile_step(step, dev) -> str:
+    """Top CUDA kernels of one step, grouped by name (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as p:
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    return p.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+
+
+def table(rows) -> str:
+    head = f"{'variant':<15}{'part':<7}{'layers':>6}{'weights GiB':>12}{'peak GiB':>10}{'step s':>9}{'tok/s':>9}{'MFU':>7}{'vs plain':>9}"
+    base = next((r["tokens_per_s"] for r in rows if r["variant"] == "plain" and r["part"] == "full"), None)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        rel = f"{r['tokens_per_s'] / base:.2f}x" if base and r["part"] == "full" else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"
+        lines.append(f"{r['variant']:<15}{r['part']:<7}{r['layers']:>6}{r['weights_gib']:>12.2f}{r['peak_gib']:>10.2f}"
+                     f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{mfu:>7}{rel:>9}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny Mixtral on the CPU (script check)")
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count")
+    ap.add_argument("--variants", default="plain,grouped,grouped+ce,grouped+ce+sd,nockpt")
+    ap.add_argument("--halves", default="grouped+ce", help="variant for the 2 x 24 GB simulation ('' to skip)")
+    ap.add_argument("--cap-gib", type=float, default=24.0)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--profile", default="plain,grouped+ce+sd", help="variants to profile one step of")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda", 0) if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
+    gpu, peak = gpu_peak()
+    ceiling = matmul_ceiling(dev)
+    meta = dict(device=gpu, peak_tflops=peak / 1e12, measured_gemm_tflops=round(ceiling, 1), torch=torch.__version__,
+                batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv[1:])
+    print(json.dumps(meta), flush=True)
+    rows = []
+    jobs = [(v, "full") for v in args.variants.split(",") if v]
+    jobs += [(args.halves, p) for p in ("half0", "half1") if args.halves]
+    for name, part in jobs:
+        try:
+            row = run_variant(name, VARIANTS[name], args, dev, part)
+        except Exception as exc:  # one failing variant must not lose the others' numbers
+            row = dict(variant=name, part=part, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finetune_mixtral.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    for r in rows:
+        if r.get("profile"):
+            (Path(args.out) / f"profile_{r['variant'].replace('+', '_')}.txt").write_text(r["profile"])
+    ok = [r for r in rows if "error" not in r]
+    print(table(ok))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']} {r['part']}: {r['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
