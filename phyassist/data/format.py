@@ -1,11 +1,12 @@
 """Formatting through the model's chat template, token counts with the model's tokenizer, and
 the optional note-section layout of answers.
 
-The study's Mixtral-8x7B-Instruct tokenizer cannot be fetched offline. Its SentencePiece model
-(Mistral's v1 vocabulary, 32,000 pieces, which Mixtral-8x7B shares) ships inside the PyPI package
-``mistral-common``; when the Hub tokenizer is unavailable the kit builds a tokenizer from that file
-and the kit's MIXTRAL template, so ``<s>[INST] … [/INST] …</s>`` text and its token counts come
-out the same offline.
+The study's Mixtral-8x7B-Instruct tokenizer cannot be fetched from the Hub offline. Its
+SentencePiece model (Mistral's v1 vocabulary, 32,000 pieces, which Mixtral-8x7B shares) ships inside
+the PyPI wheel of ``mistral-common``; when the Hub tokenizer is unavailable the kit extracts that one
+file (``pip download``, PyPI only), converts it once to a fast tokenizer in the cache, and pairs it
+with the kit's MIXTRAL template, so ``<s>[INST] … [/INST] …</s>`` text and its token counts match
+the study's tokenizer offline.
 """
 
 from __future__ import annotations
@@ -18,26 +19,46 @@ from pathlib import Path
 from phyassist.data.records import Row
 from phyassist.models.schema import ModelConfig
 
-MISTRAL_V1_FILE = "tokenizer.model.v1"
+MISTRAL_COMMON = "mistral-common==1.13.1"
+MISTRAL_V1_MEMBER = "mistral_common/data/tokenizer.model.v1"
 _MISTRAL_V1_CONFIG = ('{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", '
                       '"unk_token": "<unk>", "add_bos_token": true, "add_eos_token": false, "legacy": false}')
 
 
-def _mistral_v1_model() -> Path:
-    spec = importlib.util.find_spec("mistral_common")  # found without importing (no deps installed)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("Mixtral's tokenizer is unavailable offline and the fallback package is "
-                                "missing: pip install --no-deps mistral-common==1.13.1 (make setup does)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / MISTRAL_V1_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: Mistral v1 tokenizer missing from mistral-common")
-    return path
+def _mistral_v1_model(dest: Path) -> Path:
+    """Mistral's v1 SentencePiece model, taken from the mistral-common wheel on PyPI.
+
+    The package is not installed: with it present, transformers routes every Mistral-family
+    tokenizer through it (and its tiktoken dependency). ``pip download`` reaches only PyPI.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is not None and spec.submodule_search_locations:
+        local = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+        if local.is_file():
+            shutil.copy(local, dest)
+            return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, MISTRAL_COMMON]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise FileNotFoundError(f"Mixtral's tokenizer is unavailable offline and `{' '.join(cmd[2:])}` "
+                                    f"failed: {done.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(MISTRAL_V1_MEMBER) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
+    return dest
 
 
 def mistral_v1_tokenizer():
     """Mixtral-8x7B's tokenizer (Mistral v1 SentencePiece) with the MIXTRAL chat template; converted
     once to a fast tokenizer and cached."""
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from phyassist.models.chat_templates import ensure_chat_template
     from phyassist.paths import cache_dir
@@ -47,12 +68,18 @@ def mistral_v1_tokenizer():
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shutil.copy(_mistral_v1_model(), tmp / "tokenizer.model")
+        _mistral_v1_model(tmp / "tokenizer.model")
         (tmp / "tokenizer_config.json").write_text(_MISTRAL_V1_CONFIG, encoding="utf-8")
-        AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp)
-        (tmp / "tokenizer.model").unlink()
+        AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp / "converted")
+        # Plain fast tokenizer, "▁" prepended to every text segment (also right after <s>) as in
+        # Mixtral's tokenizer.json: "<s>[INST]" -> [1, 733, 16289, 28793].
+        backend = Tokenizer.from_file(str(tmp / "converted" / "tokenizer.json"))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=False)
+        PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>").save_pretrained(tmp / "plain")
         shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        (tmp / "plain").rename(target)
+        shutil.rmtree(tmp)
     tok = AutoTokenizer.from_pretrained(target)
     ensure_chat_template(tok, "mixtral")
     if tok.pad_token is None:
