@@ -1,0 +1,60 @@
+"""Recipe B end to end on the embedded default (CPU, bundled synthetic samples, a step or two
+each): data -> SFT -> reward model -> RL -> predict, through the CLI as a student runs it."""
+
+import json
+
+import pytest
+
+from phyassist.cli import main as cli_main
+
+TINY = ["model.max_seq_length=128", "recipe.rl.max_completion_length=4", "recipe.predict.max_examples=1",
+        "recipe.predict.max_new_tokens=4", "recipe.rl.max_prompts=2"]
+
+
+@pytest.fixture(scope="module")
+def covid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("covid")
+    assert cli_main(["recipe", "--config", "recipes/covid-smoke", "-o", str(out), *TINY]) == 0
+    return out
+
+
+def test_covid_chain_writes_every_artifact(covid_run):
+    out = covid_run
+    for step in ("sft/best_adapter", "sft/adapter", "reward/adapter", "rl/adapter"):
+        assert (out / step / "adapter_config.json").exists(), step
+    for img in ("sft_loss", "reward_loss", "rl_reward", "rl_kl", "covid_length"):
+        assert (out / "images" / f"{img}.png").read_bytes()[:4] == b"\x89PNG", img
+    assert (out / "config.resolved.yaml").exists()
+
+
+def test_reward_adapter_carries_the_scalar_head(covid_run):
+    cfg = json.loads((covid_run / "reward/adapter/adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and "score" in (cfg.get("modules_to_save") or [])
+
+
+def test_rl_adapter_is_fresh_and_logged_reward_and_kl(covid_run):
+    rl = json.loads((covid_run / "rl/adapter/adapter_config.json").read_text())
+    assert rl["r"] == 8 and sorted(rl["target_modules"]) == ["q_proj", "v_proj"]
+    hist = json.loads((covid_run / "rl/log_history.json").read_text())
+    assert any("kl" in h for h in hist) and any("reward" in h for h in hist)
+
+
+def test_predictions_compare_sft_with_stacked_sft_rl(covid_run):
+    metrics = json.loads((covid_run / "predict/metrics.json").read_text())
+    assert set(metrics) == {"SFT", "SFT+RL"}
+    assert {"bleu", "rouge1", "rougeL", "mean_length"} <= set(metrics["SFT"])
+    rows = [json.loads(x) for x in (covid_run / "predict/SFT_RL.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 1 and rows[0]["reference"] and rows[0]["prompt"][-1]["role"] == "user"
+
+
+def test_predict_rerun_reuses_finished_predictions(covid_run):
+    path = covid_run / "predict/SFT.jsonl"
+    before = path.stat().st_mtime_ns
+    assert cli_main(["recipe", "--config", "recipes/covid-smoke", "-o", str(covid_run), *TINY,
+                     "--steps", "predict"]) == 0
+    assert path.stat().st_mtime_ns == before
+
+
+def test_rl_without_reward_model_names_what_to_run(tmp_path, capsys):
+    assert cli_main(["recipe", "--config", "recipes/covid-smoke", "-o", str(tmp_path), "--steps", "rl"]) == 1
+    assert "run the recipe's data step first" in capsys.readouterr().err
