@@ -1,0 +1,210 @@
+"""Prompts and streamed generation for the counselor assistant.
+
+Prompts carry the patient's basic information and recent notes as far as the model's context
+allows; what did not fit is reported, never dropped silently. Generation streams through
+``TextIteratorStreamer`` on one model shared by all sessions under a lock (the Gradio queue
+decides who waits), and stops early when the browser goes away.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from phyassist.app.notes import note_text, patient_summary
+
+SYSTEM = ("You assist a licensed psychological counselor; you never talk to the patient. From what the "
+          "patient said, draft a short analysis with three sections: the symptom type, numbered reasons, "
+          "numbered advice. Example of the format (for another patient):\n"
+          "Symptom type: exam anxiety\nReasons:\n1. Fear of failing the final exams.\n"
+          "2. Little sleep in the weeks before.\nAdvice:\n1. Plan short daily study blocks.\n"
+          "2. Practise a breathing exercise before studying.")
+CHAT_SYSTEM = ("You assist a licensed psychological counselor with professional questions. Be concise and "
+               "careful; you are not talking to a patient.")
+ANALYSIS_PREFIX = "Symptom type:"
+
+
+@dataclass
+class ContextReport:
+    """What the prompt contains and what was left out to fit the model's context."""
+
+    budget_tokens: int
+    prompt_tokens: int = 0
+    notes_total: int = 0
+    notes_used: int = 0
+    info_included: bool = True
+    omitted: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        used = (f"basic information{'' if self.info_included else ' (left out)'}; "
+                f"{self.notes_used} of {self.notes_total} earlier note(s)")
+        out = f"{used}; prompt {self.prompt_tokens} of {self.budget_tokens} tokens"
+        if self.omitted:
+            out += ". Left out to fit the context: " + "; ".join(self.omitted)
+        return out
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render(tokenizer, system: str, user: str, prefix: str = "") -> str:
+    """The chat-formatted prompt with the assistant's answer started by ``prefix``."""
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + prefix
+
+
+def _note_block(note: dict[str, Any]) -> str:
+    return f"[{note['date']}] Patient said: {note['question']}\n{note_text(note)}"
+
+
+def context_budget(model_max_positions: int, context_tokens: int, max_new_tokens: int) -> int:
+    """Prompt tokens available: the smaller of the model's and the configured context, less the answer."""
+    return max(64, min(model_max_positions, context_tokens) - max_new_tokens)
+
+
+def build_prompt(tokenizer, system: str, task: str, patient: dict | None, notes: list[dict],
+                 max_recent: int, budget: int, prefix: str = "") -> tuple[str, ContextReport]:
+    """Fit ``task`` first, then the basic information, then notes newest first, within ``budget``."""
+    report = ContextReport(budget_tokens=budget, notes_total=len(notes))
+    recent = notes[-max_recent:] if max_recent else []
+    if len(notes) > len(recent):
+        report.omitted.append(f"{len(notes) - len(recent)} older note(s) beyond the {max_recent} most recent")
+
+    def assemble(info: str, blocks: list[str]) -> str:
+        parts = []
+        if info:
+            parts.append(f"Patient information:\n{info}")
+        if blocks:
+            parts.append("Earlier notes (oldest first):\n" + "\n\n".join(blocks))
+        parts.append(task)
+        return render(tokenizer, system, "\n\n".join(parts), prefix)
+
+    info = patient_summary(patient) if patient else ""
+    if info and count_tokens(tokenizer, assemble(info, [])) > budget:
+        report.info_included = False
+        report.omitted.append("basic information")
+        info = ""
+    chosen: list[str] = []
+    for i, note in enumerate(reversed(recent)):
+        trial = [_note_block(note)] + chosen
+        if count_tokens(tokenizer, assemble(info, trial)) > budget:
+            report.omitted.append(f"{len(recent) - i} more earlier note(s)")
+            break
+        chosen = trial
+    report.info_included = bool(info) or not patient
+    report.notes_used = len(chosen)
+    prompt = assemble(info, chosen)
+    report.prompt_tokens = count_tokens(tokenizer, prompt)
+    if report.prompt_tokens > budget + max(64, budget // 4):
+        raise ValueError(f"the text alone needs {report.prompt_tokens} tokens, more than the model's "
+                         f"context allows ({budget}); shorten it")
+    return prompt, report
+
+
+def analysis_task(said: str) -> str:
+    return f"What the patient said today:\n\"\"\"{said}\"\"\"\n\nDraft the analysis and advice."
+
+
+def draft_feedback(draft: dict[str, Any]) -> str:
+    """The counselor's current draft, edits and comments, as text the model can take into account."""
+    def row(label, item):
+        c = f" (counselor's comment: {item['comment']})" if item.get("comment") else ""
+        return f"{label}: {item['text'] or '(empty)'}{c}"
+
+    lines = [row("Symptom type", draft["symptom_type"])]
+    lines += [row(f"Reason {i}", it) for i, it in enumerate(draft["reasons"], 1)]
+    lines += [row(f"Advice {i}", it) for i, it in enumerate(draft["advice"], 1)]
+    return "\n".join(lines)
+
+
+def regenerate_all_task(draft: dict[str, Any]) -> str:
+    return (analysis_task(draft["question"]) + "\n\nThe counselor reviewed an earlier draft, edited it and "
+            "commented. Keep the counselor's edits, follow the comments, and write the improved draft:\n"
+            + draft_feedback(draft))
+
+
+def item_prefix(ref: str) -> str:
+    """Start of the answer for one item, so even a small model answers with the item itself."""
+    return "Symptom type:" if ref == "symptom type" else f"{ref.capitalize()}:"
+
+
+def regenerate_item_task(draft: dict[str, Any], ref: str) -> str:
+    kind = "the symptom type (one phrase)" if ref == "symptom type" else f"{ref} (one sentence)"
+    return (analysis_task(draft["question"]) + "\n\nCurrent draft, edited and commented by the counselor:\n"
+            + draft_feedback(draft) + f"\n\nRewrite only {kind}, following the counselor's comment on it. "
+            "Reply with the new text only.")
+
+
+def chat_task(message: str) -> str:
+    return message
+
+
+class StopFlag:
+    """A stopping criterion set from another thread (browser closed, session ended)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        return self.event.is_set()
+
+
+class Generator:
+    """One loaded model serving every session; ``stream`` yields text pieces as they decode."""
+
+    def __init__(self, model, tokenizer, *, repetition_penalty: float = 1.1,
+                 activate: Callable[[int | None], str] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.repetition_penalty = repetition_penalty
+        self.activate = activate or (lambda patient_id: "base model")
+        self.lock = threading.Lock()
+
+    @property
+    def max_positions(self) -> int:
+        cfg = getattr(self.model, "config", None)
+        return int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+
+    def stream(self, prompt: str, max_new_tokens: int, patient_id: int | None = None) -> Iterator[str]:
+        """Yield decoded text pieces; the model's adapter is chosen for ``patient_id`` first."""
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        stop = StopFlag()
+        with self.lock:
+            self.activate(patient_id)
+            inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            device = getattr(self.model, "device", None)
+            if device is not None:
+                inputs = inputs.to(device)
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                            timeout=600)
+            errors: list[BaseException] = []
+
+            def run():
+                try:
+                    with torch.inference_mode():
+                        self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                            repetition_penalty=self.repetition_penalty, streamer=streamer,
+                                            stopping_criteria=StoppingCriteriaList([stop]),
+                                            pad_token_id=self.tokenizer.pad_token_id)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    errors.append(exc)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, name="phyassist-generate", daemon=True)
+            worker.start()
+            try:
+                for piece in streamer:
+                    if piece:
+                        yield piece
+            finally:
+                stop.event.set()
+                worker.join()
+            if errors:
+                raise errors[0]
+
+    def complete(self, prompt: str, max_new_tokens: int, patient_id: int | None = None) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, patient_id))

@@ -1,0 +1,288 @@
+"""Patient records and counseling notes: fields, the study's note format, parsing model text
+into items, draft editing and import/export. Pure functions over plain dicts (what the store
+encrypts), so the UI, tests and notebook share one definition.
+
+A note: ``date``, ``question`` (what the patient brought), ``symptom_type``, ``reasons`` and
+``advice`` (numbered lists), optionally ``raw`` (model text that did not parse) and ``author``.
+A draft has the same shape with items as ``{"text", "comment"}`` dicts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any
+
+PATIENT_FIELDS: list[tuple[str, str]] = [
+    ("name", "Name"), ("age", "Age"), ("gender", "Gender"), ("occupation", "Occupation"),
+    ("personal_history", "Personal history"), ("mental_state", "Mental state"),
+    ("physical_condition", "Physical condition"), ("social_functioning", "Social functioning"),
+]
+FIELD_KEYS = [k for k, _ in PATIENT_FIELDS]
+LIST_KINDS = ("reason", "advice")
+NOTICE = ("Draft for a qualified professional to review, not a diagnosis. The model can be wrong; "
+          "the counselor decides what enters the record.")
+
+
+class InputProblem(ValueError):
+    """Counselor input that cannot be used; the message says which field and why."""
+
+
+def check_text(label: str, text: str | None, max_chars: int, required: bool = True) -> str:
+    """Stripped text, or InputProblem for empty (when required) or oversized input."""
+    t = (text or "").strip()
+    if required and not t:
+        raise InputProblem(f"{label} is empty")
+    if len(t) > max_chars:
+        raise InputProblem(f"{label} is too long: {len(t)} characters (limit {max_chars})")
+    return t
+
+
+def clean_patient_fields(values: dict[str, Any], max_chars: int) -> dict[str, str]:
+    """Validated patient fields; the name is required, the rest optional."""
+    unknown = set(values) - set(FIELD_KEYS) - {"id"}
+    if unknown:
+        raise InputProblem(f"unknown patient field(s): {', '.join(sorted(unknown))}")
+    out = {k: check_text(label, str(values.get(k) or ""), max_chars, required=(k == "name"))
+           for k, label in PATIENT_FIELDS}
+    return out
+
+
+def patient_summary(p: dict[str, Any]) -> str:
+    """Basic information block used as model context (and shown on the patient page)."""
+    lines = [f"{label}: {p[k]}" for k, label in PATIENT_FIELDS if p.get(k)]
+    return "\n".join(lines)
+
+
+def patient_label(p: dict[str, Any]) -> str:
+    extra = ", ".join(str(p[k]) for k in ("age", "gender") if p.get(k))
+    return f"#{p['id']} {p['name']}" + (f" ({extra})" if extra else "")
+
+
+# --- parsing model output ------------------------------------------------------------------
+_HEAD = r"^\s*[#*_>\-\s]*{name}[*_\s]*[:：]?[*_\s]*"
+_SYMPTOM_RE = re.compile(_HEAD.format(name=r"symptom\s*type") + r"(?P<rest>.*)$", re.I | re.M)
+_REASONS_RE = re.compile(_HEAD.format(name=r"(?:reasons?|analysis)") + r"(?P<rest>.*)$", re.I | re.M)
+_ADVICE_RE = re.compile(_HEAD.format(name=r"(?:advice|suggestions?|recommendations?)") + r"(?P<rest>.*)$",
+                        re.I | re.M)
+_ITEM_RE = re.compile(r"^\s*(?:\d+\s*[.)、:]|[-*•])\s*(?P<text>.+?)\s*$")
+
+
+def _items(block: str) -> list[str]:
+    """Numbered or bulleted lines; an unnumbered line continues the previous item."""
+    items: list[str] = []
+    for line in block.splitlines():
+        m = _ITEM_RE.match(line)
+        if m:
+            items.append(m.group("text").strip(" *_"))
+        elif line.strip() and items:
+            items[-1] = f"{items[-1]} {line.strip()}"
+    return [i for i in items if i]
+
+
+def parse_analysis(text: str) -> dict[str, Any]:
+    """Split model text into symptom type, reasons and advice.
+
+    Returns ``{"ok", "symptom_type", "reasons", "advice", "raw", "problem"}``; ``ok`` is False
+    (with ``problem`` saying what was missing) when any section is absent, and the raw text is
+    always kept so nothing the model wrote is lost."""
+    raw = text.strip()
+    out: dict[str, Any] = {"ok": False, "symptom_type": "", "reasons": [], "advice": [], "raw": raw,
+                           "problem": ""}
+    sym = _SYMPTOM_RE.search(raw)
+    rea = _REASONS_RE.search(raw, sym.end() if sym else 0)
+    adv = _ADVICE_RE.search(raw, rea.end() if rea else 0)
+    if sym:
+        out["symptom_type"] = sym.group("rest").strip(" *_.")
+    if rea:
+        end = adv.start() if adv else len(raw)
+        out["reasons"] = _items(rea.group("rest") + "\n" + raw[rea.end():end])
+    if adv:
+        out["advice"] = _items(adv.group("rest") + "\n" + raw[adv.end():])
+    missing = [name for name, ok in (("symptom type", out["symptom_type"]), ("numbered reasons", out["reasons"]),
+                                     ("numbered advice", out["advice"])) if not ok]
+    out["ok"] = not missing
+    out["problem"] = "" if out["ok"] else "could not find " + ", ".join(missing)
+    return out
+
+
+def parse_item(text: str) -> str:
+    """One regenerated item: the first non-empty line without numbering or a section heading."""
+    for line in text.strip().splitlines():
+        line = re.sub(r"^\s*(?:\d+\s*[.)、:]|[-*•])\s*", "", line).strip(" *_")
+        line = re.sub(r"^(?:symptom\s*type|reason|advice)\s*[:：]\s*", "", line, flags=re.I).strip()
+        if line:
+            return line
+    return ""
+
+
+# --- drafts ----------------------------------------------------------------------------------
+def new_draft(question: str, parsed: dict[str, Any], context_report: str = "") -> dict[str, Any]:
+    return {"question": question, "symptom_type": {"text": parsed["symptom_type"], "comment": ""},
+            "reasons": [{"text": t, "comment": ""} for t in parsed["reasons"]],
+            "advice": [{"text": t, "comment": ""} for t in parsed["advice"]],
+            "raw": parsed["raw"], "parse_ok": parsed["ok"], "parse_problem": parsed["problem"],
+            "context_report": context_report,
+            "created_at": dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def item_refs(draft: dict[str, Any] | None) -> list[str]:
+    """Names of the draft's items for a picker: 'symptom type', 'reason 1', 'advice 2', ..."""
+    if not draft:
+        return []
+    return (["symptom type"] + [f"reason {i}" for i in range(1, len(draft["reasons"]) + 1)]
+            + [f"advice {i}" for i in range(1, len(draft["advice"]) + 1)])
+
+
+def _locate(draft: dict[str, Any], ref: str) -> tuple[str, int | None]:
+    ref = (ref or "").strip().lower()
+    if ref == "symptom type":
+        return "symptom_type", None
+    m = re.fullmatch(r"(reason|advice)\s+(\d+)", ref)
+    if not m:
+        raise InputProblem(f"pick an item of the draft (got {ref or 'nothing'!r})")
+    key = "reasons" if m.group(1) == "reason" else "advice"
+    idx = int(m.group(2)) - 1
+    if not 0 <= idx < len(draft[key]):
+        raise InputProblem(f"the draft has no {ref}")
+    return key, idx
+
+
+def get_item(draft: dict[str, Any], ref: str) -> dict[str, str]:
+    key, idx = _locate(draft, ref)
+    return draft[key] if idx is None else draft[key][idx]
+
+
+def set_item(draft: dict[str, Any], ref: str, text: str | None = None, comment: str | None = None) -> dict:
+    """Copy of the draft with the item's text and/or comment replaced."""
+    d = json.loads(json.dumps(draft))
+    item = get_item(d, ref)
+    if text is not None:
+        item["text"] = text
+    if comment is not None:
+        item["comment"] = comment
+    return d
+
+
+def add_item(draft: dict[str, Any], kind: str, text: str, comment: str = "") -> tuple[dict, str]:
+    """Copy of the draft with a new reason/advice appended; returns it and the new item's ref."""
+    if kind not in LIST_KINDS:
+        raise InputProblem(f"items can be added as {' or '.join(LIST_KINDS)}, not {kind!r}")
+    d = json.loads(json.dumps(draft))
+    key = "reasons" if kind == "reason" else "advice"
+    d[key].append({"text": text, "comment": comment})
+    return d, f"{kind} {len(d[key])}"
+
+
+def delete_item(draft: dict[str, Any], ref: str) -> dict:
+    d = json.loads(json.dumps(draft))
+    key, idx = _locate(d, ref)
+    if idx is None:
+        d[key] = {"text": "", "comment": ""}
+    else:
+        del d[key][idx]
+    return d
+
+
+def draft_to_note(draft: dict[str, Any], author: str, date: str | None = None) -> dict[str, Any]:
+    """The note saved from a draft: item texts (comments are working notes, not the record)."""
+    reasons = [i["text"].strip() for i in draft["reasons"] if i["text"].strip()]
+    advice = [i["text"].strip() for i in draft["advice"] if i["text"].strip()]
+    symptom = draft["symptom_type"]["text"].strip()
+    if not (symptom or reasons or advice):
+        raise InputProblem("the draft is empty: add a symptom type, a reason or an advice item before saving")
+    note = {"date": date or dt.date.today().isoformat(), "question": draft["question"],
+            "symptom_type": symptom, "reasons": reasons, "advice": advice, "author": author}
+    if not draft.get("parse_ok", True):
+        note["raw"] = draft.get("raw", "")
+    return note
+
+
+def draft_markdown(draft: dict[str, Any] | None) -> str:
+    if not draft:
+        return "_No draft. Enter what the patient said and press **Analyze**._"
+
+    def line(ref: str, item: dict) -> str:
+        c = f"  \n  _comment: {item['comment']}_" if item.get("comment") else ""
+        return f"- **{ref}**: {item['text'] or '_(empty)_'}{c}"
+
+    out = [f"> ⚠️ {NOTICE}", "", f"**Counseling question:** {draft['question']}", ""]
+    out.append(line("symptom type", draft["symptom_type"]))
+    out += [line(f"reason {i}", it) for i, it in enumerate(draft["reasons"], 1)]
+    out += [line(f"advice {i}", it) for i, it in enumerate(draft["advice"], 1)]
+    if not draft.get("parse_ok", True):
+        out += ["", f"**The model's text could not be split into items** ({draft.get('parse_problem', '')}); "
+                "it is kept below. Add or edit items by hand, or regenerate.", "", "```text", draft["raw"], "```"]
+    if draft.get("context_report"):
+        out += ["", f"_Context: {draft['context_report']}_"]
+    return "\n".join(out)
+
+
+# --- the study's note format -----------------------------------------------------------------
+def note_text(note: dict[str, Any]) -> str:
+    """Plain-text note in the study's format (also the training answer for patient adapters)."""
+    lines = [f"Symptom type: {note['symptom_type'] or '-'}", "Reasons:"]
+    lines += [f"{i}. {r}" for i, r in enumerate(note["reasons"], 1)] or ["-"]
+    lines.append("Advice:")
+    lines += [f"{i}. {a}" for i, a in enumerate(note["advice"], 1)] or ["-"]
+    return "\n".join(lines)
+
+
+def note_markdown(note: dict[str, Any], number: int | None = None) -> str:
+    head = f"### {note['date']}" + (f" · note {number}" if number else "")
+    out = [head, "", f"**Counseling question:** {note['question']}", "", "**Analysis**", "",
+           f"*Symptom type:* {note['symptom_type'] or '-'}", "", "*Reasons:*", ""]
+    out += [f"{i}. {r}" for i, r in enumerate(note["reasons"], 1)] or ["-"]
+    out += ["", "**Advice**", ""]
+    out += [f"{i}. {a}" for i, a in enumerate(note["advice"], 1)] or ["-"]
+    if note.get("raw"):
+        out += ["", "<details><summary>unparsed model text</summary>", "", note["raw"], "", "</details>"]
+    return "\n".join(out)
+
+
+def export_markdown(patient: dict[str, Any], notes: list[dict[str, Any]]) -> str:
+    out = [f"# {patient['name']}", "", "_Confidential patient record exported from PhyAssist._", ""]
+    out += [f"- **{label}:** {patient[k]}" for k, label in PATIENT_FIELDS[1:] if patient.get(k)]
+    out += ["", "## Notes", ""]
+    out += [note_markdown(n, i) + "\n" for i, n in enumerate(notes, 1)] or ["_No notes yet._"]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# --- import / export (JSON) ------------------------------------------------------------------
+def export_json(patient: dict[str, Any], notes: list[dict[str, Any]]) -> str:
+    p = {k: patient.get(k, "") for k in FIELD_KEYS}
+    ns = [{k: n.get(k) for k in ("date", "question", "symptom_type", "reasons", "advice")} for n in notes]
+    return json.dumps({"format": "phyassist-patient-v1", "patient": p, "notes": ns}, ensure_ascii=False, indent=2)
+
+
+def parse_import(text: str, max_chars: int) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Validate an exported patient file completely before anything is written."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputProblem(f"import file is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != "phyassist-patient-v1":
+        raise InputProblem("import file: expected {\"format\": \"phyassist-patient-v1\", \"patient\", \"notes\"}")
+    if not isinstance(data.get("patient"), dict):
+        raise InputProblem("import file: 'patient' must be an object of patient fields")
+    fields = clean_patient_fields(data["patient"], max_chars)
+    notes = data.get("notes", [])
+    if not isinstance(notes, list):
+        raise InputProblem("import file: 'notes' must be a list")
+    clean = []
+    for i, n in enumerate(notes, 1):
+        where = f"import file: notes[{i}]"
+        if not isinstance(n, dict):
+            raise InputProblem(f"{where} is not an object")
+        try:
+            dt.date.fromisoformat(str(n.get("date")))
+        except ValueError:
+            raise InputProblem(f"{where}.date: expected YYYY-MM-DD, got {n.get('date')!r}") from None
+        for key in ("reasons", "advice"):
+            if not isinstance(n.get(key, []), list) or not all(isinstance(x, str) for x in n.get(key, [])):
+                raise InputProblem(f"{where}.{key}: expected a list of strings")
+        clean.append({"date": str(n["date"]), "question": check_text(f"{where}.question", n.get("question"), max_chars),
+                      "symptom_type": check_text(f"{where}.symptom_type", n.get("symptom_type"), max_chars, False),
+                      "reasons": list(n.get("reasons", [])), "advice": list(n.get("advice", []))})
+    return fields, clean

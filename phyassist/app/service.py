@@ -1,0 +1,287 @@
+"""The counselor assistant without its UI: store, model, adapters and background training
+joined into the operations a counselor performs. The Gradio UI, the notebook and the tests
+call these; every operation validates its input before it changes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from phyassist.app import notes as N
+from phyassist.app.adapters import (AdapterBank, AdapterLimit, TrainJob, TrainQueue, adapter_folder,
+                                    train_patient_adapter)
+from phyassist.app.assistant import (ANALYSIS_PREFIX, CHAT_SYSTEM, SYSTEM, Generator, analysis_task,
+                                     build_prompt, context_budget, item_prefix, regenerate_all_task,
+                                     regenerate_item_task)
+from phyassist.app.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisUpdate:
+    """One step of a streamed analysis: the text so far, and at the end the parsed draft."""
+
+    text: str
+    draft: dict[str, Any] | None = None
+    message: str = ""
+
+
+def resolve_data_dir(cfg, data_dir: str | None = None) -> Path:
+    return Path(data_dir or os.environ.get("PHYASSIST_APP_DATA") or cfg.app.data_dir).expanduser()
+
+
+def open_store(cfg, data_dir: str | Path | None = None) -> Store:
+    a = cfg.app
+    return Store.open(resolve_data_dir(cfg, data_dir), database=a.database_url, key_env=a.key_env,
+                      key_file=a.key_file)
+
+
+def patient_training_config(cfg, patient_id: int):
+    """The run config for one patient's adapter: the app's limits, no wandb, no resume."""
+    import torch
+
+    from phyassist.config import apply_overrides, validate
+
+    a = cfg.app
+    over = {"name": f"patient-{int(patient_id)}", "wandb.mode": "disabled", "train.max_steps": a.train_max_steps,
+            "train.save_steps": a.train_max_steps, "train.logging_steps": 1, "train.resume": False,
+            "train.eval_steps": None, "train.group_by_length": False, "train.lora.r": a.train_lora_r,
+            "train.lora.alpha": 2 * a.train_lora_r, "train.per_device_train_batch_size": 2,
+            "train.gradient_accumulation_steps": 1, "train.save_total_limit": 1}
+    if not torch.cuda.is_available():
+        over.update({"train.optim": "adamw_torch", "train.gradient_checkpointing": False, "train.bf16": False})
+        if not a.train_4bit_on_cpu:
+            over["model.quant.load_in_4bit"] = False
+    return validate(apply_overrides(cfg.model_dump(mode="json"), over), "app patient training")
+
+
+class CounselorService:
+    def __init__(self, cfg, store: Store, generator: Generator | None, bank: AdapterBank | None):
+        self.cfg = cfg
+        self.a = cfg.app
+        self.store = store
+        self.generator = generator
+        self.bank = bank
+        self.trainer = TrainQueue(self._run_training)
+
+    @classmethod
+    def build(cfg_cls, cfg, data_dir: str | Path | None = None, *, with_model: bool = True) -> "CounselorService":
+        """Open the store (key checked first), then load the model once."""
+        store = open_store(cfg, data_dir)
+        generator = bank = None
+        if with_model:
+            from phyassist.models.loading import load_model, load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model, padding_side="left")
+            model = load_model(cfg.model, for_training=False)
+            model.eval()
+            bank = AdapterBank(model, store.cipher, store.data_dir, max_loaded=cfg.app.max_loaded_adapters,
+                               kit_adapter=cfg.app.adapter)
+            generator = Generator(model, tokenizer, repetition_penalty=cfg.app.repetition_penalty,
+                                  activate=bank.activate)
+        return cfg_cls(cfg, store, generator, bank)
+
+    # --- patients ------------------------------------------------------------------------
+    def create_patient(self, user: str, values: dict[str, Any]) -> int:
+        return self.store.create_patient(user, N.clean_patient_fields(values, self.a.max_input_chars))
+
+    def update_patient(self, user: str, patient_id: int, values: dict[str, Any]) -> None:
+        self.store.update_patient(user, patient_id, N.clean_patient_fields(values, self.a.max_input_chars))
+
+    def search(self, user: str, query: str = "") -> list[dict[str, Any]]:
+        return self.store.list_patients(user, N.check_text("search", query, 200, required=False))
+
+    def import_patient(self, user: str, text: str) -> int:
+        """Import a JSON export; validated completely first, written in one transaction."""
+        fields, notes = N.parse_import(text, self.a.max_input_chars)
+        return self.store.import_patient(user, fields, notes)
+
+    def export_markdown(self, user: str, patient_id: int) -> str:
+        md = N.export_markdown(self.store.get_patient(user, patient_id), self.store.list_notes(user, patient_id))
+        self.store.audit(user, "export_markdown", f"patient:{int(patient_id)}")
+        return md
+
+    def export_json(self, user: str, patient_id: int) -> str:
+        out = N.export_json(self.store.get_patient(user, patient_id), self.store.list_notes(user, patient_id))
+        self.store.audit(user, "export_json", f"patient:{int(patient_id)}")
+        return out
+
+    def model_label(self, patient_id: int | None) -> str:
+        if patient_id is not None and self.store.adapter_for(patient_id) is not None:
+            return f"patient adapter #{int(patient_id)}"
+        return "kit fine-tuned adapter" if self.a.adapter else f"base model ({self.cfg.model.name})"
+
+    # --- analysis ------------------------------------------------------------------------
+    def _require_model(self) -> Generator:
+        if self.generator is None:
+            raise RuntimeError("no model loaded (service built with with_model=False)")
+        return self.generator
+
+    def _prompt(self, user: str, patient_id: int, task: str, prefix: str, max_new: int):
+        g = self._require_model()
+        patient = self.store.get_patient(user, patient_id)
+        notes = self.store.list_notes(user, patient_id)
+        budget = context_budget(g.max_positions, self.a.context_tokens, max_new)
+        return build_prompt(g.tokenizer, SYSTEM, task, patient, notes, self.a.context_notes, budget, prefix)
+
+    def stream_analysis(self, user: str, patient_id: int, said: str) -> Iterator[AnalysisUpdate]:
+        """Stream a draft for what the patient said; the parsed draft is stored at the end."""
+        said = N.check_text("What the patient said", said, self.a.max_input_chars)
+        prompt, report = self._prompt(user, patient_id, analysis_task(said), ANALYSIS_PREFIX, self.a.max_new_tokens)
+        text = ANALYSIS_PREFIX
+        yield AnalysisUpdate(text, message=f"Context: {report.text()}")
+        for piece in self._require_model().stream(prompt, self.a.max_new_tokens, patient_id):
+            text += piece
+            yield AnalysisUpdate(text)
+        parsed = N.parse_analysis(text)
+        draft = N.new_draft(said, parsed, report.text())
+        self.store.save_draft(user, patient_id, draft)
+        msg = ("Draft ready: review, edit and save." if parsed["ok"] else
+               f"The model's text could not be split into items ({parsed['problem']}); the raw text is kept "
+               "in the draft. Add items by hand or regenerate.")
+        yield AnalysisUpdate(text, draft, msg)
+
+    def regenerate_all(self, user: str, patient_id: int) -> Iterator[AnalysisUpdate]:
+        draft = self._draft(user, patient_id)
+        prompt, report = self._prompt(user, patient_id, regenerate_all_task(draft), ANALYSIS_PREFIX,
+                                      self.a.max_new_tokens)
+        text = ANALYSIS_PREFIX
+        for piece in self._require_model().stream(prompt, self.a.max_new_tokens, patient_id):
+            text += piece
+            yield AnalysisUpdate(text)
+        parsed = N.parse_analysis(text)
+        if not parsed["ok"]:
+            draft = dict(draft, raw=parsed["raw"])
+            self.store.save_draft(user, patient_id, draft)
+            yield AnalysisUpdate(text, draft, f"Regenerated text could not be split into items "
+                                              f"({parsed['problem']}); your items are unchanged, the raw text is kept.")
+            return
+        new = N.new_draft(draft["question"], parsed, report.text())
+        self.store.save_draft(user, patient_id, new)
+        yield AnalysisUpdate(text, new, "Draft regenerated with your edits and comments.")
+
+    def regenerate_item(self, user: str, patient_id: int, ref: str) -> Iterator[AnalysisUpdate]:
+        draft = self._draft(user, patient_id)
+        N.get_item(draft, ref)  # validates the ref before any generation
+        prompt, _ = self._prompt(user, patient_id, regenerate_item_task(draft, ref), item_prefix(ref),
+                                 self.a.item_max_new_tokens)
+        text = ""
+        for piece in self._require_model().stream(prompt, self.a.item_max_new_tokens, patient_id):
+            text += piece
+            yield AnalysisUpdate(text)
+        new_text = N.parse_item(text)
+        if not new_text:
+            yield AnalysisUpdate(text, draft, f"The model returned no text for {ref}; it is unchanged.")
+            return
+        draft = N.set_item(draft, ref, text=new_text)
+        self.store.save_draft(user, patient_id, draft)
+        yield AnalysisUpdate(text, draft, f"{ref} regenerated.")
+
+    # --- drafts --------------------------------------------------------------------------
+    def _draft(self, user: str, patient_id: int) -> dict[str, Any]:
+        draft = self.store.get_draft(user, patient_id)
+        if draft is None:
+            raise N.InputProblem("this patient has no draft: run Analyze first")
+        return draft
+
+    def get_draft(self, user: str, patient_id: int) -> dict[str, Any] | None:
+        return self.store.get_draft(user, patient_id)
+
+    def edit_item(self, user: str, patient_id: int, ref: str, text: str | None, comment: str | None) -> dict:
+        lim = self.a.max_input_chars
+        draft = N.set_item(self._draft(user, patient_id), ref,
+                           None if text is None else N.check_text("Item text", text, lim, required=False),
+                           None if comment is None else N.check_text("Comment", comment, lim, required=False))
+        self.store.save_draft(user, patient_id, draft)
+        return draft
+
+    def add_item(self, user: str, patient_id: int, kind: str, text: str, comment: str = "") -> tuple[dict, str]:
+        lim = self.a.max_input_chars
+        draft = self.store.get_draft(user, patient_id) or N.new_draft(
+            "", {"symptom_type": "", "reasons": [], "advice": [], "raw": "", "ok": True, "problem": ""})
+        draft, ref = N.add_item(draft, kind, N.check_text("Item text", text, lim),
+                                N.check_text("Comment", comment, lim, required=False))
+        self.store.save_draft(user, patient_id, draft)
+        return draft, ref
+
+    def delete_item(self, user: str, patient_id: int, ref: str) -> dict:
+        draft = N.delete_item(self._draft(user, patient_id), ref)
+        self.store.save_draft(user, patient_id, draft)
+        return draft
+
+    def discard_draft(self, user: str, patient_id: int) -> None:
+        self.store.save_draft(user, patient_id, None)
+
+    def save_draft_as_note(self, user: str, patient_id: int) -> int:
+        note = N.draft_to_note(self._draft(user, patient_id), user)
+        return self.store.commit_draft(user, patient_id, note)
+
+    # --- training ------------------------------------------------------------------------
+    def training_records(self, user: str, patient_id: int, tokenizer) -> list[dict[str, str]]:
+        """prompt/completion pairs: the patient's words -> the counselor's saved (edited) note."""
+        patient = self.store.get_patient(user, patient_id)
+        records = []
+        for note in self.store.list_notes(user, patient_id):
+            said = note["question"][: self.a.max_note_chars]
+            prompt, _ = build_prompt(tokenizer, SYSTEM, analysis_task(said), patient, [], 0, 10**6, ANALYSIS_PREFIX)
+            answer = N.note_text(note)[len(ANALYSIS_PREFIX):][: self.a.max_note_chars]
+            records.append({"prompt": prompt, "completion": answer})
+        return records
+
+    def start_training(self, user: str, patient_id: int):
+        from phyassist.models.loading import load_tokenizer
+
+        pid = int(self.store.get_patient(user, patient_id)["id"])
+        if self.store.adapter_for(pid) is None and self.store.adapter_count() >= self.a.max_adapters:
+            raise AdapterLimit(f"adapter limit reached ({self.a.max_adapters}, setting app.max_adapters)")
+        records = self.training_records(user, pid, load_tokenizer(self.cfg.model, padding_side="right"))
+        if len(records) < self.a.min_train_notes:
+            raise AdapterLimit(f"patient #{pid} has {len(records)} saved note(s); training needs at least "
+                               f"{self.a.min_train_notes} (setting app.min_train_notes)")
+        self.store.audit(user, "start_training", f"patient:{pid}")
+        return self.trainer.submit(TrainJob(pid, user, records))
+
+    def _run_training(self, job: TrainJob) -> str:
+        cfg = patient_training_config(self.cfg, job.patient_id)
+        folder = train_patient_adapter(cfg, job, self.store.cipher, self.store.data_dir)
+        self.store.record_adapter(job.user, job.patient_id, str(folder.relative_to(self.store.data_dir)),
+                                  len(job.records))
+        if self.bank is not None:
+            self.bank.forget(job.patient_id)
+        return f"patient adapter #{job.patient_id} on {len(job.records)} note(s)"
+
+    def training_status(self, patient_id: int):
+        return self.trainer.status(patient_id)
+
+    def adapter_path(self, patient_id: int) -> Path:
+        return adapter_folder(self.store.data_dir, patient_id)
+
+    # --- chat ----------------------------------------------------------------------------
+    def stream_chat(self, user: str, message: str, history: list[dict[str, str]],
+                    patient_id: int | None = None, with_notes: bool = False) -> Iterator[str]:
+        """Stream a reply; the open patient's notes join the context when asked."""
+        g = self._require_model()
+        message = N.check_text("Message", message, self.a.max_input_chars)
+        turns = "\n".join(f"{m['role']}: {m['content']}" for m in history[-6:])
+        task = (f"Conversation so far:\n{turns}\n\n" if turns else "") + f"Counselor: {message}"
+        patient, notes = None, []
+        if with_notes and patient_id is not None:
+            patient = self.store.get_patient(user, patient_id)
+            notes = self.store.list_notes(user, patient_id)
+        budget = context_budget(g.max_positions, self.a.context_tokens, self.a.max_new_tokens)
+        prompt, _ = build_prompt(g.tokenizer, CHAT_SYSTEM, task, patient, notes, self.a.context_notes, budget)
+        pid = patient_id if with_notes else None
+        self.store.add_chat(user, pid, "user", message)
+        reply = ""
+        for piece in g.stream(prompt, self.a.max_new_tokens, pid):
+            reply += piece
+            yield reply
+        self.store.add_chat(user, pid, "assistant", reply)
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,237 @@
+"""The counselor assistant driven in a real browser (Debian chromium + Playwright): login,
+create a patient, analyze with the embedded default model (streamed), edit, reload (the draft
+survives), regenerate, save, find the note, chat, train a tiny patient adapter, audit log.
+One app process serves the whole module; screenshots go to images/app_*.png."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from phyassist.paths import IMAGES_DIR, REPO_ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+PLANTED = "Zed Quokkason"  # a name that must never appear in plaintext on disk or in logs
+SAID = "I cannot sleep and I feel worthless since I lost my job at the bakery."
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (make setup)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    data, key_file, log = root / "data", root / "keys" / "app.key", root / "app.log"
+    port = _free_port()
+    env = dict(os.environ, PHYASSIST_APP_USERS="alice:pw-alice,bob:pw-bob", PYTHONPATH=str(REPO_ROOT))
+    env.pop("PHYASSIST_APP_KEY", None)
+    cmd = [sys.executable, "-m", "phyassist", "app", "--config", "smoke", "--data-dir", str(data),
+           "--port", str(port), f"app.key_file={key_file}", "app.max_new_tokens=48", "app.item_max_new_tokens=24",
+           "app.train_max_steps=2"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.terminate()
+        pytest.fail("app did not start within 300 s")
+    yield {"url": url, "data": data, "key_file": key_file, "log": log}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(app_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-dev-shm-usage"])
+        pg = browser.new_page(viewport={"width": 1280, "height": 900})
+        pg.set_default_timeout(30_000)
+        pg.goto(app_server["url"])
+        pg.get_by_label("username").fill("alice")
+        pg.get_by_label("password").fill("pw-alice")
+        pg.get_by_role("button", name="Login").click()
+        pg.wait_for_selector("#create-btn")
+        yield pg
+        browser.close()
+
+
+def box(page, elem_id: str):
+    return page.locator(f"#{elem_id}").locator("textarea, input").first
+
+
+def status_has(page, text: str, timeout: float = 30_000):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#status")).to_contain_text(text, timeout=timeout)
+
+
+def shot(page, name: str) -> None:
+    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(IMAGES_DIR / f"app_{name}.png"), full_page=True)
+
+
+def pick_item(page, ref: str) -> None:
+    """Select a draft item and wait until its text and comment are loaded into the editor."""
+    page.locator("#item-pick").get_by_label(ref, exact=True).check()
+    status_has(page, f"Editing {ref}")
+
+
+def test_login_refuses_wrong_password(app_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        pg = browser.new_page()
+        pg.goto(app_server["url"])
+        pg.get_by_label("username").fill("alice")
+        pg.get_by_label("password").fill("wrong")
+        pg.get_by_role("button", name="Login").click()
+        sync_api.expect(pg.get_by_text("Incorrect Credentials")).to_be_visible(timeout=15_000)
+        assert pg.locator("#create-btn").count() == 0
+        browser.close()
+
+
+def test_counselor_workflow(page, app_server):
+    from playwright.sync_api import expect
+
+    # Patients: create (and bad input first: a nameless patient changes nothing)
+    page.click("#create-btn")
+    status_has(page, "Name is empty")
+    box(page, "f-name").fill(PLANTED)
+    box(page, "f-age").fill("34")
+    box(page, "f-gender").fill("female")
+    box(page, "f-mental_state").fill("low mood, early waking")
+    box(page, "f-social_functioning").fill("withdrawn from friends")
+    page.click("#create-btn")
+    status_has(page, "Created and opened patient #1")
+    expect(page.locator("#patient-head")).to_contain_text(PLANTED)
+    box(page, "search").fill("quokka")
+    page.click("#search-btn")
+    expect(page.locator("#results")).to_contain_text(PLANTED)
+    shot(page, "patients")
+
+    # Analysis: empty input is refused, then a streamed draft with the notice
+    page.get_by_role("tab", name="Analysis").click()
+    page.click("#analyze")
+    status_has(page, "is empty")
+    box(page, "said").fill(SAID)
+    page.click("#analyze")
+    status_has(page, "Context:")  # streaming has begun
+    expect(page.locator("#draft")).to_contain_text("Counseling question", timeout=180_000)
+    expect(page.locator("#draft")).to_contain_text("not a diagnosis")
+    expect(page.locator("#notice")).to_contain_text("not a diagnosis")
+    assert box(page, "stream").input_value().startswith("Symptom type:")
+
+    # Draft: edit the symptom type, add a reason with a comment
+    pick_item(page, "symptom type")
+    box(page, "item-text").fill("Depressive symptoms after job loss")
+    page.click("#apply-edit")
+    status_has(page, "symptom type updated")
+    box(page, "item-text").fill("Loss of work and daily structure")
+    box(page, "item-comment").fill("mention the bakery")
+    page.click("#add-reason")
+    status_has(page, "Added reason")
+    shot(page, "draft")
+
+    # Reload: the open patient and the stored draft come back
+    page.reload()
+    page.wait_for_selector("#create-btn")
+    status_has(page, "stored draft restored")
+    page.get_by_role("tab", name="Analysis").click()
+    expect(page.locator("#draft")).to_contain_text("Depressive symptoms after job loss")
+    expect(page.locator("#draft")).to_contain_text("mention the bakery")
+
+    # Regenerate the commented reason, then all
+    last_reason = page.locator("#item-pick label", has_text="reason").last.inner_text().strip()
+    pick_item(page, last_reason)
+    page.click("#regen-item")
+    expect(page.locator("#status")).to_contain_text(last_reason, timeout=120_000)
+    page.click("#regen-all")
+    expect(page.locator("#status")).to_contain_text("egenerated", timeout=180_000)
+    shot(page, "analysis")
+
+    # Make sure there is an item to save, then save into the notes
+    box(page, "item-text").fill("Keep a sleep diary for two weeks")
+    box(page, "item-comment").fill("")
+    page.click("#add-advice")
+    status_has(page, "Added advice")
+    page.click("#save-note")
+    status_has(page, "Saved as note")
+    expect(page.locator("#draft")).to_contain_text("No draft")
+
+    # Reload and find the note
+    page.reload()
+    page.wait_for_selector("#create-btn")
+    page.get_by_role("tab", name="Notes").click()
+    expect(page.locator("#notes")).to_contain_text(SAID[:40])
+    expect(page.locator("#notes")).to_contain_text("Keep a sleep diary for two weeks")
+    page.click("#export-md")
+    status_has(page, "Exported patient #1 (md)")
+    shot(page, "notes")
+
+    # Chat, with the patient's notes as context
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#use-notes").get_by_role("checkbox").check()
+    box(page, "chat-in").fill("Which questions should I ask about her sleep?")
+    page.click("#send")
+    status_has(page, "Reply complete", timeout=180_000)
+    expect(page.locator("#chatbot")).to_contain_text("Which questions should I ask")
+    shot(page, "chat")
+
+    # Train: a tiny adapter on the CPU, progress visible, finished
+    page.get_by_role("tab", name="Train").click()
+    page.click("#train-btn")
+    status_has(page, "Training started")
+    expect(page.locator("#train-status")).to_contain_text("adapter ready", timeout=420_000)
+    shot(page, "train")
+    folder = app_server["data"] / "adapters" / "patient_1"
+    assert (folder / "PATIENT_DATA").exists() and (folder / "adapter_model.safetensors.enc").exists()
+    assert not (folder / "adapter_model.safetensors").exists()
+
+    # The patient now runs on their adapter (swapped on the loaded base model)
+    page.get_by_role("tab", name="Patients").click()
+    page.click("#search-btn")
+    page.locator("#results").get_by_label(f"#1 {PLANTED}", exact=False).check()
+    page.click("#open-btn")
+    expect(page.locator("#patient-head")).to_contain_text("patient adapter #1")
+
+    # Audit log names the counselor and the actions
+    page.get_by_role("tab", name="Audit").click()
+    page.click("#audit-btn")
+    expect(page.locator("#audit")).to_contain_text("save_note_from_draft")
+    expect(page.locator("#audit")).to_contain_text("alice")
+
+
+def test_no_plaintext_on_disk_or_in_logs(app_server):
+    """The planted patient name is nowhere in the data folder (db, WAL, adapters) or the log."""
+    needle = PLANTED.encode()
+    files = [p for p in app_server["data"].rglob("*") if p.is_file()] + [app_server["log"]]
+    assert any(p.name.startswith("phyassist.sqlite") for p in files)
+    leaks = [str(p) for p in files if needle in p.read_bytes() or needle.lower() in p.read_bytes().lower()]
+    assert not leaks, f"plaintext patient name found in {leaks}"
+    assert not list(app_server["data"].rglob("wandb*")), "patient training must not create wandb runs"
+    assert oct(app_server["key_file"].stat().st_mode & 0o777) == "0o600"
