@@ -182,7 +182,7 @@ def plot_token_lengths(lengths_by_source: dict[str, list[int]], path: Path, titl
         ax.legend(fontsize=8)
     if max_tokens:
         ax.axvline(max_tokens, color="black", linestyle="--", linewidth=1)
-        ax.text(max_tokens, ax.get_ylim()[1] * 0.95, f" max_tokens={max_tokens}", fontsize=8, va="top")
+        ax.text(max_tokens, ax.get_ylim()[1] * 0.95, f"max_tokens={max_tokens} ", fontsize=8, va="top", ha="right")
     ax.set_xlabel("tokens per formatted example (prompt + completion)")
     ax.set_ylabel("examples")
     ax.set_title(title, fontsize=10)
