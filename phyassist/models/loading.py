@@ -60,8 +60,8 @@ def device_map(mcfg: ModelConfig):
 
     if mcfg.device_map == "cpu" or not torch.cuda.is_available():
         return {"": "cpu"}
-    if mcfg.device_map == "single":
-        return {"": 0}
+    if mcfg.device_map == "single":  # under `accelerate launch` each process takes its own GPU
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return mcfg.device_map  # "auto" / "balanced": accelerate places layers under max_memory
 
 

@@ -29,12 +29,13 @@ def lora_config(lcfg, model):
 
 
 def restore_linear_dropout(model, p: float, adapter: str = "default") -> int:
-    """Give every LoRA ``nn.Linear`` layer its dropout ``p`` (ParamWrappers keep none)."""
-    from peft.tuners.lora import Linear as LoraLinear
+    """Give every LoRA linear layer (plain or 4-bit) its dropout ``p`` (ParamWrappers keep none)."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     n = 0
     for mod in model.modules():
-        if isinstance(mod, LoraLinear) and adapter in mod.lora_dropout and p > 0:
+        if (isinstance(mod, LoraLayer) and not isinstance(mod, ParamWrapper)
+                and adapter in mod.lora_dropout and p > 0):
             mod.lora_dropout[adapter] = nn.Dropout(p)
             n += 1
     return n

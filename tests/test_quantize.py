@@ -1,0 +1,140 @@
+"""Mixtral path on the CPU with the tiny random Mixtral: experts really in 4 bit, outputs equal
+to a dequantized reference, the study's LoRA count, the layer split and the dry run."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from phyassist.config import load_config
+from phyassist.models.quantize import (Quant4bitExperts, iter_fused_experts, quantize_moe_experts,
+                                       sixteen_bit_weights)
+from phyassist.models.registry import architecture_config
+
+
+def _experts_and_routing(seed=0, tokens=12):
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    cfg = architecture_config("tiny-mixtral")
+    torch.manual_seed(seed)
+    ex = MixtralExperts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.05)
+        ex.down_proj.normal_(0, 0.05)
+    x = torch.randn(tokens, cfg.hidden_size)
+    logits = torch.randn(tokens, cfg.num_local_experts)
+    w, idx = torch.softmax(logits, -1).topk(cfg.num_experts_per_tok, -1)
+    return cfg, ex, x, idx, w / w.sum(-1, keepdim=True)
+
+
+def _dequantized_reference(ex, qmod):
+    ref = copy.deepcopy(ex)
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(qmod.gate_up.dequantize())
+        ref.down_proj.copy_(qmod.down.dequantize())
+    return ref
+
+
+def _quant_cfg():
+    return load_config("smoke").model.quant
+
+
+@pytest.mark.parametrize("recompute,save", [(False, False), (True, False), (False, True)])
+def test_grouped_experts_match_dequantized_reference(recompute, save):
+    cfg, ex, x, idx, w = _experts_and_routing()
+    q = Quant4bitExperts(ex, compute_dtype=torch.float32, recompute=recompute, save_dequantized=save)
+    ref = _dequantized_reference(ex, q)
+    xr, xq = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_q = ref(xr, idx, w), q(xq, idx, w)
+    assert torch.allclose(out_q, out_ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out_ref)
+    out_ref.backward(g)
+    out_q.backward(g)
+    assert torch.allclose(xq.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    # and 4-bit really differs from the original bf16/fp32 weights (quantization happened)
+    assert not torch.allclose(ex(x, idx, w), out_ref, atol=1e-7)
+
+
+def test_parametrize_experts_match_dequantized_reference():
+    cfg, ex, x, idx, w = _experts_and_routing(seed=1)
+    holder = torch.nn.Module()
+    holder.experts = copy.deepcopy(ex)
+    assert quantize_moe_experts(holder, _quant_cfg(), method="parametrize") == 1
+    qex = holder.experts
+    assert qex.parametrizations.gate_up_proj.original.dtype == torch.uint8
+    ref = copy.deepcopy(ex)
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(qex.gate_up_proj)
+        ref.down_proj.copy_(qex.down_proj)
+    assert torch.allclose(qex(x, idx, w), ref(x, idx, w), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral_4bit():
+    from phyassist.models.loading import load_model
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral"})
+    return load_model(cfg.model, for_training=True), cfg
+
+
+def test_tiny_mixtral_loads_with_no_16bit_expert_or_attention_weight(tiny_mixtral_4bit):
+    model, _ = tiny_mixtral_4bit
+    assert list(iter_fused_experts(model)) == []  # every fused expert tensor converted
+    assert sixteen_bit_weights(model) == []
+    packed = [n for n, p in model.named_parameters() if "experts" in n or "q_proj" in n]
+    assert packed and all(model.get_parameter(n).dtype == torch.uint8 for n in packed)
+    ids = torch.randint(0, 1000, (1, 8))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_router_lora_dropout_and_count(tiny_mixtral_4bit):
+    from phyassist.train.lora import apply_lora, trainable_parameters
+
+    model, cfg = tiny_mixtral_4bit
+    lcfg = cfg.train.lora.model_copy(update={"r": 32, "alpha": 32, "dropout": 0.05, "target_router": True})
+    peft = apply_lora(copy.deepcopy(model), lcfg)
+    c = architecture_config("tiny-mixtral")
+    h, kv = c.hidden_size, c.hidden_size // c.num_attention_heads * c.num_key_value_heads
+    per_layer = 32 * ((h + h) * 2 + (h + kv) * 2) + 32 * (h + c.num_local_experts)
+    assert trainable_parameters(peft) == per_layer * c.num_hidden_layers
+    drops = {n: m for n, m in peft.named_modules() if n.endswith("lora_dropout.default")}
+    assert any("q_proj" in n and isinstance(m, torch.nn.Dropout) and m.p == 0.05 for n, m in drops.items())
+    assert not any("gate" in n and isinstance(m, torch.nn.Dropout) for n, m in drops.items())
+    peft.train()
+    out = peft(input_ids=torch.randint(0, 1000, (2, 8)), labels=torch.randint(0, 1000, (2, 8)))
+    out.loss.backward()
+    router_grads = [p.grad for n, p in peft.named_parameters() if p.requires_grad and "gate" in n]
+    assert router_grads and all(g is not None for g in router_grads)
+
+
+def test_full_mixtral_dry_run_counts_study_parameters():
+    from phyassist.train.dryrun import project
+
+    proj = project(load_config("paper"))
+    assert proj.trainable == 31_465_472
+    assert 22.5 < proj.weights_4bit_dq_gib < 23.5 < proj.weights_4bit_gib
+    assert proj.fits() and len(proj.per_gpu) == 2 and sum(proj.layers_per_gpu) == 32
+
+
+def test_layer_split_and_device_map():
+    from phyassist.train.dryrun import balance_layers, layer_device_map
+
+    assert balance_layers(32, [1.0, 1.0], 0.7) == [16, 16]
+    counts = balance_layers(32, [1.5, 0.5], 0.7)  # heavier first GPU gets fewer layers
+    assert counts[0] < counts[1] and sum(counts) == 32
+    cfg = architecture_config("tiny-mixtral")
+    dmap = layer_device_map(cfg, [1, 1])
+    assert dmap["model.embed_tokens"] == 0 and dmap["lm_head"] == 1
+    assert dmap["model.layers.0"] == 0 and dmap["model.layers.1"] == 1
+    with pytest.raises(ValueError, match="do not add up"):
+        layer_device_map(cfg, [1, 2])
+
+
+def test_dry_run_cli_says_when_a_model_does_not_fit():
+    cmd = [sys.executable, "-m", "phyassist", "train", "--config", "paper", "--dry-run",
+           "model.name=llama-2-70b-chat", "model.num_gpus=1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr
+    assert "DOES NOT FIT" in res.stdout and "Would fit: 2 GPUs of 24 GiB" in res.stdout
