@@ -1,0 +1,124 @@
+"""The evaluate stage end to end on the bundled sample (smoke profile), resumable generation,
+bad test files, and notebook 03."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from phyassist.config import load_config
+from phyassist.evaluate import generate as gen
+from phyassist.evaluate.testsets import read_test_csv
+from phyassist.paths import NOTEBOOKS_DIR
+
+FAST = ["evaluate.max_examples=2", "evaluate.max_new_tokens=6", "evaluate.sets=[DR,SAD]"]
+
+
+def test_evaluate_cli_smoke_writes_f1_and_bartscore(tmp_path):
+    from phyassist.cli import main
+
+    out = tmp_path / "run"
+    assert main(["evaluate", "--config", "smoke", "--output-dir", str(out), "--no-progress", *FAST]) == 0
+    df = pd.read_csv(out / "eval" / "comparison.csv")
+    assert set(df["system"]) == {"base", "majority"} and set(df["set"]) == {"DR", "SAD"}
+    assert df["weighted_f1"].notna().all() and df["bartscore"].notna().all() and df["clf_weighted_f1"].notna().all()
+    for s in ("DR", "SAD"):
+        o = pd.read_csv(out / "eval" / "base" / f"{s}.csv")
+        assert list(o.columns) == ["goldens", "generated_text"] and len(o) == 2
+        assert not (out / "eval" / "base" / f"{s}.partial.jsonl").exists()
+    assert (out / "eval" / "comparison.md").read_text().startswith("| set | system")
+    assert (out / "eval" / "comparison.png").stat().st_size > 1000
+
+
+class _FakeModel:
+    """Counts prompts it is asked to answer; dies after ``die_after`` batches."""
+
+    def __init__(self, die_after=None):
+        import torch
+
+        self.calls, self.die_after, self.p = 0, die_after, torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        yield self.p
+
+    def generate(self, input_ids, attention_mask, **kw):
+        import torch
+
+        if self.die_after is not None and self.calls >= self.die_after:
+            raise KeyboardInterrupt("killed")
+        self.calls += 1
+        new = torch.full((input_ids.shape[0], 2), 42, dtype=input_ids.dtype)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_killed_generation_resumes_without_regenerating(tmp_path):
+    from phyassist.models.loading import load_tokenizer
+
+    cfg = load_config("smoke")
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    queries = [f"post number {i}: I feel {'very ' * i}tired" for i in range(6)]
+    goldens = [f"gold {i}" for i in range(6)]
+    csv = tmp_path / "eval" / "base" / "DR.csv"
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate_set(_FakeModel(die_after=2), tok, queries, goldens, csv, max_new_tokens=2,
+                         batch_size=2, chunk_batches=1, progress=False)
+    partial = csv.with_name("DR.partial.jsonl")
+    assert not csv.exists() and len(partial.read_text().splitlines()) == 4
+    m = _FakeModel()
+    out = gen.generate_set(m, tok, queries, goldens, csv, max_new_tokens=2, batch_size=2, chunk_batches=1,
+                           progress=False)
+    assert m.calls == 1 and len(out) == 6 and csv.exists() and not partial.exists()
+    m2 = _FakeModel()  # a complete CSV is reused as is
+    assert gen.generate_set(m2, tok, queries, goldens, csv, progress=False) == out and m2.calls == 0
+
+
+def test_batched_generation_matches_one_by_one_greedy():
+    from phyassist.models.loading import load_model, load_tokenizer
+
+    cfg = load_config("smoke", ["model.name=tiny-mixtral", "model.quant.load_in_4bit=false"])
+    tok, model = load_tokenizer(cfg.model, "left"), load_model(cfg.model).eval()
+    prompts = gen.chat_prompts(tok, ["short", "a much longer question about sleep and stress"])
+    batched = gen.generate_batched(model, tok, prompts, max_new_tokens=5, batch_size=2, progress=False)
+    single = [gen.generate_batched(model, tok, [p], max_new_tokens=5, batch_size=1, progress=False)[0]
+              for p in prompts]
+    assert batched == single
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("", "empty file"),
+    ("query,answer\nq,a\n", "missing column(s) ['gpt-3.5-turbo']"),
+    ("query,gpt-3.5-turbo\n", "no rows"),
+    ("query,gpt-3.5-turbo\nq,\n", "empty 'gpt-3.5-turbo' at row(s) [2]"),
+])
+def test_bad_test_file_names_file_and_field(tmp_path, text, msg):
+    p = tmp_path / "DR.csv"
+    p.write_text(text)
+    with pytest.raises(ValueError) as e:
+        read_test_csv(p)
+    assert msg in str(e.value) and str(p) in str(e.value)
+
+
+def test_bad_test_set_fails_before_any_output(tmp_path):
+    from phyassist.evaluate.stage import run_evaluation
+
+    bad = tmp_path / "tests"
+    bad.mkdir()
+    (bad / "DR.csv").write_text("query\nq\n")
+    cfg = load_config("smoke", [f"output_dir={tmp_path / 'run'}", f"evaluate.test_dir={bad}", "evaluate.sets=[DR]"])
+    with pytest.raises(ValueError, match="DR.csv: missing column"):
+        run_evaluation(cfg)
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_notebook_03_runs_on_smoke(tmp_path):
+    from phyassist.pipeline import execute_notebook
+
+    over = dict(o.split("=", 1) for o in FAST)
+    over["evaluate.sets"] = ["DR"]
+    over["evaluate.max_examples"] = 1
+    out = execute_notebook(NOTEBOOKS_DIR / "03_evaluate.ipynb", tmp_path / "nb",
+                           {"config": "smoke", "overrides": over, "output_dir": str(tmp_path / "run")})
+    nb = json.loads(Path(out).read_text())
+    text = json.dumps(nb["cells"][-2].get("outputs", []))
+    assert "weighted_f1" in text and (tmp_path / "run" / "eval" / "comparison.csv").exists()
