@@ -111,7 +111,7 @@ def parse_item(text: str) -> str:
     """One regenerated item: the first non-empty line without numbering or a section heading."""
     for line in text.strip().splitlines():
         line = re.sub(r"^\s*(?:\d+\s*[.)、:]|[-*•])\s*", "", line).strip(" *_")
-        line = re.sub(r"^(?:symptom\s*type|reason|advice)\s*[:：]\s*", "", line, flags=re.I).strip()
+        line = re.sub(r"^(?:symptom\s*type|reason|advice)\s*\d*\s*[:：]\s*", "", line, flags=re.I).strip()
         if line:
             return line
     return ""

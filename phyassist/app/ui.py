@@ -35,7 +35,7 @@ def _user(request: gr.Request | None) -> str:
 
 
 def _status(text: str, ok: bool = True) -> str:
-    return f"{'✅' if ok else '⚠️'} {text}"
+    return f"{'✔' if ok else '⚠'} {text}"
 
 
 def _pid(value) -> int:
