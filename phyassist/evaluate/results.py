@@ -82,9 +82,10 @@ def plot_comparison(df, path: Path, title: str = "IMHI test sets") -> Path:
         ax.set_ylabel(label)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(ncols=len(systems), loc="upper center", bbox_to_anchor=(0.5, 1.35))
-    axes[0, 0].set_title(title, pad=30)
-    fig.tight_layout()
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(handles, names, ncols=len(systems), loc="upper center", bbox_to_anchor=(0.5, 0.965))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
