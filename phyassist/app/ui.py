@@ -388,6 +388,15 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
     return demo
 
 
+def free_port(host: str) -> int:
+    """A port the OS says is free (for ``port: 0``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def launch(svc: CounselorService, *, host: str | None = None, port: int | None = None,
            block: bool = True, users: dict[str, str] | None = None, **kwargs) -> gr.Blocks:
     """Build and serve the UI; binds ``app.host`` (loopback by default). Returns the Blocks."""
@@ -399,7 +408,8 @@ def launch(svc: CounselorService, *, host: str | None = None, port: int | None =
         raise ValueError(f"refusing to serve on {host} without a login: set {a.users_env}='user:password' "
                          "or app.auth_file")
     demo = build_ui(svc)
-    demo.launch(server_name=host, server_port=port if port is not None else (a.port or None),
+    port = a.port if port is None else port
+    demo.launch(server_name=host, server_port=port or free_port(host),
                 auth=make_auth(users), prevent_thread_lock=not block, share=False, show_error=False,
                 theme=local_theme(), ssr_mode=False, quiet=True, footer_links=[], **kwargs)
     return demo
