@@ -65,12 +65,31 @@ def device_map(mcfg: ModelConfig):
     return mcfg.device_map  # "auto" / "balanced": accelerate places layers under max_memory
 
 
+def _is_moe(mcfg: ModelConfig, path: str) -> bool:
+    """Fused-expert architectures are built layer by layer into 4 bit
+    (:mod:`phyassist.models.loader4bit`): bitsandbytes' load would bring their experts in 16 bit."""
+    from transformers import AutoConfig
+
+    from phyassist.models.loader4bit import has_fused_experts
+
+    config = AutoConfig.from_pretrained(path, revision=mcfg.revision, local_files_only=_offline(mcfg))
+    return has_fused_experts(config)
+
+
 def load_model(mcfg: ModelConfig, *, for_training: bool = False):
-    """The causal LM, quantized per ``mcfg.quant``; MoE experts are quantized too (see
-    :mod:`phyassist.models.quantize`), which bitsandbytes' own 4-bit load skips."""
+    """The causal LM, quantized per ``mcfg.quant``. MoE models in 4 bit are read layer by layer
+    straight into 4 bit, experts included (:mod:`phyassist.models.loader4bit`); others go through
+    bitsandbytes' load, then :func:`~phyassist.models.quantize.quantize_moe_experts`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(mcfg.name)
+    if mcfg.quant.load_in_4bit and mcfg.quant.quantize_experts and _is_moe(mcfg, path):
+        from phyassist.models.loader4bit import load_quantized_moe
+
+        model = load_quantized_moe(mcfg, path)
+        if for_training:
+            model.config.use_cache = False
+        return model
     kwargs = dict(revision=mcfg.revision, local_files_only=_offline(mcfg), dtype=torch_dtype(mcfg.dtype),
                   device_map=device_map(mcfg), max_memory=max_memory(mcfg))
     if mcfg.attn_implementation:
