@@ -284,6 +284,7 @@ def test_sealed_adapter_roundtrip_and_switch(tmp_path):
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     base = LlamaForCausalLM(cfg).eval()
+    pristine = copy.deepcopy(base)
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                            init_lora_weights=False))
     plain = tmp_path / "plain"
@@ -307,7 +308,17 @@ def test_sealed_adapter_roundtrip_and_switch(tmp_path):
     assert bank.activate(None) == "base model"
     with torch.no_grad():
         torch.testing.assert_close(base(ids).logits, ref_base)
+    torch.manual_seed(1)
+    lora2 = get_peft_model(pristine, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+    lora2.save_pretrained(tmp_path / "plain2")
+    seal_adapter(tmp_path / "plain2", adapter_folder(data, 8), cipher, 8)
+    assert bank.activate(8) == "patient adapter #8"  # a second adapter on the same model
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, lora2(ids).logits, rtol=1e-4, atol=1e-4)
     bank.activate(7)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, with_adapter, rtol=1e-4, atol=1e-4)
     assert bank.last_switch_s < 1.0
     with pytest.raises(KeyProblem):
         open_sealed(folder, Cipher(new_key()), 7)

@@ -133,10 +133,28 @@ class AdapterBank:
             self.model.delete_adapter(name)
             del self.loaded[name]
         peft_cfg, state = open_sealed(adapter_folder(self.data_dir, patient_id), self.cipher, patient_id)
-        self.model.load_adapter(adapter_name=name, peft_config=peft_cfg, adapter_state_dict=state)
+        self._inject(name, peft_cfg, state)
         self.loaded[name] = None
         self.stale.discard(name)
         self._evict()
+
+    def _inject(self, name: str, peft_cfg, state: dict) -> None:
+        """Add an adapter from an in-memory state dict through PEFT directly: transformers'
+        ``load_adapter(adapter_state_dict=...)`` (5.23) writes a second in-memory adapter's weights
+        under the first one's name. The model keeps transformers' adapter bookkeeping, so
+        ``set_adapter``/``disable_adapters``/``delete_adapter`` work as usual."""
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        inject_adapter_in_model(peft_cfg, self.model, adapter_name=name)
+        if not getattr(self.model, "_hf_peft_config_loaded", False) or not hasattr(self.model, "peft_config"):
+            self.model.peft_config = {}
+            self.model._hf_peft_config_loaded = True
+        self.model.peft_config[name] = peft_cfg
+        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+        missing = [k for k in getattr(result, "missing_keys", []) if f".{name}." in k]
+        if missing:
+            raise RuntimeError(f"adapter {name}: {len(missing)} weights did not load (e.g. {missing[0]})")
 
     def activate(self, patient_id: int | None) -> str:
         """Switch the model to the patient's adapter, else the kit adapter, else the base model."""
