@@ -122,6 +122,7 @@ def test_load_model_routes_moe_through_the_layer_loader(checkpoints):
     _, paths = checkpoints
     model = load_model(_mcfg(paths["per_expert"]), for_training=True)
     assert model.is_loaded_in_4bit and model.config.use_cache is False
+    assert model.hf_quantizer.quantization_config.load_in_4bit  # the Trainer checks this
     assert sixteen_bit_weights(model) == []
 
 
@@ -148,3 +149,21 @@ def test_tensor_absent_from_index_is_named(checkpoints, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*index\.json"):
         load_quantized_moe(_mcfg(folder), str(folder), progress=False)
+
+
+def test_plan_splits_full_mixtral_over_two_24gb_gpus(monkeypatch):
+    """The placement for the study (no GPU needed: meta model, explicit per-GPU cap)."""
+    from phyassist.models import loading
+    from phyassist.models.loader4bit import plan_device_map
+    from phyassist.train.dryrun import meta_model
+
+    model, _ = meta_model("mixtral-8x7b-instruct")
+    monkeypatch.setattr(loading, "device_map", lambda mcfg: "balanced")
+    mcfg = load_config("paper").model.model_copy(update={"num_gpus": 2, "max_memory_per_gpu": "24GiB"})
+    dmap = plan_device_map(mcfg, model, mcfg.quant)
+    layers = [dmap[f"model.layers.{i}"] for i in range(32)]
+    assert layers == sorted(layers) and layers.count(0) == layers.count(1) == 16
+    assert dmap["model.embed_tokens"] == 0 and dmap["lm_head"] == 1
+    one = mcfg.model_copy(update={"num_gpus": 1})
+    with pytest.raises(CheckpointError, match="GPU 0: 32 layers"):
+        plan_device_map(one, model, one.quant)

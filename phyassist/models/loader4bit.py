@@ -203,13 +203,18 @@ def _device_of(dmap: dict, name: str):
 
 
 def mark_quantized(model: nn.Module, mcfg) -> None:
-    """Flags PEFT and the Trainer read to treat the model as a bitsandbytes 4-bit load."""
+    """What ``from_pretrained`` attaches to a bitsandbytes 4-bit load, so that PEFT's k-bit
+    preparation and the Trainer's quantized-training checks treat this model the same way."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
     from phyassist.models.loading import bnb_config
 
+    qcfg = bnb_config(mcfg)
+    model.config.quantization_config = qcfg
+    model.hf_quantizer = AutoHfQuantizer.from_config(qcfg, pre_quantized=False)
     model.is_loaded_in_4bit = True
     model.is_quantized = True
     model.quantization_method = "bitsandbytes"
-    model.config.quantization_config = bnb_config(mcfg)
 
 
 def load_quantized_moe(mcfg, path: str, method: str = "parametrize", progress: bool = True) -> nn.Module:
