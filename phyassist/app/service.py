@@ -178,7 +178,8 @@ class CounselorService:
         if not new_text:
             yield AnalysisUpdate(text, draft, f"The model returned no text for {ref}; it is unchanged.")
             return
-        draft = N.set_item(draft, ref, text=new_text)
+        latest = self._draft(user, patient_id)  # keep edits made while the model was writing
+        draft = N.set_item(latest if ref in N.item_refs(latest) else draft, ref, text=new_text)
         self.store.save_draft(user, patient_id, draft)
         yield AnalysisUpdate(text, draft, f"{ref} regenerated.")
 

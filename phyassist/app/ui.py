@@ -292,8 +292,8 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
         regen_item_btn.click(guarded_stream(do_regen_item, 5), [open_pid, item_pick], gen_out, **gen_kw)
 
         def do_pick(pid, ref, request: gr.Request):
-            if not ref or pid in (None, ""):
-                return "", "", ""
+            if not ref or pid in (None, ""):  # cleared by a new draft: leave the editor and status alone
+                return gr.update(), gr.update(), gr.update()
             draft = svc.get_draft(_user(request), _pid(pid))
             item = N.get_item(draft, ref) if draft else {"text": "", "comment": ""}
             return item["text"], item["comment"], _status(f"Editing {ref}")
