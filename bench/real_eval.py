@@ -3,6 +3,7 @@ train mix (+ counsel-chat) with the kit's trainer, then evaluate base vs fine-tu
 majority baseline on the IMHI test sets, with the kit's evaluate stage.
 
     python bench/real_eval.py --data DIR --test-dir DIR --out RUN_DIR [k=v overrides ...]
+    python bench/real_eval.py ... --generate-only   # GPU: train + generate only; rerun without it to score
 
 ``--data`` holds ``train.jsonl``/``val.jsonl`` written by ``python -m phyassist data`` on the real
 sources; overrides are config keys (``evaluate.max_new_tokens=128`` ...). Copies the table,
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--copy-to", default=None)
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="train (unless done) and write the per-set CSVs, no scoring: score later on a CPU")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
@@ -50,9 +53,21 @@ def main(argv=None) -> int:
         train(cfg)
         timings["train_s"] = round(time.time() - t0, 1)
         print(f"[real_eval] trained in {timings['train_s']} s", flush=True)
+    t0 = time.time()
+    if args.generate_only:
+        from phyassist.evaluate.stage import generate_all
+        from phyassist.evaluate.testsets import load_test_sets
+        from phyassist.runinfo import write_run_info
+
+        sets = load_test_sets(cfg)
+        write_run_info(cfg)
+        generate_all(cfg, sets, progress=True)
+        timings["generate_s"] = round(time.time() - t0, 1)
+        print(f"[real_eval] generated in {timings['generate_s']} s", flush=True)
+        (out / "eval" / "generate_meta.json").write_text(json.dumps({"timings": timings, "command": " ".join(sys.argv)}, indent=2))
+        return 0
     from phyassist.evaluate.stage import run_evaluation
 
-    t0 = time.time()
     res = run_evaluation(cfg, progress=True)
     timings["evaluate_s"] = round(time.time() - t0, 1)
     print(Path(res["table_md"]).read_text(), flush=True)
