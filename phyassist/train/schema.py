@@ -29,6 +29,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     max_grad_norm: float = Field(0.3, gt=0)
     per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_eval_batch_size: Optional[int] = Field(None, gt=0, description="None: the train batch size.")
     gradient_accumulation_steps: int = Field(4, gt=0)
     max_steps: int = Field(660, description="-1 trains for num_train_epochs.")
     num_train_epochs: float = Field(1.0, gt=0)

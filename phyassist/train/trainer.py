@@ -176,7 +176,7 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         max_length=cfg.model.max_seq_length, completion_only_loss=t.completion_only_loss,
         packing=t.packing, packing_strategy="bfd", padding_free=t.packing,
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no", eval_steps=t.eval_steps,
-        per_device_eval_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
         report_to=["wandb"] if cfg.wandb.mode != "disabled" else "none",
         run_name=cfg.wandb.run_name or cfg.name,
         include_num_input_tokens_seen="non_padding",
