@@ -5,12 +5,17 @@ into 4-bit NF4 (87 GiB of bf16 fits no GPU). The study's LoRA (r=32 on q/k/v/o +
 attached and a training step at the study's micro-batch (4 x 1024) is timed.
 
 Variants (one process, one after the other, each model freed before the next is built):
-  plain        bitsandbytes replace_parameter_4bit on the fused experts, stock expert loop, stock loss
-  grouped      our Quant4bitExperts (dequantize once per call, grouped GEMM), stock loss
-  grouped+ce   grouped + chunked fused linear cross-entropy
-  grouped+ce+sd  ... + keep the dequantized experts from the recompute for the backward pass
-  nockpt       grouped+ce without gradient checkpointing (expert gate/up activations recomputed)
-  nockpt-keep  grouped+ce without any recomputation (most memory)
+  plain        bitsandbytes replace_parameter_4bit on the fused experts, transformers' experts
+               code (torch._grouped_mm), stock loss, whole-layer gradient checkpointing
+  fused        our Quant4bitExperts (one autograd node per expert block: grouped GEMMs, fused
+               Triton SwiGLU with the routing weight folded in, gathers instead of scatter-adds,
+               no down-projection recompute), chunked fused cross-entropy, whole-layer checkpointing
+  fused-attn   fused, checkpointing of the attention halves only; the experts keep only their
+               input and recompute their gate/up GEMM (memory of whole-layer checkpointing)
+  fused-attn-stockce  fused-attn with transformers' loss (what the fused loss is worth)
+  fused-nockpt fused without checkpointing, gate/up activations kept (most memory, fastest)
+  *-bf16lora   the same with the LoRA weights in bf16 (as the QLoRA paper's code; PEFT's default
+               is fp32 adapters, so every LoRA input is cast to fp32 and back)
   half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
                the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
 
@@ -47,12 +52,13 @@ from phyassist.train.schema import LoraConfig  # noqa: E402
 GIB = 2**30
 PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 VARIANTS = {
-    "plain": dict(method="parametrize", fused_ce=False, ckpt=True, save_dequantized=False),
-    "grouped": dict(method="grouped", fused_ce=False, ckpt=True, save_dequantized=False),
-    "grouped+ce": dict(method="grouped", fused_ce=True, ckpt=True, save_dequantized=False),
-    "grouped+ce+sd": dict(method="grouped", fused_ce=True, ckpt=True, save_dequantized=True),
-    "nockpt": dict(method="grouped", fused_ce=True, ckpt=False, save_dequantized=False, recompute=True),
-    "nockpt-keep": dict(method="grouped", fused_ce=True, ckpt=False, save_dequantized=False, recompute=False),
+    "plain": dict(method="parametrize", fused_ce=False, ckpt="full"),
+    "fused": dict(method="grouped", fused_ce=True, ckpt="full"),
+    "fused-attn": dict(method="grouped", fused_ce=True, ckpt="attention"),
+    "fused-attn-stockce": dict(method="grouped", fused_ce=False, ckpt="attention"),
+    "fused-nockpt": dict(method="grouped", fused_ce=True, ckpt="none"),
+    "fused-attn-bf16lora": dict(method="grouped", fused_ce=True, ckpt="attention", lora_dtype="bfloat16"),
+    "fused-nockpt-bf16lora": dict(method="grouped", fused_ce=True, ckpt="none", lora_dtype="bfloat16"),
 }
 
 
@@ -84,6 +90,47 @@ def gpu_peak() -> tuple[str, float]:
     return name, next((v for k, v in PEAKS.items() if k in name), float("nan"))
 
 
+def check_experts(dev, tokens: int = 4096) -> dict:
+    """One full-width expert block: our fused path against transformers' experts code on the same
+    dequantized weights (outputs, input and routing-weight gradients), and whether Triton ran."""
+    import copy
+
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from phyassist.models import moe_kernels
+    from phyassist.models.quantize import Quant4bitExperts
+
+    cfg = mixtral_config(dev.type != "cuda")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(dev):
+        ex = MixtralExperts(cfg).to(dtype)
+        for p in ex.parameters():
+            torch.nn.init.normal_(p, 0, 0.02)
+        x = torch.randn(tokens, cfg.hidden_size, dtype=dtype)
+        w, idx = torch.softmax(torch.randn(tokens, cfg.num_local_experts), -1).topk(2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    q = Quant4bitExperts(ex, compute_dtype=dtype)
+    ref = copy.deepcopy(ex)
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(q.gate_up.dequantize())
+        ref.down_proj.copy_(q.down.dequantize())
+    res = {"triton": moe_kernels.use_triton(x)}
+    for keep in (True, False):
+        q.keep_activations = keep
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ws = [w.clone().requires_grad_() for _ in range(2)]
+        outs = [ref(xs[0], idx, ws[0]), q(xs[1], idx, ws[1])]
+        g = torch.randn_like(outs[0])
+        for o in outs:
+            o.backward(g)
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+        res[f"keep={keep}"] = dict(out=rel(outs[1], outs[0]), grad_x=rel(xs[1].grad, xs[0].grad),
+                                   grad_w=rel(ws[1].grad, ws[0].grad))
+    del ex, ref, q
+    return res
+
+
 def matmul_ceiling(dev) -> float:
     """Measured dense bf16 GEMM rate (8192^3), TFLOP/s."""
     if dev.type != "cuda":
@@ -99,22 +146,18 @@ def matmul_ceiling(dev) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
-def set_expert_flags(model, **flags):
-    from phyassist.models.quantize import Quant4bitExperts
+def prepare(model, ckpt: str, lora_cfg):
+    from phyassist.train.checkpointing import checkpoint_attention_only
 
-    for m in model.modules():
-        if isinstance(m, Quant4bitExperts):
-            for k, v in flags.items():
-                setattr(m, k, v)
-
-
-def prepare(model, ckpt: bool, lora_cfg):
     model.config.use_cache = False
-    if ckpt:
+    if ckpt == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for p in model.parameters():
         p.requires_grad_(False)
-    return apply_lora(model, lora_cfg)
+    peft_model = apply_lora(model, lora_cfg)
+    if ckpt == "attention":
+        checkpoint_attention_only(peft_model)
+    return peft_model
 
 
 def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
@@ -126,6 +169,10 @@ def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
         h_in = torch.randn(*ids.shape, hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
 
     def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # as the trainer (bf16)
+            return _step()
+
+    def _step():
         if part == "half0":
             out = lm.model(input_ids=ids).last_hidden_state
             out.backward(torch.randn_like(out))
@@ -160,12 +207,14 @@ def run_variant(name, spec, args, dev, part="full"):
     model = build_quantized_model(cfg, quant, dev, method=spec["method"], layers=rng_layers,
                                   with_embed=part != "half1", with_head=part != "half0", dtype=dtype,
                                   progress=False)
-    set_expert_flags(model, save_dequantized=spec.get("save_dequantized", False),
-                     recompute=spec.get("recompute", False))
     build_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
     lora = LoraConfig(r=32, alpha=32, dropout=0.05, target_router=True)
     peft_model = prepare(model, spec["ckpt"], lora)
+    if spec.get("lora_dtype"):
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(getattr(torch, spec["lora_dtype"]))
     peft_model.train()
     trainable = trainable_parameters(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -244,21 +293,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny Mixtral on the CPU (script check)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
-    ap.add_argument("--variants", default="plain,grouped,grouped+ce,grouped+ce+sd,nockpt")
-    ap.add_argument("--halves", default="grouped+ce", help="variant for the 2 x 24 GB simulation ('' to skip)")
+    ap.add_argument("--variants", default="plain,fused,fused-attn,fused-attn-stockce,fused-nockpt")
+    ap.add_argument("--halves", default="fused-attn", help="variant for the 2 x 24 GB simulation ('' to skip)")
     ap.add_argument("--cap-gib", type=float, default=24.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--profile", default="plain,grouped+ce+sd", help="variants to profile one step of")
+    ap.add_argument("--profile", default="plain,fused-attn,fused-nockpt", help="variants to profile one step of")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     dev = torch.device("cuda", 0) if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
     gpu, peak = gpu_peak()
     ceiling = matmul_ceiling(dev)
-    meta = dict(device=gpu, peak_tflops=peak / 1e12, measured_gemm_tflops=round(ceiling, 1), torch=torch.__version__,
+    check = check_experts(dev, tokens=64 if args.tiny else 4096)
+    print("fused experts vs transformers' experts (relative L2 error):", json.dumps(check), flush=True)
+    meta = dict(device=gpu, peak_tflops=peak / 1e12, measured_gemm_tflops=round(ceiling, 1), torch=torch.__version__, experts_check=check,
                 batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv[1:])
     print(json.dumps(meta), flush=True)

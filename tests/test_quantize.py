@@ -41,18 +41,21 @@ def _quant_cfg():
     return load_config("smoke").model.quant
 
 
-@pytest.mark.parametrize("recompute,save", [(False, False), (True, False), (False, True)])
-def test_grouped_experts_match_dequantized_reference(recompute, save):
+@pytest.mark.parametrize("keep", [True, False])
+def test_grouped_experts_match_dequantized_reference(keep):
     cfg, ex, x, idx, w = _experts_and_routing()
-    q = Quant4bitExperts(ex, compute_dtype=torch.float32, recompute=recompute, save_dequantized=save)
+    q = Quant4bitExperts(ex, compute_dtype=torch.float32, keep_activations=keep)
     ref = _dequantized_reference(ex, q)
     xr, xq = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, out_q = ref(xr, idx, w), q(xq, idx, w)
+    wr, wq = w.clone().requires_grad_(), w.clone().requires_grad_()
+    out_ref, out_q = ref(xr, idx, wr), q(xq, idx, wq)
     assert torch.allclose(out_q, out_ref, atol=1e-5, rtol=1e-4)
     g = torch.randn_like(out_ref)
     out_ref.backward(g)
     out_q.backward(g)
     assert torch.allclose(xq.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    # the routing weights' gradient reaches the router (and its LoRA) too
+    assert torch.allclose(wq.grad, wr.grad, atol=1e-5, rtol=1e-4)
     # and 4-bit really differs from the original bf16/fp32 weights (quantization happened)
     assert not torch.allclose(ex(x, idx, w), out_ref, atol=1e-7)
 
@@ -138,3 +141,58 @@ def test_dry_run_cli_says_when_a_model_does_not_fit():
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 3, res.stderr
     assert "DOES NOT FIT" in res.stdout and "Would fit: 2 GPUs of 24 GiB" in res.stdout
+
+
+def _grads_with(checkpointing):
+    """Loss and LoRA gradients of the tiny 4-bit Mixtral (grouped experts) under one mode."""
+    from phyassist.models.loading import load_model
+    from phyassist.train.trainer import prepare_for_training
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped",
+                                "train.gradient_checkpointing": checkpointing, "train.lora.dropout": 0.0,
+                                "train.lora.target_router": True})
+    torch.manual_seed(0)
+    model = prepare_for_training(load_model(cfg.model, for_training=True), cfg)
+    if checkpointing is True:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for n, p in model.named_parameters():  # LoRA B starts at zero: give it values so A gets gradients
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
+    import phyassist.train.checkpointing as ck
+
+    calls = []
+    real = ck.checkpoint
+    monkeypatch.setattr(ck, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss0, g0 = _grads_with(False)
+    assert not calls
+    for mode in (True, "attention"):
+        loss, g = _grads_with(mode)
+        assert abs(loss - loss0) < 1e-5
+        assert g.keys() == g0.keys() and any("gate" in n for n in g)  # the router's LoRA too
+        for n in g0:
+            assert torch.allclose(g[n], g0[n], atol=1e-6, rtol=1e-4), n
+    assert len(calls) == architecture_config("tiny-mixtral").num_hidden_layers  # one per layer, "attention" only
+
+
+def test_attention_only_checkpointing_patches_layers_and_experts():
+    from phyassist.models.loading import load_model
+    from phyassist.models.quantize import Quant4bitExperts
+    from phyassist.train.checkpointing import checkpoint_attention_only
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped"})
+    model = load_model(cfg.model, for_training=True)
+    experts = [m for m in model.modules() if isinstance(m, Quant4bitExperts)]
+    assert experts and all(m.keep_activations for m in experts)
+    assert checkpoint_attention_only(model) == architecture_config("tiny-mixtral").num_hidden_layers
+    assert not any(m.keep_activations for m in experts)  # they recompute gate/up instead
+    with pytest.raises(ValueError, match="no pre-norm decoder layers"):
+        checkpoint_attention_only(torch.nn.Linear(2, 2))

@@ -217,7 +217,7 @@ def mark_quantized(model: nn.Module, mcfg) -> None:
     model.quantization_method = "bitsandbytes"
 
 
-def load_quantized_moe(mcfg, path: str, method: str = "parametrize", progress: bool = True) -> nn.Module:
+def load_quantized_moe(mcfg, path: str, method: str | None = None, progress: bool = True) -> nn.Module:
     """The causal LM of ``path`` (folder or Hub id) built layer by layer into 4 bit per ``mcfg``."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -242,7 +242,7 @@ def load_quantized_moe(mcfg, path: str, method: str = "parametrize", progress: b
         layer = base.layers[i]
         materialize_(layer, f"model.layers.{i}.", ckpt, device, dtype)
         quantize_linears(layer, mcfg.quant)
-        quantize_moe_experts(layer, mcfg.quant, method=method)
+        quantize_moe_experts(layer, mcfg.quant, method=method or mcfg.quant.experts_method)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the freed 16-bit copies go back before the next layer
     materialize_(base.norm, "model.norm.", ckpt, _device_of(dmap, "model.norm"), dtype)

@@ -101,7 +101,7 @@ def load_model(mcfg: ModelConfig, *, for_training: bool = False):
     if mcfg.quant.load_in_4bit and mcfg.quant.quantize_experts:
         from phyassist.models.quantize import quantize_moe_experts
 
-        quantize_moe_experts(model, mcfg.quant)
+        quantize_moe_experts(model, mcfg.quant, method=mcfg.quant.experts_method)
     if for_training:
         model.config.use_cache = False
     return model

@@ -29,6 +29,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from phyassist.models.moe_kernels import swiglu_backward_, swiglu_forward
+
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
@@ -87,74 +89,87 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, cou
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 
-def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
-    gate, up = h[:, :inter], h[:, inter:]
-    return torch.nn.functional.silu(gate) * up
+class _MoEExperts(torch.autograd.Function):
+    """The whole routed expert MLP of one layer as one autograd node, frozen 4-bit weights.
 
+    Forward: tokens gathered in expert order, each weight tensor dequantized once, grouped
+    GEMMs, fused SwiGLU with the routing weight folded in, and a gather + sum back to token order.
+    Backward: input and routing-weight gradients only (the 4-bit weights are frozen), with gathers
+    where autograd's indexing would scatter-add, and the down projection's forward never
+    recomputed: ``grad_w = sum(grad_a * a)`` comes out of the SwiGLU backward kernel.
 
-class _GroupedExpertMLP(torch.autograd.Function):
-    """Expert MLP on expert-sorted tokens; frozen 4-bit weights, gradient for the input only.
-
-    Saves the input (and the gate/up activations unless ``recompute``), never the dequantized
-    weights unless ``save_dequantized``; the backward pass dequantizes them again.
+    ``keep_h`` saves the gate/up activations (470 MB per Mixtral layer at 4 x 1024 tokens);
+    otherwise the backward recomputes them with one grouped GEMM and the layer keeps only its
+    input. Dequantized weights are never saved.
     """
 
     @staticmethod
-    def forward(ctx, x, offsets, module, counts, recompute):
+    def forward(ctx, hidden, weights, index, module, keep_h):
+        tokens, k = index.shape
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts_t = torch.bincount(flat, minlength=module.num_experts)
+        offsets = torch.cumsum(counts_t, 0).to(torch.int32)
+        dtype = module.gate_up.quant_state.dtype
+        token_of_row = order // k
+        x = hidden.to(dtype)
+        xs = x.index_select(0, token_of_row)
+        w_row = weights.reshape(-1).index_select(0, order).float()
+        # The loop fallback needs host-side counts (a device sync); the grouped GEMM does not.
+        counts = [0] * module.num_experts if uses_grouped_mm(xs) else counts_t.tolist()
         w1 = module.gate_up.dequantize()  # [E, 2I, H]
+        h = _grouped_matmul(xs, w1.transpose(1, 2), offsets, counts)
+        del w1, xs
+        a = swiglu_forward(h, w_row)
+        if not keep_h:
+            del h
         w2 = module.down.dequantize()  # [E, H, I]
-        h = _grouped_matmul(x, w1.transpose(1, 2), offsets, counts)
-        a = _swiglu(h, module.intermediate_dim)
         y = _grouped_matmul(a, w2.transpose(1, 2), offsets, counts)
-        ctx.module, ctx.counts, ctx.recompute = module, counts, recompute
-        ctx.has_w = module.save_dequantized
+        del w2, a
+        out = y.index_select(0, inverse).view(tokens, k, -1).sum(1)
+        ctx.module, ctx.counts, ctx.keep_h, ctx.k = module, counts, keep_h, k
+        ctx.hidden_dtype, ctx.weights_dtype = hidden.dtype, weights.dtype
         # Through save_for_backward (not ctx attributes) so that gradient checkpointing's
-        # saved-tensor hooks drop them in the first forward pass and keep them only in the recompute.
-        ctx.save_for_backward(x, offsets, *((w1, w2) if ctx.has_w else ()), *(() if recompute else (h,)))
-        return y
+        # saved-tensor hooks manage them.
+        ctx.save_for_backward(x, order, inverse, offsets, w_row, *((h,) if keep_h else ()))
+        return out.to(hidden.dtype)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, offsets, *saved = ctx.saved_tensors
-        module, counts = ctx.module, ctx.counts
-        if ctx.has_w:
-            w1, w2, *saved = saved
-        else:
-            w1, w2 = module.gate_up.dequantize(), module.down.dequantize()
-        h = saved[0] if saved else _grouped_matmul(x, w1.transpose(1, 2), offsets, counts)
-        inter = module.intermediate_dim
-        gate, up = h[:, :inter], h[:, inter:]
-        grad_a = _grouped_matmul(grad_y.to(w2.dtype), w2, offsets, counts)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_gate = grad_a * up * (sig * (1 + gate * (1 - sig)))
-        grad_up = grad_a * silu
-        grad_x = _grouped_matmul(torch.cat([grad_gate, grad_up], dim=1), w1, offsets, counts)
-        return grad_x, None, None, None, None
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` whose backward is the gather ``grad[inverse]`` (autograd's default for
-    indexing is a scatter-add, which profiled as a third of the plain path's step time)."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+    def backward(ctx, grad_out):
+        x, order, inverse, offsets, w_row, *saved = ctx.saved_tensors
+        module, counts, k = ctx.module, ctx.counts, ctx.k
+        token_of_row = order // k
+        w2 = module.down.dequantize()
+        g = grad_out.to(w2.dtype).index_select(0, token_of_row)
+        grad_a = _grouped_matmul(g, w2, offsets, counts)  # gradient of the unweighted activation
+        del w2, g
+        w1 = module.gate_up.dequantize()
+        h = saved[0] if saved else _grouped_matmul(x.index_select(0, token_of_row), w1.transpose(1, 2),
+                                                   offsets, counts)
+        grad_h, grad_w_row = swiglu_backward_(h, grad_a, w_row)
+        del grad_a
+        grad_xs = _grouped_matmul(grad_h, w1, offsets, counts)
+        del w1, grad_h, h
+        tokens = x.shape[0]
+        grad_x = grad_xs.index_select(0, inverse).view(tokens, k, -1).sum(1)
+        grad_w = grad_w_row.index_select(0, inverse).view(tokens, k)
+        return grad_x.to(ctx.hidden_dtype), grad_w.to(ctx.weights_dtype), None, None, None
 
 
 class Quant4bitExperts(nn.Module):
     """Drop-in replacement for transformers' fused experts (``MixtralExperts`` and kin) with
-    NF4 weights. ``forward(hidden_states, top_k_index, top_k_weights)`` as the original."""
+    NF4 weights. ``forward(hidden_states, top_k_index, top_k_weights)`` as the original.
+
+    ``keep_activations``: save the gate/up activations for the backward pass (fastest; right
+    under whole-layer gradient checkpointing, where they live only during the recompute).
+    Off, the backward recomputes them and a layer keeps only its input (right with
+    :func:`phyassist.train.checkpointing.checkpoint_attention_only`).
+    """
 
     def __init__(self, experts: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: torch.dtype | None = None, recompute: bool = False,
-                 save_dequantized: bool = False):
+                 compute_dtype: torch.dtype | None = None, keep_activations: bool = True):
         super().__init__()
         w1, w2 = experts.gate_up_proj, experts.down_proj
         self.num_experts, inter2, self.hidden_dim = w1.shape
@@ -165,28 +180,10 @@ class Quant4bitExperts(nn.Module):
         self.act_name = getattr(getattr(experts, "act_fn", None), "__class__", type(None)).__name__
         if self.act_name not in ("SiLUActivation", "SiLU"):
             raise ValueError(f"Quant4bitExperts supports SiLU-gated experts only, got {self.act_name}")
-        self.recompute = recompute
-        self.save_dequantized = save_dequantized
+        self.keep_activations = keep_activations
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        tokens, k = top_k_index.shape
-        flat_expert = top_k_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts_t = torch.bincount(flat_expert, minlength=self.num_experts)
-        offsets = torch.cumsum(counts_t, 0).to(torch.int32)
-        dtype = self.gate_up.quant_state.dtype
-        # One copy of each token per chosen expert, then sorted by expert. Both moves are
-        # permutations, so their backward passes are gathers too (no scatter-add).
-        x = hidden_states.to(dtype).unsqueeze(1).expand(tokens, k, -1).reshape(tokens * k, -1)
-        x = _PermuteRows.apply(x, order, inverse)
-        # The loop fallback needs host-side counts (a device sync); the grouped GEMM does not.
-        counts = [0] * self.num_experts if uses_grouped_mm(x) else counts_t.tolist()
-        y = _GroupedExpertMLP.apply(x, offsets, self, counts, self.recompute)
-        y = _PermuteRows.apply(y, inverse, order).view(tokens, k, -1)
-        out = (y * top_k_weights.to(y.dtype).unsqueeze(-1)).sum(1)
-        return out.to(hidden_states.dtype)
+        return _MoEExperts.apply(hidden_states, top_k_weights, top_k_index, self, self.keep_activations)
 
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()

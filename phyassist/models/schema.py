@@ -18,6 +18,10 @@ class QuantConfig(Section):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     quantize_experts: bool = Field(
         True, description="Also quantize fused 3-D MoE expert tensors (bitsandbytes skips them).")
+    experts_method: Literal["parametrize", "grouped"] = Field(
+        "parametrize", description="How 4-bit experts run: bitsandbytes' parametrization under "
+        "transformers' experts code, or the kit's grouped-GEMM module with fused SwiGLU "
+        "(phyassist.models.quantize; measured in bench/finetune_mixtral.md).")
 
 
 class ModelConfig(Section):

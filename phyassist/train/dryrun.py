@@ -48,6 +48,7 @@ class Projection:
     num_gpus: int
     per_gpu: list[float] = field(default_factory=list)
     layers_per_gpu: list[int] = field(default_factory=list)
+    checkpointing: bool | str = True  # effective mode (``attention`` falls back to whole layers on dense models)
 
     @property
     def weights_gib(self) -> float:
@@ -171,7 +172,10 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
     dequant_work = (experts * 3 * hidden * inter * act) if (experts and q4) else 0
     layer_work = attn_work + mlp_work + dequant_work
     ckpt = t.gradient_checkpointing
-    boundary = tokens * hidden * act if ckpt else layer_work
+    if ckpt == "attention" and not (experts and q4 and m.quant.quantize_experts and m.quant.experts_method == "grouped"):
+        ckpt = True  # as the trainer does (phyassist.train.checkpointing.resolve_mode)
+    # whole-layer checkpointing keeps each layer's input; attention-only also the MoE input
+    boundary = tokens * hidden * act * (2 if ckpt == "attention" else 1) if ckpt else layer_work
     bytes_w = lambda n, dq: four_bit_bytes(n, dq) if q4 else n * dense_bytes  # noqa: E731
     embed = config.vocab_size * hidden * dense_bytes
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
@@ -185,7 +189,7 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
         boundary_gib_per_layer=boundary / GIB, layer_work_gib=(layer_work if ckpt else 0) / GIB,
         logits_gib=tokens * vocab * (2 + 4 + 4) / GIB, embed_gib=embed / GIB, head_gib=head / GIB,
         micro_batch=bsz, seq_len=seq, cap_gib=parse_gib(m.max_memory_per_gpu),
-        num_gpus=num_gpus or m.num_gpus or 1)
+        num_gpus=num_gpus or m.num_gpus or 1, checkpointing=ckpt)
     proj.layers_per_gpu, proj.per_gpu = proj.split(proj.num_gpus)
     return proj
 
@@ -220,7 +224,7 @@ def report(cfg, proj: Projection) -> str:
         f"trainable (LoRA) {proj.trainable:,}  (r={cfg.train.lora.r}, alpha={cfg.train.lora.alpha}, "
         f"targets {', '.join(cfg.train.lora.target_modules)}{' + router' if cfg.train.lora.target_router else ''})",
         f"micro-batch      {proj.micro_batch} x {proj.seq_len} tokens, gradient checkpointing "
-        f"{'on' if cfg.train.gradient_checkpointing else 'off'}",
+        f"{ {True: 'on', False: 'off', 'attention': 'attention only'}[proj.checkpointing]}",
         "memory projection (GiB)",
         f"  weights, 4-bit without double quant   {proj.weights_4bit_gib:8.2f}",
         f"  weights, 4-bit with double quant      {proj.weights_4bit_dq_gib:8.2f}"
