@@ -196,6 +196,7 @@ class TrainStatus:
     message: str = ""
     started: float = 0.0
     finished: float = 0.0
+    loop_s: float = 0.0  # the optimizer steps alone (trainer.train), without loading and sealing
 
     def text(self) -> str:
         if self.state == "running":
@@ -216,8 +217,14 @@ def progress_callback(status: TrainStatus):
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
+        t0 = 0.0
+
         def on_train_begin(self, args, state, control, **kw):
             status.state, status.max_steps = "running", state.max_steps
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            status.loop_s = time.perf_counter() - self.t0
 
         def on_step_end(self, args, state, control, **kw):
             status.step = state.global_step
@@ -274,15 +281,16 @@ class TrainQueue:
             job.status.finished = time.time()
 
 
-def train_patient_adapter(cfg, job: TrainJob, cipher: Cipher, data_dir: Path) -> Path:
-    """Train with the kit's trainer in a private temp folder, seal the result, wipe the plaintext."""
+def train_patient_adapter(cfg, job: TrainJob, cipher: Cipher, data_dir: Path, model=None, tokenizer=None) -> Path:
+    """Train with the kit's trainer in a private temp folder, seal the result, wipe the plaintext.
+    ``model``/``tokenizer``: a base to train on instead of loading ``cfg.model``."""
     from phyassist.train.trainer import train
 
     tmp_root = Path(data_dir) / ".tmp"
     tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
     work = Path(tempfile.mkdtemp(prefix="train-", dir=tmp_root))
     try:
-        adapter = train(cfg, train_records=job.records, output_dir=work,
+        adapter = train(cfg, train_records=job.records, output_dir=work, model=model, tokenizer=tokenizer,
                         callbacks=[progress_callback(job.status)])
         return seal_adapter(adapter, adapter_folder(data_dir, job.patient_id), cipher, job.patient_id)
     finally:

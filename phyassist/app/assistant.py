@@ -15,11 +15,9 @@ from typing import Any, Callable, Iterator
 from phyassist.app.notes import note_text, patient_summary
 
 SYSTEM = ("You assist a licensed psychological counselor; you never talk to the patient. From what the "
-          "patient said, draft a short analysis with three sections: the symptom type, numbered reasons, "
-          "numbered advice. Example of the format (for another patient):\n"
-          "Symptom type: exam anxiety\nReasons:\n1. Fear of failing the final exams.\n"
-          "2. Little sleep in the weeks before.\nAdvice:\n1. Plan short daily study blocks.\n"
-          "2. Practise a breathing exercise before studying.")
+          "patient said today, draft a short analysis for the counselor in this format:\n"
+          "Symptom type: <a short phrase>\nReasons:\n1. <a reason drawn from what the patient said>\n"
+          "2. <another reason>\nAdvice:\n1. <advice the counselor could give>\n2. <more advice>")
 CHAT_SYSTEM = ("You assist a licensed psychological counselor with professional questions. Be concise and "
                "careful; you are not talking to a patient.")
 ANALYSIS_PREFIX = "Symptom type:"
@@ -141,6 +139,101 @@ def chat_task(message: str) -> str:
     return message
 
 
+class NoteFormatGuard:
+    """A logits processor that keeps an analysis in the note format the app parses: the symptom
+    type on one line, then ``Reasons:`` with numbered items, then ``Advice:`` with numbered items.
+
+    The model writes every line's content freely; the guard acts only where a line ends. It then
+    writes the next line's start itself: the next number while the model wants another item (its
+    most likely next token is a digit or a bullet) and the section has fewer than ``max_items``,
+    else the next section's heading, and after the advice the end of the text. It also keeps lines
+    from being empty or endless (``symptom_tokens``, ``item_tokens``), keeps the end of the text
+    from coming before any advice, and leaves room for the advice within ``max_new_tokens``.
+    Small models (the embedded 135 M default) rarely keep the format unaided; for a model that
+    does, the guard writes what it would have written. Batch size 1.
+    """
+
+    def __init__(self, tokenizer, prompt_len: int, max_new_tokens: int, newline_ids: list[int],
+                 eos_id: int, min_items: int = 2, max_items: int = 4, item_tokens: int = 72):
+        self.tok = tokenizer
+        self.prompt_len = prompt_len
+        self.max_new = max_new_tokens
+        self.newline_ids = newline_ids
+        self.eos_id = eos_id
+        self.min_items, self.max_items, self.item_tokens = min_items, max_items, item_tokens
+        self.symptom_tokens = max(4, min(16, max_new_tokens // 6))
+        self.reserve = max(6, min(48, max_new_tokens // 4))  # tokens kept for the advice
+        self.section, self.items, self.line_len = "symptom", 0, 0
+        self.queue: list[int] = []
+        self.line_start = self.forced_last = self.ends_line = False
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def _wants_item(self, scores) -> bool:
+        top = self.tok.decode([int(scores[0].argmax())]).lstrip()
+        return top[:1].isdigit() or top[:1] in ("-", "*", "\u2022")
+
+    def _observe(self, input_ids) -> None:
+        """Update the line state from the token the model chose last step."""
+        if input_ids.shape[1] <= self.prompt_len or self.forced_last:
+            return
+        piece = self.tok.decode(input_ids[0, -1:], skip_special_tokens=True)
+        if "\n" in piece and not piece.rsplit("\n", 1)[1].strip():
+            self.line_start = True
+        elif piece.strip():  # blanks and special tokens do not make a line non-empty
+            self.line_len += 1
+
+    def _plan(self, remaining: int, scores) -> None:
+        """Queue the tokens to write now, if any."""
+        if self.section == "done":
+            self.queue = [self.eos_id]
+            return
+        if self.line_start:
+            self.line_start = False
+            more = self.items < self.min_items or (self.items < self.max_items and self._wants_item(scores))
+            if self.section == "symptom":
+                self.section, self.items, text = "reasons", 1, "Reasons:\n1."
+            elif self.section == "reasons" and more and remaining > self.reserve + 8:
+                self.items += 1
+                text = f"{self.items}."
+            elif self.section == "reasons":
+                self.section, self.items, text = "advice", 1, "Advice:\n1."
+            elif more and remaining > 8:
+                self.items += 1
+                text = f"{self.items}."
+            else:
+                self.section, self.queue = "done", [self.eos_id]
+                return
+            self.queue = self._encode(text)
+            return
+        cap = self.symptom_tokens if self.section == "symptom" else self.item_tokens
+        low = self.section != "advice" and remaining <= self.reserve
+        if self.line_len > 0 and (self.line_len >= cap or low):
+            self.queue = self._encode("\n")
+            self.ends_line = True
+
+    def __call__(self, input_ids, scores):
+        self._observe(input_ids)
+        self.forced_last = False
+        if not self.queue:
+            self._plan(self.max_new - (input_ids.shape[1] - self.prompt_len), scores)
+        if self.queue:
+            token = self.queue.pop(0)
+            self.forced_last = True
+            if not self.queue:  # written: a line start (the model writes its content) or a line end
+                self.line_len, self.line_start, self.ends_line = 0, self.ends_line, False
+            out = scores.new_full(scores.shape, float("-inf"))
+            out[:, token] = 0.0
+            return out
+        scores = scores.clone()
+        if self.line_len == 0:  # no empty line
+            scores[:, self.newline_ids] = float("-inf")
+        if not (self.section == "advice" and self.line_len > 0):  # no end before an advice item
+            scores[:, self.eos_id] = float("-inf")
+        return scores
+
+
 class StopFlag:
     """A stopping criterion set from another thread (browser closed, session ended)."""
 
@@ -161,16 +254,23 @@ class Generator:
         self.repetition_penalty = repetition_penalty
         self.activate = activate or (lambda patient_id: "base model")
         self.lock = threading.Lock()
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.newline_ids = [i for i, t in enumerate(texts) if "\n" in t]  # for NoteFormatGuard
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        self.eos_id = eos if isinstance(eos, int) else tokenizer.eos_token_id
 
     @property
     def max_positions(self) -> int:
         cfg = getattr(self.model, "config", None)
         return int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
 
-    def stream(self, prompt: str, max_new_tokens: int, patient_id: int | None = None) -> Iterator[str]:
-        """Yield decoded text pieces; the model's adapter is chosen for ``patient_id`` first."""
+    def stream(self, prompt: str, max_new_tokens: int, patient_id: int | None = None,
+               guided: bool = False) -> Iterator[str]:
+        """Yield decoded text pieces; the model's adapter is chosen for ``patient_id`` first.
+        ``guided``: keep an analysis in the note format (:class:`NoteFormatGuard`)."""
         import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
 
         stop = StopFlag()
         with self.lock:
@@ -182,6 +282,10 @@ class Generator:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                             timeout=600)
             errors: list[BaseException] = []
+            guards = LogitsProcessorList()
+            if guided:
+                guards.append(NoteFormatGuard(self.tokenizer, inputs["input_ids"].shape[1], max_new_tokens,
+                                              self.newline_ids, self.eos_id))
 
             def run():
                 try:
@@ -189,6 +293,7 @@ class Generator:
                         self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                             repetition_penalty=self.repetition_penalty, streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([stop]),
+                                            logits_processor=guards,
                                             pad_token_id=self.tokenizer.pad_token_id)
                 except BaseException as exc:  # re-raised in the caller's thread
                     errors.append(exc)
@@ -206,5 +311,6 @@ class Generator:
             if errors:
                 raise errors[0]
 
-    def complete(self, prompt: str, max_new_tokens: int, patient_id: int | None = None) -> str:
-        return "".join(self.stream(prompt, max_new_tokens, patient_id))
+    def complete(self, prompt: str, max_new_tokens: int, patient_id: int | None = None,
+                 guided: bool = False) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, patient_id, guided))

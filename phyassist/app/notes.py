@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import secrets
 from typing import Any
 
 PATIENT_FIELDS: list[tuple[str, str]] = [
@@ -27,6 +28,11 @@ NOTICE = ("Draft for a qualified professional to review, not a diagnosis. The mo
 
 class InputProblem(ValueError):
     """Counselor input that cannot be used; the message says which field and why."""
+
+
+class DraftChanged(InputProblem):
+    """The stored draft changed under a running generation so that its result cannot be applied
+    (the draft was saved, discarded or replaced, or the item was deleted or edited meanwhile)."""
 
 
 def check_text(label: str, text: str | None, max_chars: int, required: bool = True) -> str:
@@ -61,18 +67,23 @@ def patient_label(p: dict[str, Any]) -> str:
 
 
 # --- parsing model output ------------------------------------------------------------------
-_HEAD = r"^\s*[#*_>\-\s]*{name}[*_\s]*[:：]?[*_\s]*"
+_HEAD = r"^\s*[#*_>\-\s]*{name}\b[*_\s]*(?P<colon>[:：])?[*_\s]*"
 _SYMPTOM_RE = re.compile(_HEAD.format(name=r"symptom\s*type") + r"(?P<rest>.*)$", re.I | re.M)
-_REASONS_RE = re.compile(_HEAD.format(name=r"(?:reasons?|analysis)") + r"(?P<rest>.*)$", re.I | re.M)
+_REASONS_RE = re.compile(_HEAD.format(name=r"(?:reasoning|reasons?|analysis)") + r"(?P<rest>.*)$", re.I | re.M)
 _ADVICE_RE = re.compile(_HEAD.format(name=r"(?:advice|suggestions?|recommendations?)") + r"(?P<rest>.*)$",
                         re.I | re.M)
 _ITEM_RE = re.compile(r"^\s*(?:\d+\s*[.)、:]|[-*•])\s*(?P<text>.+?)\s*$")
 
 
-def _items(block: str) -> list[str]:
-    """Numbered or bulleted lines; an unnumbered line continues the previous item."""
+def _items(rest: str, block: str, inline: bool = False) -> list[str]:
+    """Numbered or bulleted lines; an unnumbered line continues the previous item. With
+    ``inline``, text after the heading's colon ("Reasons: lost the job") is the first item."""
     items: list[str] = []
-    for line in block.splitlines():
+    rest = rest.strip(" *_")
+    if inline and rest and not _ITEM_RE.match(rest):
+        items.append(rest)
+        rest = ""
+    for line in [rest, *block.splitlines()]:
         m = _ITEM_RE.match(line)
         if m:
             items.append(m.group("text").strip(" *_"))
@@ -96,10 +107,10 @@ def parse_analysis(text: str) -> dict[str, Any]:
     if sym:
         out["symptom_type"] = sym.group("rest").strip(" *_.")
     if rea:
-        end = adv.start() if adv else len(raw)
-        out["reasons"] = _items(rea.group("rest") + "\n" + raw[rea.end():end])
+        out["reasons"] = _items(rea.group("rest"), raw[rea.end():adv.start() if adv else len(raw)],
+                                bool(rea.group("colon")))
     if adv:
-        out["advice"] = _items(adv.group("rest") + "\n" + raw[adv.end():])
+        out["advice"] = _items(adv.group("rest"), raw[adv.end():], bool(adv.group("colon")))
     missing = [name for name, ok in (("symptom type", out["symptom_type"]), ("numbered reasons", out["reasons"]),
                                      ("numbered advice", out["advice"])) if not ok]
     out["ok"] = not missing
@@ -118,13 +129,39 @@ def parse_item(text: str) -> str:
 
 
 # --- drafts ----------------------------------------------------------------------------------
+# A draft: {"draft_id", "question", "symptom_type": item, "reasons": [item], "advice": [item], "raw",
+# "parse_ok", "parse_problem", "context_report", "created_at"} plus "version" (set by the store on
+# every save). An item is {"id", "text", "comment"}; the id is stable while the item lives, so a
+# change made while the model was writing can be told apart from the model's own result.
+def new_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _item(text: str, comment: str = "") -> dict[str, str]:
+    return {"id": new_id(), "text": text, "comment": comment}
+
+
 def new_draft(question: str, parsed: dict[str, Any], context_report: str = "") -> dict[str, Any]:
-    return {"question": question, "symptom_type": {"text": parsed["symptom_type"], "comment": ""},
-            "reasons": [{"text": t, "comment": ""} for t in parsed["reasons"]],
-            "advice": [{"text": t, "comment": ""} for t in parsed["advice"]],
+    return {"draft_id": secrets.token_hex(8), "question": question, "symptom_type": _item(parsed["symptom_type"]),
+            "reasons": [_item(t) for t in parsed["reasons"]],
+            "advice": [_item(t) for t in parsed["advice"]],
             "raw": parsed["raw"], "parse_ok": parsed["ok"], "parse_problem": parsed["problem"],
             "context_report": context_report,
             "created_at": dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def with_ids(draft: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Copy of a draft where every item has an id. Drafts stored before ids existed get ids from
+    their positions, the same on every read until the draft is saved with them."""
+    if draft is None:
+        return None
+    d = json.loads(json.dumps(draft))
+    d.setdefault("draft_id", "legacy")
+    d["symptom_type"].setdefault("id", "s")
+    for key in ("reasons", "advice"):
+        for i, item in enumerate(d[key]):
+            item.setdefault("id", f"{key[0]}{i}")
+    return d
 
 
 def item_refs(draft: dict[str, Any] | None) -> list[str]:
@@ -154,6 +191,19 @@ def get_item(draft: dict[str, Any], ref: str) -> dict[str, str]:
     return draft[key] if idx is None else draft[key][idx]
 
 
+def ref_of(draft: dict[str, Any] | None, item_id: str) -> str | None:
+    """The current ref ('reason 2') of the item with ``item_id``, or None if it is gone."""
+    if not draft:
+        return None
+    if draft["symptom_type"].get("id") == item_id:
+        return "symptom type"
+    for key, kind in (("reasons", "reason"), ("advice", "advice")):
+        for i, item in enumerate(draft[key], 1):
+            if item.get("id") == item_id:
+                return f"{kind} {i}"
+    return None
+
+
 def set_item(draft: dict[str, Any], ref: str, text: str | None = None, comment: str | None = None) -> dict:
     """Copy of the draft with the item's text and/or comment replaced."""
     d = json.loads(json.dumps(draft))
@@ -171,7 +221,7 @@ def add_item(draft: dict[str, Any], kind: str, text: str, comment: str = "") -> 
         raise InputProblem(f"items can be added as {' or '.join(LIST_KINDS)}, not {kind!r}")
     d = json.loads(json.dumps(draft))
     key = "reasons" if kind == "reason" else "advice"
-    d[key].append({"text": text, "comment": comment})
+    d[key].append(_item(text, comment))
     return d, f"{kind} {len(d[key])}"
 
 
@@ -179,10 +229,43 @@ def delete_item(draft: dict[str, Any], ref: str) -> dict:
     d = json.loads(json.dumps(draft))
     key, idx = _locate(d, ref)
     if idx is None:
-        d[key] = {"text": "", "comment": ""}
+        d[key] = {"id": d[key].get("id") or new_id(), "text": "", "comment": ""}
     else:
         del d[key][idx]
     return d
+
+
+def _content(item: dict[str, Any]) -> tuple[str, str]:
+    return item.get("text", ""), item.get("comment", "")
+
+
+def changed_items(base: dict[str, Any], latest: dict[str, Any]) -> set[str]:
+    """Ids of the items of ``latest`` that are new or edited (text or comment) since ``base``."""
+    before = {it["id"]: _content(it) for it in [base["symptom_type"], *base["reasons"], *base["advice"]]}
+    return {it["id"] for it in [latest["symptom_type"], *latest["reasons"], *latest["advice"]]
+            if before.get(it["id"]) != _content(it)}
+
+
+def merge_regenerated(base: dict[str, Any], latest: dict[str, Any], new: dict[str, Any]) -> tuple[dict, list[str]]:
+    """The regenerated draft ``new`` (written from ``base``) merged with ``latest``, the stored draft
+    once the model finished. Items the counselor edited or added after the regeneration started
+    are kept: an edited symptom type replaces the model's, edited or added reasons and advice are
+    appended after the model's. Items deleted meanwhile stay deleted (the model's list replaces the
+    old one). Returns the merged draft and the refs, in it, of the kept items."""
+    touched = changed_items(base, latest)
+    out = json.loads(json.dumps(new))
+    out["draft_id"] = latest.get("draft_id", out.get("draft_id"))
+    kept: list[str] = []
+    sym = latest["symptom_type"]
+    if sym["id"] in touched and sym["text"].strip():
+        out["symptom_type"] = json.loads(json.dumps(sym))
+        kept.append("symptom type")
+    for key, kind in (("reasons", "reason"), ("advice", "advice")):
+        for item in latest[key]:
+            if item["id"] in touched:
+                out[key].append(json.loads(json.dumps(item)))
+                kept.append(f"{kind} {len(out[key])}")
+    return out, kept
 
 
 def draft_to_note(draft: dict[str, Any], author: str, date: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,9 @@ class AppConfig(Section):
     max_new_tokens: int = Field(192, gt=0, description="Tokens drafted per analysis / chat reply.")
     item_max_new_tokens: int = Field(64, gt=0, description="Tokens for regenerating one draft item.")
     repetition_penalty: float = Field(1.15, ge=1.0)
+    guided_format: bool = Field(True, description="Keep analyses in the note format (symptom type, numbered "
+                                                  "reasons, numbered advice) by writing each line's start for "
+                                                  "the model; off: the model writes freely and the parser copes.")
     context_tokens: int = Field(2048, gt=128, description="Prompt + answer tokens used (capped by the model's).")
     context_notes: int = Field(5, ge=0, description="Most recent notes offered as context (budget permitting).")
     max_input_chars: int = Field(4000, gt=0, description="Longest accepted text from the counselor.")

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from phyassist.app import notes as N
 from phyassist.app.adapters import (AdapterBank, AdapterLimit, TrainJob, TrainQueue, adapter_folder,
@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AnalysisUpdate:
-    """One step of a streamed analysis: the text so far, and at the end the parsed draft."""
+    """One step of a streamed analysis: the text so far, and at the end the draft as stored
+    (``final``; ``ok`` False when the result could not be used as asked: unparsed text, a draft that
+    changed meanwhile)."""
 
     text: str
     draft: dict[str, Any] | None = None
     message: str = ""
+    ok: bool = True
+    final: bool = False
 
 
 def resolve_data_dir(cfg, data_dir: str | None = None) -> Path:
@@ -61,12 +65,19 @@ def patient_training_config(cfg, patient_id: int):
 
 
 class CounselorService:
-    def __init__(self, cfg, store: Store, generator: Generator | None, bank: AdapterBank | None):
+    """``train_base`` (optional): a function of a patient's training config returning a fresh base
+    model to train that patient's adapter on, and ``train_tokenizer`` its tokenizer; by default the
+    kit's trainer loads ``cfg.model`` for every job (benchmarks pass a randomly initialised model)."""
+
+    def __init__(self, cfg, store: Store, generator: Generator | None, bank: AdapterBank | None, *,
+                 train_base: Callable[[Any], Any] | None = None, train_tokenizer=None):
         self.cfg = cfg
         self.a = cfg.app
         self.store = store
         self.generator = generator
         self.bank = bank
+        self.train_base = train_base
+        self.train_tokenizer = train_tokenizer
         self.trainer = TrainQueue(self._run_training)
 
     @classmethod
@@ -135,40 +146,73 @@ class CounselorService:
         prompt, report = self._prompt(user, patient_id, analysis_task(said), ANALYSIS_PREFIX, self.a.max_new_tokens)
         text = ANALYSIS_PREFIX
         yield AnalysisUpdate(text, message=f"Context: {report.text()}")
-        for piece in self._require_model().stream(prompt, self.a.max_new_tokens, patient_id):
+        for piece in self._require_model().stream(prompt, self.a.max_new_tokens, patient_id,
+                                                  guided=self.a.guided_format):
             text += piece
             yield AnalysisUpdate(text)
         parsed = N.parse_analysis(text)
-        draft = N.new_draft(said, parsed, report.text())
-        self.store.save_draft(user, patient_id, draft)
+        draft = self.store.save_draft(user, patient_id, N.new_draft(said, parsed, report.text()))
         msg = ("Draft ready: review, edit and save." if parsed["ok"] else
                f"The model's text could not be split into items ({parsed['problem']}); the raw text is kept "
                "in the draft. Add items by hand or regenerate.")
-        yield AnalysisUpdate(text, draft, msg)
+        yield AnalysisUpdate(text, draft, msg, ok=parsed["ok"], final=True)
+
+    @staticmethod
+    def _same_draft(base: dict[str, Any], latest: dict[str, Any] | None, what: str) -> dict[str, Any]:
+        """``latest`` if it is still the draft ``base`` was read from, else DraftChanged."""
+        if latest is None:
+            raise N.DraftChanged(f"the draft was saved or discarded while {what}; the model's text was not stored")
+        latest = N.with_ids(latest)
+        if latest.get("draft_id") != base.get("draft_id") or latest["question"] != base["question"]:
+            raise N.DraftChanged(f"a new analysis replaced the draft while {what}; the model's text was not stored")
+        return latest
 
     def regenerate_all(self, user: str, patient_id: int) -> Iterator[AnalysisUpdate]:
-        draft = self._draft(user, patient_id)
-        prompt, report = self._prompt(user, patient_id, regenerate_all_task(draft), ANALYSIS_PREFIX,
+        """Rewrite the whole draft from its edits and comments. Edits made while the model writes
+        (this session or another) are merged in, not overwritten: see :func:`notes.merge_regenerated`."""
+        base = self._draft(user, patient_id)
+        prompt, report = self._prompt(user, patient_id, regenerate_all_task(base), ANALYSIS_PREFIX,
                                       self.a.max_new_tokens)
         text = ANALYSIS_PREFIX
-        for piece in self._require_model().stream(prompt, self.a.max_new_tokens, patient_id):
+        for piece in self._require_model().stream(prompt, self.a.max_new_tokens, patient_id,
+                                                  guided=self.a.guided_format):
             text += piece
             yield AnalysisUpdate(text)
         parsed = N.parse_analysis(text)
-        if not parsed["ok"]:
-            draft = dict(draft, raw=parsed["raw"])
-            self.store.save_draft(user, patient_id, draft)
-            yield AnalysisUpdate(text, draft, f"Regenerated text could not be split into items "
-                                              f"({parsed['problem']}); your items are unchanged, the raw text is kept.")
+        what = "it was regenerating"
+        kept: list[str] = []
+
+        def apply(latest):
+            latest = self._same_draft(base, latest, what)
+            if not parsed["ok"]:
+                return dict(latest, raw=parsed["raw"])
+            new = N.new_draft(base["question"], parsed, report.text())
+            if latest.get("version") == base.get("version"):
+                return dict(new, draft_id=base["draft_id"])
+            merged, keep = N.merge_regenerated(base, latest, new)
+            kept.extend(keep)
+            return merged
+
+        try:
+            stored = self.store.update_draft(user, patient_id, apply)
+        except N.DraftChanged as exc:
+            yield AnalysisUpdate(text, self.get_draft(user, patient_id), f"Regenerated, but {exc}.", ok=False,
+                                 final=True)
             return
-        new = N.new_draft(draft["question"], parsed, report.text())
-        self.store.save_draft(user, patient_id, new)
-        yield AnalysisUpdate(text, new, "Draft regenerated with your edits and comments.")
+        if not parsed["ok"]:
+            yield AnalysisUpdate(text, stored, f"Regenerated text could not be split into items ({parsed['problem']}); "
+                                               "your items are unchanged, the raw text is kept.", ok=False, final=True)
+            return
+        msg = "Draft regenerated with your edits and comments."
+        if kept:
+            msg += (f" Changes made while it was regenerating were kept: {', '.join(kept)} (check them against "
+                    "the new items).")
+        yield AnalysisUpdate(text, stored, msg, final=True)
 
     def regenerate_item(self, user: str, patient_id: int, ref: str) -> Iterator[AnalysisUpdate]:
-        draft = self._draft(user, patient_id)
-        N.get_item(draft, ref)  # validates the ref before any generation
-        prompt, _ = self._prompt(user, patient_id, regenerate_item_task(draft, ref), item_prefix(ref),
+        base = self._draft(user, patient_id)
+        before = N.get_item(base, ref)  # validates the ref before any generation
+        prompt, _ = self._prompt(user, patient_id, regenerate_item_task(base, ref), item_prefix(ref),
                                  self.a.item_max_new_tokens)
         text = ""
         for piece in self._require_model().stream(prompt, self.a.item_max_new_tokens, patient_id):
@@ -176,50 +220,79 @@ class CounselorService:
             yield AnalysisUpdate(text)
         new_text = N.parse_item(text)
         if not new_text:
-            yield AnalysisUpdate(text, draft, f"The model returned no text for {ref}; it is unchanged.")
+            yield AnalysisUpdate(text, self.get_draft(user, patient_id),
+                                 f"The model returned no text for {ref}; it is unchanged.", ok=False, final=True)
             return
-        latest = self._draft(user, patient_id)  # keep edits made while the model was writing
-        draft = N.set_item(latest if ref in N.item_refs(latest) else draft, ref, text=new_text)
-        self.store.save_draft(user, patient_id, draft)
-        yield AnalysisUpdate(text, draft, f"{ref} regenerated.")
+        where: list[str] = []
+
+        def apply(latest):  # the item is found by its id: other items may have moved meanwhile
+            latest = self._same_draft(base, latest, f"{ref} was regenerating")
+            now = N.ref_of(latest, before["id"])
+            if now is None:
+                raise N.DraftChanged(f"{ref} was deleted while it was regenerating; the model's text was not stored")
+            if N.get_item(latest, now)["text"] != before["text"]:
+                raise N.DraftChanged(f"{ref} was edited while it was regenerating; your edit is kept")
+            where.append(now)
+            return N.set_item(latest, now, text=new_text)
+
+        try:
+            stored = self.store.update_draft(user, patient_id, apply)
+        except N.DraftChanged as exc:
+            yield AnalysisUpdate(text, self.get_draft(user, patient_id), f"Not applied: {exc}.", ok=False, final=True)
+            return
+        moved = f" (now {where[0]})" if where[0] != ref else ""
+        yield AnalysisUpdate(text, stored, f"{ref} regenerated{moved}.", final=True)
 
     # --- drafts --------------------------------------------------------------------------
     def _draft(self, user: str, patient_id: int) -> dict[str, Any]:
-        draft = self.store.get_draft(user, patient_id)
+        draft = self.get_draft(user, patient_id)
         if draft is None:
             raise N.InputProblem("this patient has no draft: run Analyze first")
         return draft
 
     def get_draft(self, user: str, patient_id: int) -> dict[str, Any] | None:
-        return self.store.get_draft(user, patient_id)
+        return N.with_ids(self.store.get_draft(user, patient_id))
+
+    def _change_draft(self, user: str, patient_id: int, change) -> dict[str, Any]:
+        """Apply ``change`` to the stored draft atomically (a concurrent change is never lost)."""
+        def apply(current):
+            if current is None:
+                raise N.InputProblem("this patient has no draft: run Analyze first")
+            return change(N.with_ids(current))
+        return self.store.update_draft(user, patient_id, apply)
 
     def edit_item(self, user: str, patient_id: int, ref: str, text: str | None, comment: str | None) -> dict:
         lim = self.a.max_input_chars
-        draft = N.set_item(self._draft(user, patient_id), ref,
-                           None if text is None else N.check_text("Item text", text, lim, required=False),
-                           None if comment is None else N.check_text("Comment", comment, lim, required=False))
-        self.store.save_draft(user, patient_id, draft)
-        return draft
+        text = None if text is None else N.check_text("Item text", text, lim, required=False)
+        comment = None if comment is None else N.check_text("Comment", comment, lim, required=False)
+        return self._change_draft(user, patient_id, lambda d: N.set_item(d, ref, text, comment))
 
     def add_item(self, user: str, patient_id: int, kind: str, text: str, comment: str = "") -> tuple[dict, str]:
         lim = self.a.max_input_chars
-        draft = self.store.get_draft(user, patient_id) or N.new_draft(
-            "", {"symptom_type": "", "reasons": [], "advice": [], "raw": "", "ok": True, "problem": ""})
-        draft, ref = N.add_item(draft, kind, N.check_text("Item text", text, lim),
-                                N.check_text("Comment", comment, lim, required=False))
-        self.store.save_draft(user, patient_id, draft)
-        return draft, ref
+        text = N.check_text("Item text", text, lim)
+        comment = N.check_text("Comment", comment, lim, required=False)
+        refs: list[str] = []
+
+        def apply(current):
+            draft = N.with_ids(current) or N.new_draft(
+                "", {"symptom_type": "", "reasons": [], "advice": [], "raw": "", "ok": True, "problem": ""})
+            draft, ref = N.add_item(draft, kind, text, comment)
+            refs.append(ref)
+            return draft
+
+        return self.store.update_draft(user, patient_id, apply), refs[-1]
 
     def delete_item(self, user: str, patient_id: int, ref: str) -> dict:
-        draft = N.delete_item(self._draft(user, patient_id), ref)
-        self.store.save_draft(user, patient_id, draft)
-        return draft
+        return self._change_draft(user, patient_id, lambda d: N.delete_item(d, ref))
 
     def discard_draft(self, user: str, patient_id: int) -> None:
         self.store.save_draft(user, patient_id, None)
 
     def save_draft_as_note(self, user: str, patient_id: int) -> int:
-        note = N.draft_to_note(self._draft(user, patient_id), user)
+        def note(current):
+            if current is None:
+                raise N.InputProblem("this patient has no draft: run Analyze first")
+            return N.draft_to_note(current, user)
         return self.store.commit_draft(user, patient_id, note)
 
     # --- training ------------------------------------------------------------------------
@@ -240,7 +313,8 @@ class CounselorService:
         pid = int(self.store.get_patient(user, patient_id)["id"])
         if self.store.adapter_for(pid) is None and self.store.adapter_count() >= self.a.max_adapters:
             raise AdapterLimit(f"adapter limit reached ({self.a.max_adapters}, setting app.max_adapters)")
-        records = self.training_records(user, pid, load_tokenizer(self.cfg.model, padding_side="right"))
+        tokenizer = self.train_tokenizer or load_tokenizer(self.cfg.model, padding_side="right")
+        records = self.training_records(user, pid, tokenizer)
         if len(records) < self.a.min_train_notes:
             raise AdapterLimit(f"patient #{pid} has {len(records)} saved note(s); training needs at least "
                                f"{self.a.min_train_notes} (setting app.min_train_notes)")
@@ -249,7 +323,9 @@ class CounselorService:
 
     def _run_training(self, job: TrainJob) -> str:
         cfg = patient_training_config(self.cfg, job.patient_id)
-        folder = train_patient_adapter(cfg, job, self.store.cipher, self.store.data_dir)
+        model = self.train_base(cfg) if self.train_base is not None else None
+        folder = train_patient_adapter(cfg, job, self.store.cipher, self.store.data_dir, model=model,
+                                       tokenizer=self.train_tokenizer)
         self.store.record_adapter(job.user, job.patient_id, str(folder.relative_to(self.store.data_dir)),
                                   len(job.records))
         if self.bank is not None:

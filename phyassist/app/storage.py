@@ -9,10 +9,11 @@ in one transaction: a crash loses nothing committed before, and concurrent saves
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import (ForeignKey, Integer, LargeBinary, String, create_engine, event, func, inspect,
                         select)
@@ -180,8 +181,11 @@ class Store:
     def _audit(self, s: Session, user: str, action: str, target: str) -> None:
         s.add(AuditEntry(username=user, action=action, target=target))
 
-    def _patient(self, s: Session, patient_id: int) -> Patient:
-        row = s.get(Patient, int(patient_id)) if str(patient_id).lstrip("-").isdigit() else None
+    def _patient(self, s: Session, patient_id: int, lock: bool = False) -> Patient:
+        """The patient's row; ``lock`` holds it until the transaction ends (PostgreSQL: FOR UPDATE;
+        SQLite's BEGIN IMMEDIATE already serializes writers)."""
+        ok = str(patient_id).lstrip("-").isdigit()
+        row = s.get(Patient, int(patient_id), with_for_update=lock or None) if ok else None
         if row is None:
             raise UnknownPatient(f"unknown patient id {patient_id!r}")
         return row
@@ -257,22 +261,35 @@ class Store:
             return [dict(self.cipher.decrypt_json(r.data, f"note:{p.id}"), id=r.id) for r in rows]
 
     # --- drafts --------------------------------------------------------------------------
-    def save_draft(self, user: str, patient_id: int, draft: dict[str, Any] | None) -> None:
-        """Store the patient's working draft (``None`` discards it)."""
+    def update_draft(self, user: str, patient_id: int,
+                     change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Read, change and write the patient's draft in one transaction with the patient locked, so
+        concurrent changes (two sessions, an edit during a generation) queue instead of overwriting
+        each other. ``change`` gets the stored draft (None if there is none) and returns the new one
+        (None discards it); an exception from it leaves everything as it was. Every stored draft
+        carries ``version``, one more than the draft it replaced. Returns what was stored."""
         with self._session.begin() as s:
-            p = self._patient(s, patient_id)
+            p = self._patient(s, patient_id, lock=True)
             row = s.get(Draft, p.id)
+            current = None if row is None else self.cipher.decrypt_json(row.data, f"draft:{p.id}")
+            draft = change(copy.deepcopy(current))
             if draft is None:
                 if row is not None:
                     s.delete(row)
                 self._audit(s, user, "discard_draft", f"patient:{p.id}")
-                return
+                return None
+            draft = dict(draft, version=int((current or {}).get("version", 0)) + 1)
             blob = self.cipher.encrypt_json(draft, f"draft:{p.id}")
             if row is None:
                 s.add(Draft(patient_id=p.id, data=blob))
             else:
                 row.data, row.updated_at = blob, _now()
             self._audit(s, user, "save_draft", f"patient:{p.id}")
+            return draft
+
+    def save_draft(self, user: str, patient_id: int, draft: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Store the patient's working draft as given (``None`` discards it)."""
+        return self.update_draft(user, patient_id, lambda _current: draft)
 
     def get_draft(self, user: str, patient_id: int) -> dict[str, Any] | None:
         with self._session.begin() as s:
@@ -281,13 +298,18 @@ class Store:
             self._audit(s, user, "read_draft", f"patient:{p.id}")
             return None if row is None else self.cipher.decrypt_json(row.data, f"draft:{p.id}")
 
-    def commit_draft(self, user: str, patient_id: int, note: dict[str, Any]) -> int:
-        """Write the note and drop the draft in one transaction: never both, never neither."""
+    def commit_draft(self, user: str, patient_id: int,
+                     note: dict[str, Any] | Callable[[dict[str, Any] | None], dict[str, Any]]) -> int:
+        """Write the note and drop the draft in one transaction: never both, never neither. ``note``
+        may be a function of the stored draft, called with the patient locked, so an edit that
+        lands just before the save is in the note rather than lost."""
         with self._session.begin() as s:
-            p = self._patient(s, patient_id)
+            p = self._patient(s, patient_id, lock=True)
+            draft = s.get(Draft, p.id)
+            if callable(note):
+                note = note(None if draft is None else self.cipher.decrypt_json(draft.data, f"draft:{p.id}"))
             row = Note(patient_id=p.id, data=self.cipher.encrypt_json(note, f"note:{p.id}"))
             s.add(row)
-            draft = s.get(Draft, p.id)
             if draft is not None:
                 s.delete(draft)
             s.flush()

@@ -264,12 +264,11 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
         # --- analysis and draft ----------------------------------------------------------
         def stream_updates(updates, pid, user):
             for u in updates:
-                if u.draft is None:
+                if not u.final:
                     yield u.text, gr.update(), gr.update(), gr.update(), _status(u.message or "generating…")
                 else:
                     md, picker = draft_view(u.draft)
-                    yield u.text, md, picker, gr.update(), _status(u.message, ok="could not" not in u.message
-                                                                   and "no text" not in u.message)
+                    yield u.text, md, picker, gr.update(), _status(u.message, ok=u.ok)
 
         def do_analyze(pid, text, request: gr.Request):
             pid, user = _pid(pid), _user(request)
