@@ -17,7 +17,7 @@ COMMANDS = {"/exit": "quit", "/quit": "quit", "/reset": "clear the conversation"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapters", default="", help="comma-separated adapter folders, stacked in order "
-                        "(e.g. runs/covid/sft/best_adapter,runs/covid/rl/adapter)")
+                        "(e.g. runs/covid/sft/adapter,runs/covid/rl/adapter)")
     parser.add_argument("--system", default=None, help="system prompt (default: data.system_prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: evaluate.max_new_tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -20,8 +20,10 @@ def covid_run(tmp_path_factory):
 
 def test_covid_chain_writes_every_artifact(covid_run):
     out = covid_run
-    for step in ("sft/best_adapter", "sft/adapter", "reward/adapter", "rl/adapter"):
+    for step in ("sft/adapter", "reward/adapter", "rl/adapter"):
         assert (out / step / "adapter_config.json").exists(), step
+    sft = json.loads((out / "sft/adapter/phyassist_train.json").read_text())
+    assert sft["weights"] == "best" and sft["best_checkpoint"].startswith("checkpoint-")  # lowest eval loss
     for img in ("sft_loss", "reward_loss", "rl_reward", "rl_kl", "covid_length"):
         assert (out / "images" / f"{img}.png").read_bytes()[:4] == b"\x89PNG", img
     assert (out / "config.resolved.yaml").exists()

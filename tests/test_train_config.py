@@ -16,3 +16,31 @@ def test_study_hyperparameters_reach_trl(tmp_path):
     assert (args.learning_rate, args.max_grad_norm, args.max_steps, args.save_steps) == (2e-4, 0.3, 660, 20)
     assert args.gradient_accumulation_steps == 4 and args.per_device_train_batch_size == 4
     assert args.warmup_steps == 0.03 and getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "constant"
+
+
+def test_load_best_model_at_end_reaches_trl_only_with_evaluation(tmp_path):
+    import pytest
+
+    from phyassist.train.trainer import TrainSetupError
+
+    cfg = load_config("smoke", ["train.eval_steps=5", "train.save_steps=10", "train.load_best_model_at_end=true"])
+    args = sft_config(cfg, tmp_path, has_eval=True)
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+    assert args.greater_is_better is False  # a loss: lower is better
+    assert not sft_config(cfg, tmp_path, has_eval=False).load_best_model_at_end
+    assert not sft_config(load_config("smoke", ["train.eval_steps=5", "train.save_steps=10"]), tmp_path,
+                          has_eval=True).load_best_model_at_end  # off by default
+    bad = load_config("smoke", ["train.eval_steps=4", "train.save_steps=10", "train.load_best_model_at_end=true"])
+    with pytest.raises(TrainSetupError, match="multiple of train.eval_steps"):
+        sft_config(bad, tmp_path, has_eval=True)
+
+
+def test_recipes_keep_the_best_sft_checkpoint():
+    import pytest
+
+    from phyassist.config import ConfigError
+
+    for name in ("recipes/covid", "recipes/covid-smoke", "recipes/soulchat-llama3.2", "recipes/soulchat-smoke"):
+        assert load_config(name).train.load_best_model_at_end, name
+    with pytest.raises(ConfigError, match="train.load_best_model_at_end"):
+        load_config("recipes/covid", ["recipe.sft_load_best=true"])

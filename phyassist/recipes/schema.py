@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from phyassist.schema_base import Section
 
@@ -111,9 +111,8 @@ class RecipeConfig(Section):
     lang: Literal["zh", "en"] = "zh"
     data: DialogueDataConfig = Field(default_factory=DialogueDataConfig)
     preference: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
-    sft_load_best: bool = Field(True, description="Keep the adapter with the lowest validation loss "
-                                  "(evaluated every train.eval_steps) as <out>/sft/best_adapter and use it.")
-    sft_adapter: Optional[str] = Field(None, description="Use this SFT adapter instead of <out>/sft/adapter.")
+    sft_adapter: Optional[str] = Field(None, description="Use this SFT adapter instead of <out>/sft/adapter "
+                                       "(the best checkpoint's with train.load_best_model_at_end).")
     reward: RewardConfig = Field(default_factory=RewardConfig)
     reward_adapter: Optional[str] = Field(None, description="Use this reward adapter instead of "
                                           "<out>/reward/adapter.")
@@ -121,3 +120,11 @@ class RecipeConfig(Section):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     images_dir: Optional[str] = Field(None, description="Where plots go; None: <output_dir>/images "
                                       "(the committed results use images/recipes/<run>).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        if isinstance(data, dict) and "sft_load_best" in data:
+            raise ValueError("recipe.sft_load_best was replaced by train.load_best_model_at_end (one switch for "
+                             "every SFT run: the lowest-eval-loss checkpoint is kept and becomes <out>/sft/adapter)")
+        return data

@@ -1,5 +1,10 @@
 """A recipe's SFT step: the kit's trainer (:func:`phyassist.train.trainer.train`) on chat records,
-evaluated every ``train.eval_steps`` on the held-out validation split, keeping the best adapter.
+evaluated every ``train.eval_steps`` on the held-out validation split.
+
+The best checkpoint is kept the one way the trainer keeps it: ``train.load_best_model_at_end``
+(lowest ``train.metric_for_best_model``, eval loss by default). The best checkpoint is never rotated
+out by ``train.save_total_limit`` and training ends with its weights, so ``<out>/sft/adapter`` IS the
+best adapter; its ``phyassist_train.json`` names the checkpoint and the metric.
 """
 
 from __future__ import annotations
@@ -7,31 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from phyassist.io import atomic_write_json
-from phyassist.recipes.common import images_dir, save_folder, step_dir
-
-
-class BestAdapterCallback(TrainerCallback):
-    """After each evaluation, save the adapter when the validation loss is the lowest so far.
-
-    The best loss is kept in ``best.json`` beside the adapter so a resumed run compares against it.
-    """
-
-    def __init__(self, folder: Path, metric: str = "eval_loss"):
-        self.folder, self.metric = Path(folder), metric
-        meta = self.folder.with_name(self.folder.name + ".json")
-        self.meta_path = meta
-        self.best = json.loads(meta.read_text())["value"] if meta.exists() else float("inf")
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        value = (metrics or {}).get(self.metric)
-        if value is None or model is None or value >= self.best:
-            return
-        self.best = value
-        save_folder(self.folder, model.save_pretrained)
-        atomic_write_json(self.meta_path, {"metric": self.metric, "value": value, "step": state.global_step})
+from phyassist.recipes.common import images_dir, step_dir
 
 
 def chat_records(records: list[dict]) -> list[dict]:
@@ -39,12 +20,19 @@ def chat_records(records: list[dict]) -> list[dict]:
 
 
 def sft_adapter_path(cfg) -> Path:
-    """The adapter later steps use: recipe.sft_adapter, else the best one, else the final one."""
+    """The adapter later steps use: recipe.sft_adapter, else <out>/sft/adapter (the best one when
+    train.load_best_model_at_end is on)."""
     if cfg.recipe.sft_adapter:
         return Path(cfg.recipe.sft_adapter)
-    out = step_dir(cfg, "sft")
-    best = out / "best_adapter"
-    return best if cfg.recipe.sft_load_best and (best / "adapter_config.json").exists() else out / "adapter"
+    return step_dir(cfg, "sft") / "adapter"
+
+
+def adapter_info(adapter: Path) -> dict:
+    """What the trainer recorded about an adapter: weights (best/final), best checkpoint and metric."""
+    from phyassist.train.trainer import RUN_META
+
+    meta = Path(adapter) / RUN_META
+    return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
 
 
 def train_sft(cfg, train_records: list[dict], val_records: list[dict]) -> Path:
@@ -53,13 +41,13 @@ def train_sft(cfg, train_records: list[dict], val_records: list[dict]) -> Path:
     from phyassist.train.trainer import train
 
     out = step_dir(cfg, "sft")
-    callbacks = []
     evaluating = bool(val_records) and cfg.train.eval_steps
-    if evaluating and cfg.recipe.sft_load_best:
-        callbacks.append(BestAdapterCallback(out / "best_adapter"))
-    train(cfg, train_records=chat_records(train_records),
-          eval_records=chat_records(val_records) if evaluating else None, output_dir=out, callbacks=callbacks)
+    adapter = train(cfg, train_records=chat_records(train_records),
+                    eval_records=chat_records(val_records) if evaluating else None, output_dir=out)
     history = read_history(out / "checkpoints" / "trainer_state.json")  # includes resumed steps
     plot_curves(history, {"loss": "train loss", "eval_loss": "validation loss"},
                 f"SFT loss ({cfg.name})", images_dir(cfg) / "sft_loss.png", "loss")
+    info = adapter_info(adapter)
+    print(f"[recipe] sft adapter: {info.get('weights', 'final')} weights (best checkpoint "
+          f"{info.get('best_checkpoint')}, {cfg.train.metric_for_best_model} {info.get('best_metric')})", flush=True)
     return sft_adapter_path(cfg)

@@ -43,6 +43,14 @@ class TrainConfig(Section):
     bf16: bool = True
     resume: bool = Field(True, description="Continue from the last checkpoint in the output folder.")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate on val.jsonl every N steps (None: never).")
+    load_best_model_at_end: bool = Field(
+        False, description="With eval_steps: the checkpoint with the best metric_for_best_model is never "
+        "rotated out by save_total_limit, and training ends with its weights, so <out>/adapter is the best "
+        "adapter (save_steps must be a multiple of eval_steps).")
+    metric_for_best_model: str = Field("eval_loss", description="Logged evaluation metric that picks the best "
+                                       "checkpoint (load_best_model_at_end).")
+    greater_is_better: Optional[bool] = Field(None, description="None: lower is better for a metric ending "
+                                              "in 'loss', higher otherwise.")
     max_eval_records: int = Field(200, gt=0, description="Cap on validation records (evaluation costs time).")
     dataloader_num_workers: int = Field(0, ge=0)
     check_memory: bool = Field(True, description="Refuse to start when the projection exceeds GPU memory.")

@@ -160,6 +160,11 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
 
     t = cfg.train
     use_cuda = torch.cuda.is_available() and cfg.model.device_map != "cpu"
+    evaluating = bool(has_eval and t.eval_steps)
+    best = evaluating and t.load_best_model_at_end  # without evaluation there is no best to keep
+    if best and t.save_steps % t.eval_steps:
+        raise TrainSetupError(f"train.load_best_model_at_end needs train.save_steps ({t.save_steps}) to be a "
+                              f"multiple of train.eval_steps ({t.eval_steps}): only evaluated checkpoints can be best")
     return SFTConfig(
         output_dir=str(ckpt_dir), seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -175,7 +180,9 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         bf16=t.bf16 and use_cuda, use_cpu=not use_cuda,
         max_length=cfg.model.max_seq_length, completion_only_loss=t.completion_only_loss,
         packing=t.packing, packing_strategy="bfd", padding_free=t.packing,
-        eval_strategy="steps" if (has_eval and t.eval_steps) else "no", eval_steps=t.eval_steps,
+        eval_strategy="steps" if evaluating else "no", eval_steps=t.eval_steps,
+        load_best_model_at_end=best, metric_for_best_model=t.metric_for_best_model if best else None,
+        greater_is_better=t.greater_is_better if best else None,
         per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
         report_to=["wandb"] if cfg.wandb.mode != "disabled" else "none",
         run_name=cfg.wandb.run_name or cfg.name,
@@ -281,8 +288,12 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, cfg) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    st = trainer.state
     atomic_write_json(tmp / RUN_META, {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump(),
-                                       "global_step": trainer.state.global_step})
+                                       "global_step": st.global_step,
+                                       "best_checkpoint": st.best_model_checkpoint and Path(st.best_model_checkpoint).name,
+                                       "best_metric": st.best_metric,
+                                       "weights": "best" if trainer.args.load_best_model_at_end else "final"})
     shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp.rename(adapter_dir)
     return adapter_dir
