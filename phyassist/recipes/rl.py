@@ -45,14 +45,16 @@ def rloo_args(cfg, output_dir: Path):
     from trl import RLOOConfig
 
     r = cfg.recipe.rl
-    if (r.per_device_train_batch_size * r.gradient_accumulation_steps) % r.num_generations:
-        raise ValueError(f"recipe.rl: per_device_train_batch_size × gradient_accumulation_steps "
-                         f"({r.per_device_train_batch_size}×{r.gradient_accumulation_steps}) must be a multiple of "
-                         f"num_generations ({r.num_generations})")
+    block = r.steps_per_generation or r.gradient_accumulation_steps  # completions generated at once, per device
+    if (r.per_device_train_batch_size * block) % r.num_generations:
+        raise ValueError(f"recipe.rl: per_device_train_batch_size × (steps_per_generation or "
+                         f"gradient_accumulation_steps) ({r.per_device_train_batch_size}×{block}) must be a "
+                         f"multiple of num_generations ({r.num_generations})")
     return RLOOConfig(
         learning_rate=r.learning_rate, beta=r.beta, num_generations=r.num_generations,
         per_device_train_batch_size=r.per_device_train_batch_size,
-        gradient_accumulation_steps=r.gradient_accumulation_steps, max_steps=r.max_steps,
+        gradient_accumulation_steps=r.gradient_accumulation_steps, steps_per_generation=r.steps_per_generation,
+        max_steps=r.max_steps,
         max_completion_length=r.max_completion_length, temperature=r.temperature,
         logging_steps=r.logging_steps, logging_first_step=True, save_steps=r.save_steps,
         gradient_checkpointing=cfg.train.gradient_checkpointing,

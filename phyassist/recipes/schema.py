@@ -85,6 +85,10 @@ class RLConfig(Section):
     per_device_train_batch_size: int = Field(4, gt=0, description="Completions per device step "
                                              "(a multiple of num_generations).")
     gradient_accumulation_steps: int = Field(1, gt=0)
+    steps_per_generation: Optional[int] = Field(
+        None, gt=0, description="Generate completions for this many optimizer micro-steps at once (TRL's "
+        "steps_per_generation; None: gradient_accumulation_steps). Generation time grows with the number of "
+        "new tokens, hardly with the batch, so a larger block makes each RL step cheaper on a GPU.")
     max_steps: int = Field(300, gt=0)
     max_prompt_chars: Optional[int] = Field(1500, gt=0, description="Drop longer prompts (keeps memory flat).")
     max_completion_length: int = Field(256, gt=0)

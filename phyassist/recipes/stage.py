@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from phyassist.runinfo import write_run_info
 
@@ -67,8 +68,10 @@ def run(cfg, steps: list[str] | None = None) -> dict:
     results = {}
     for step in steps or cfg.recipe.steps:
         print(f"[recipe {cfg.recipe.kind}] {step} ...", flush=True)
+        start = time.perf_counter()
         results[step] = run_step(cfg, step)
-        print(f"[recipe {cfg.recipe.kind}] {step} done: {results[step]}", flush=True)
+        print(f"[recipe {cfg.recipe.kind}] {step} done in {time.perf_counter() - start:.1f} s: {results[step]}",
+              flush=True)
     return results
 
 
