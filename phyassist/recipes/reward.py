@@ -43,7 +43,7 @@ def reward_args(cfg, output_dir: Path, has_eval: bool):
         per_device_train_batch_size=r.per_device_train_batch_size, per_device_eval_batch_size=1,
         gradient_accumulation_steps=r.gradient_accumulation_steps, lr_scheduler_type=r.lr_scheduler_type,
         max_length=r.max_length, logging_steps=r.logging_steps, logging_first_step=True, save_steps=r.save_steps,
-        eval_strategy="epoch" if has_eval else "no", gradient_checkpointing=cfg.train.gradient_checkpointing,
+        eval_strategy="epoch" if has_eval else "no", gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False}, **trainer_common(cfg, output_dir))
 
 

@@ -57,7 +57,7 @@ def rloo_args(cfg, output_dir: Path):
         max_steps=r.max_steps,
         max_completion_length=r.max_completion_length, temperature=r.temperature,
         logging_steps=r.logging_steps, logging_first_step=True, save_steps=r.save_steps,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False}, **trainer_common(cfg, output_dir))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field
 
@@ -37,7 +37,10 @@ class TrainConfig(Section):
     logging_steps: int = Field(20, gt=0)
     save_total_limit: Optional[int] = Field(3, gt=0)
     group_by_length: bool = True
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Union[bool, Literal["attention"]] = Field(
+        True, description="true: whole decoder layers; 'attention': only the attention half, the 4-bit "
+        "experts recompute just their gate/up GEMM (model.quant.experts_method=grouped; faster at the "
+        "same memory, bench/finetune_mixtral.md); false: none.")
     completion_only_loss: bool = True
     packing: bool = Field(False, description="Padding-free packing (no cross-example attention).")
     bf16: bool = True

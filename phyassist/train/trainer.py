@@ -175,8 +175,8 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         save_steps=t.save_steps, logging_steps=t.logging_steps, save_total_limit=t.save_total_limit,
         logging_first_step=True,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing=t.gradient_checkpointing is True,  # "attention": ours, prepare_for_training
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
         bf16=t.bf16 and use_cuda, use_cpu=not use_cuda,
         max_length=cfg.model.max_seq_length, completion_only_loss=t.completion_only_loss,
         packing=t.packing, packing_strategy="bfd", padding_free=t.packing,
@@ -225,17 +225,34 @@ def _load(cfg, model, tokenizer):
     return model, tokenizer
 
 
+def _effective_checkpointing(cfg, model):
+    from phyassist.train.checkpointing import resolve_mode
+
+    mode = resolve_mode(cfg.train.gradient_checkpointing, model)
+    if mode == cfg.train.gradient_checkpointing:
+        return cfg
+    print(f"[train] gradient_checkpointing={cfg.train.gradient_checkpointing!r} needs the kit's 4-bit experts "
+          f"(model.quant.experts_method=grouped on an MoE model); using whole-layer checkpointing", flush=True)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": mode})})
+
+
 def prepare_for_training(model, cfg):
     """Cast norms to fp32 and enable input gradients for checkpointing (PEFT's k-bit prep),
     then attach the LoRA adapter."""
     from peft import prepare_model_for_kbit_training
 
+    ckpt = cfg.train.gradient_checkpointing
     if cfg.model.quant.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            model, use_gradient_checkpointing=ckpt is True,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return apply_lora(model, cfg.train.lora)
+    model = apply_lora(model, cfg.train.lora)
+    if ckpt == "attention":
+        from phyassist.train.checkpointing import checkpoint_attention_only
+
+        checkpoint_attention_only(model)
+    return model
 
 
 def train(cfg, train_records=None, eval_records=None, output_dir=None, model=None, tokenizer=None,
@@ -256,6 +273,7 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
     resume = last_checkpoint(ckpt_dir, cfg)
 
     model, tokenizer = _load(cfg, model, tokenizer)
+    cfg = _effective_checkpointing(cfg, model)
     max_len = cfg.model.max_seq_length
     train_ds = build_dataset(tokenizer, records, max_len, cfg.train.completion_only_loss)
     eval_ds = None
