@@ -5,21 +5,16 @@ transformers 5.x stores each layer's experts as two fused 3-D parameters (``gate
 "4-bit" Mixtral-8x7B keeps ~85 GiB of bf16 experts. Two ways to fix it were measured
 (bench/finetune_mixtral.md):
 
-* ``parametrize``: bitsandbytes' ``replace_parameter_4bit`` on the fused tensors. The stock
-  expert loop then indexes the dequantized tensor per expert, and autograd keeps the whole
-  dequantized 3-D tensor of a layer alive for the backward pass.
-* ``grouped``: :class:`Quant4bitExperts`, our own module. Tokens are sorted by expert,
-  each weight tensor is dequantized once per call, and the matmuls of all experts run as one
-  grouped GEMM; the backward pass dequantizes again instead of keeping the bf16 copy (unless
-  ``save_dequantized`` is set, which trades one layer's 2.6 GiB for one dequantization under
-  gradient checkpointing). Same packed bytes as ``parametrize``.
+* ``parametrize``: bitsandbytes' ``replace_parameter_4bit`` on the fused tensors, run by
+  transformers' own expert code (``torch._grouped_mm``).
+* ``grouped``: :class:`Quant4bitExperts`, the kit's module: the routed expert MLP as one autograd
+  node (grouped GEMMs, Triton SwiGLU, gathers instead of scatter-adds, no recompute of the down
+  projection). Same packed bytes as ``parametrize``.
 
-Measured on an H100 (bench/finetune_mixtral.md, 32 layers, 4 x 1024, checkpointing):
-``parametrize`` 1.020 s/step at 28.36 GiB peak, ``grouped`` 1.087-1.151 s at 29.39 GiB, because
-transformers 5.23 already runs the parametrized experts through ``torch._grouped_mm`` (one
-dequantization per call, cached by bitsandbytes' hooks). So ``parametrize`` is the default;
-``grouped`` is kept for its recompute/no-checkpointing options (up to 1.27x faster when memory
-allows, 62.8 GiB) and because it does not depend on transformers' experts dispatch.
+Measured on an H100 (bench/finetune_mixtral.md, 32 layers, 4 x 1024): ``parametrize`` with
+whole-layer checkpointing 0.982 s/step at 28.29 GiB; ``grouped`` with attention-only
+checkpointing (:mod:`phyassist.train.checkpointing`) 0.798 s at 27.48 GiB, so ``configs/paper.yaml``
+uses ``grouped``; the config default stays ``parametrize`` for other MoE models.
 """
 
 from __future__ import annotations
