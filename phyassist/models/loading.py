@@ -36,13 +36,27 @@ def load_tokenizer(mcfg: ModelConfig, padding_side: str = "right"):
     return tok
 
 
+def under_fsdp() -> bool:
+    """Started by ``accelerate launch`` with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def quant_storage(q) -> str:
+    """The 4-bit storage dtype: FSDP can only shard (and all-gather) floating-point tensors, and it
+    wants one dtype per wrapped block, so under FSDP the packed bytes are viewed as the compute dtype."""
+    if q.storage != "auto":
+        return q.storage
+    return q.compute_dtype if under_fsdp() else "uint8"
+
+
 def bnb_config(mcfg: ModelConfig):
     from transformers import BitsAndBytesConfig
 
     q = mcfg.quant
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype))
+                              bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+                              bnb_4bit_quant_storage=torch_dtype(quant_storage(q)))
 
 
 def max_memory(mcfg: ModelConfig) -> dict | None:
@@ -58,6 +72,8 @@ def max_memory(mcfg: ModelConfig) -> dict | None:
 def device_map(mcfg: ModelConfig):
     import torch
 
+    if under_fsdp():  # FSDP places (and shards) the weights itself after the load
+        return None
     if mcfg.device_map == "cpu" or not torch.cuda.is_available():
         return {"": "cpu"}
     if mcfg.device_map == "single":  # under `accelerate launch` each process takes its own GPU
@@ -86,6 +102,12 @@ def load_model(mcfg: ModelConfig, *, for_training: bool = False):
     if mcfg.quant.load_in_4bit and mcfg.quant.quantize_experts and _is_moe(mcfg, path):
         from phyassist.models.loader4bit import load_quantized_moe
 
+        if under_fsdp():
+            raise ValueError(
+                f"model {mcfg.name}: FSDP QLoRA is not supported for MoE models with fused experts. The kit's "
+                "4-bit experts are packed buffers that FSDP neither shards nor all-gathers. Split the layers "
+                "over the GPUs instead (model.device_map=balanced, as the study), or use data parallel "
+                "(configs/accelerate/ddp.yaml) where one GPU holds the whole 4-bit model.")
         model = load_quantized_moe(mcfg, path)
         if for_training:
             model.config.use_cache = False

@@ -22,6 +22,10 @@ class QuantConfig(Section):
         "parametrize", description="How 4-bit experts run: bitsandbytes' parametrization under "
         "transformers' experts code, or the kit's grouped-GEMM module with fused SwiGLU "
         "(phyassist.models.quantize; measured in bench/finetune_mixtral.md).")
+    storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the packed 4-bit bytes are stored as (bitsandbytes' quant_storage). "
+        "FSDP shards only floating-point tensors, so 'auto' is uint8, or compute_dtype under "
+        "`accelerate launch` with FSDP (configs/accelerate/fsdp_qlora.yaml).")
 
 
 class ModelConfig(Section):

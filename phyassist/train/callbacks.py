@@ -72,3 +72,54 @@ def init_wandb(cfg, out: Path):
     return wandb.init(project=w.project, entity=w.entity, name=w.run_name or cfg.name, tags=list(w.tags),
                       config=cfg.model_dump(mode="json"), mode=w.mode, dir=str(out),
                       id=wandb_run_id(out), resume="allow")
+
+
+def parallel_layout(model) -> dict:
+    """How the prepared model is spread: parameters sharded by FSDP (DTensor) vs whole, and the 4-bit
+    weights among them (by owning module: FSDP turns ``Params4bit`` into plain DTensors), as element
+    counts of this process' pieces. Proves a launch did what it says."""
+    four = {id(m.weight) for m in model.modules() if type(m).__name__ in ("Linear4bit", "Embedding4bit")}
+    out = {"parameters": 0, "sharded": 0, "params_4bit": 0, "sharded_4bit": 0, "local_elements": 0,
+           "full_elements": 0, "storage_4bit": set()}
+    for p in model.parameters():
+        sharded = type(p).__name__ == "DTensor"
+        is4 = id(p) in four
+        local = p.to_local() if sharded else p
+        out["parameters"] += 1
+        out["sharded"] += sharded
+        out["params_4bit"] += is4
+        out["sharded_4bit"] += sharded and is4
+        out["local_elements"] += local.numel()
+        out["full_elements"] += p.numel()
+        if is4:
+            out["storage_4bit"].add(str(p.dtype).removeprefix("torch."))
+    out["storage_4bit"] = sorted(out["storage_4bit"])
+    return out
+
+
+def layout_callback(out: Path):
+    """A TrainerCallback that records the layout once the trainer has wrapped the model (DDP/FSDP
+    happen inside ``train()``): printed by rank 0 and written to ``<out>/parallel.json``."""
+    from transformers import TrainerCallback
+
+    from phyassist.io import atomic_write_json
+
+    class LayoutReport(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            import torch.distributed as dist
+
+            if model is None:
+                return
+            lay = parallel_layout(model)
+            lay["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            lay["fsdp"] = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+            if state.is_world_process_zero:
+                atomic_write_json(out / "parallel.json", lay)
+                if lay["world_size"] > 1:
+                    print(f"[train] {lay['world_size']} processes, {'FSDP' if lay['fsdp'] else 'data parallel'}: "
+                          f"{lay['sharded']} of {lay['parameters']} parameters sharded "
+                          f"({lay['sharded_4bit']} of {lay['params_4bit']} 4-bit, storage {lay['storage_4bit']}); "
+                          f"this process holds {lay['local_elements']:,} of {lay['full_elements']:,} elements",
+                          flush=True)
+
+    return LayoutReport()

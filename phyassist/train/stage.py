@@ -19,9 +19,11 @@ def main(cfg, args) -> int:
         print(text)
         return 0 if proj.fits() in (True, None) else 3
     from phyassist.runinfo import write_run_info
-    from phyassist.train.trainer import train
+    from phyassist.train.trainer import is_main_process, train
 
-    write_run_info(cfg)
+    if is_main_process():  # under `accelerate launch` every process runs this; one writes
+        write_run_info(cfg)
     adapter = train(cfg)
-    print(f"adapter written to {adapter}")
+    if is_main_process():
+        print(f"adapter written to {adapter}")
     return 0

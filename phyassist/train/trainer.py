@@ -10,6 +10,7 @@ with the adapter attached.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -18,6 +19,11 @@ from phyassist.train.lora import apply_lora
 
 IGNORE = -100
 RUN_META = "phyassist_train.json"  # written into each checkpoint: which base model it belongs to
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch``/``torchrun`` (the one that writes run files), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class TrainSetupError(ValueError):
@@ -189,6 +195,9 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=True, disable_tqdm=False,
+        # data parallel: every LoRA weight gets a gradient each step, and the frozen 4-bit buffers are
+        # identical on every rank (each loads the same file), so neither is searched for nor re-sent per step
+        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,
     )
 
 
@@ -210,7 +219,7 @@ def _trainer_class():
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             path = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if path.is_dir():
+            if self.args.should_save and path.is_dir():  # one writer under accelerate launch
                 atomic_write_json(path / RUN_META, self._phyassist_meta)
 
     return PhyAssistSFTTrainer
@@ -226,13 +235,21 @@ def _load(cfg, model, tokenizer):
 
 
 def _effective_checkpointing(cfg, model):
+    from phyassist.models.loading import under_fsdp
     from phyassist.train.checkpointing import resolve_mode
 
     mode = resolve_mode(cfg.train.gradient_checkpointing, model)
+    if mode and under_fsdp() and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        # the FSDP config checkpoints each wrapped layer itself; a second checkpoint inside would
+        # recompute twice (and the Trainer refuses both together)
+        print("[train] FSDP config checkpoints activations (fsdp_activation_checkpointing); "
+              "train.gradient_checkpointing is left to it", flush=True)
+        mode = False
+    elif mode != cfg.train.gradient_checkpointing:
+        print(f"[train] gradient_checkpointing={cfg.train.gradient_checkpointing!r} needs the kit's 4-bit experts "
+              f"(model.quant.experts_method=grouped on an MoE model); using whole-layer checkpointing", flush=True)
     if mode == cfg.train.gradient_checkpointing:
         return cfg
-    print(f"[train] gradient_checkpointing={cfg.train.gradient_checkpointing!r} needs the kit's 4-bit experts "
-          f"(model.quant.experts_method=grouped on an MoE model); using whole-layer checkpointing", flush=True)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": mode})})
 
 
@@ -258,7 +275,7 @@ def prepare_for_training(model, cfg):
 def train(cfg, train_records=None, eval_records=None, output_dir=None, model=None, tokenizer=None,
           callbacks=None) -> Path:
     """Fine-tune; returns the adapter folder (``<out>/adapter`` by default, PEFT format)."""
-    from phyassist.train.callbacks import SystemMeter, init_wandb
+    from phyassist.train.callbacks import SystemMeter, init_wandb, layout_callback
     from phyassist.train.plots import plot_training
 
     out = Path(output_dir) if output_dir else cfg.out
@@ -282,29 +299,42 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
                                 cfg.train.completion_only_loss)
     model = prepare_for_training(model, cfg)
 
-    init_wandb(cfg, out)
+    if is_main_process():
+        init_wandb(cfg, out)
     meter = SystemMeter(enabled=cfg.wandb.log_system)
     trainer = _trainer_class()(model=model, args=sft_config(cfg, ckpt_dir, eval_ds is not None),
                                train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                               callbacks=list(callbacks or []))
+                               callbacks=[layout_callback(out), *(callbacks or [])])
     trainer.meter = meter
     trainer._phyassist_meta = {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump()}
     trainer.train(resume_from_checkpoint=resume)
     save_adapter(trainer, tokenizer, adapter_dir, cfg)
-    state = ckpt_dir / "trainer_state.json"
-    trainer.state.save_to_json(str(state))
-    plot_training(state, out / "images")
+    if trainer.args.should_save:
+        state = ckpt_dir / "trainer_state.json"
+        trainer.state.save_to_json(str(state))
+        plot_training(state, out / "images")
     _finish_wandb()
     return adapter_dir
 
 
 def save_adapter(trainer, tokenizer, adapter_dir: Path, cfg) -> Path:
-    """Write the final adapter atomically: into a temp folder, then renamed over the old one."""
+    """Write the final adapter atomically: into a temp folder, then renamed over the old one.
+    Under ``accelerate launch`` every process takes part (FSDP gathers the sharded LoRA weights)
+    and only the main one writes."""
     import shutil
 
+    acc, main = trainer.accelerator, trainer.args.should_save
+    if trainer.is_fsdp_enabled:  # one full adapter file, not a folder of shards
+        acc.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    trainer.save_model(str(tmp))  # PEFT model: the adapter only (and the tokenizer)
+    if not main:
+        acc.wait_for_everyone()
+        return adapter_dir
+    (tmp / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(str(tmp))
     st = trainer.state
     atomic_write_json(tmp / RUN_META, {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump(),
@@ -314,6 +344,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, cfg) -> Path:
                                        "weights": "best" if trainer.args.load_best_model_at_end else "final"})
     shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp.rename(adapter_dir)
+    acc.wait_for_everyone()
     return adapter_dir
 
 
