@@ -44,6 +44,10 @@ def build_model(folder: Path, layers: int, tokenizer: str) -> dict:
     return {"layers": layers, "parameters": n}
 
 
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def launch(kind: str, model_dir: Path, run: Path, data: Path, steps: int, nproc: int, extra: list[str]) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(data, run / "data")
@@ -56,7 +60,7 @@ def launch(kind: str, model_dir: Path, run: Path, data: Path, steps: int, nproc:
            "train.per_device_train_batch_size=4", "train.gradient_checkpointing=true", "train.optim=paged_adamw_32bit",
            "train.lora.r=32", "train.lora.alpha=32", "wandb.mode=disabled", *extra]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
     res = {"command": " ".join(cmd[2:]), "rc": proc.returncode, "wall_s": round(time.time() - t0, 1)}
     (run.parent / f"{kind}.log").write_text(proc.stdout + "\n" + proc.stderr)
     if proc.returncode != 0:
@@ -95,7 +99,7 @@ def main() -> None:
     data_run = work / "data_run"
     subprocess.run([sys.executable, "-m", "phyassist", "data", "--config", "smoke", "--output-dir", str(data_run),
                     f"model.name={model_dir}", "model.chat_template=mixtral"], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   env=_env())
     nproc = max(torch.cuda.device_count(), 1)
     for kind in args.kinds.split(","):
         res[kind] = launch(kind, model_dir, work / kind, data_run / "data", args.steps, nproc, [])

@@ -87,3 +87,13 @@ def test_fsdp_with_fused_4bit_experts_is_refused(monkeypatch):
     cfg = load_config("smoke", {"model.name": "tiny-mixtral"})
     with pytest.raises(ValueError, match="FSDP QLoRA is not supported for MoE models with fused experts"):
         load_model(cfg.model, for_training=True)
+
+
+def test_fsdp_swaps_bitsandbytes_optimizer_for_torch_adamw(monkeypatch, tmp_path):
+    from phyassist.train.trainer import sft_config
+
+    cfg = load_config("paper", {"output_dir": str(tmp_path)})
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert sft_config(cfg, tmp_path, False).optim.value == "paged_adamw_32bit"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sft_config(cfg, tmp_path, False).optim.value == "adamw_torch"  # bnb cannot step DTensors

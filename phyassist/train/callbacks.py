@@ -115,7 +115,7 @@ def layout_callback(out: Path):
             lay["fsdp"] = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
             if state.is_world_process_zero:
                 atomic_write_json(out / "parallel.json", lay)
-                if lay["world_size"] > 1:
+                if lay["world_size"] > 1 or lay["fsdp"]:
                     print(f"[train] {lay['world_size']} processes, {'FSDP' if lay['fsdp'] else 'data parallel'}: "
                           f"{lay['sharded']} of {lay['parameters']} parameters sharded "
                           f"({lay['sharded_4bit']} of {lay['params_4bit']} 4-bit, storage {lay['storage_4bit']}); "

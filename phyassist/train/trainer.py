@@ -159,13 +159,24 @@ def last_checkpoint(ckpt_dir: Path, cfg) -> str | None:
 
 # ---------------------------------------------------------------- trainer
 
+TORCH_OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adagrad", "rmsprop")
+
+
 def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
     """TRL's SFTConfig with the run's hyper-parameters (configs/paper.yaml: the study's)."""
     import torch
     from trl import SFTConfig
 
+    from phyassist.models.loading import under_fsdp
+
     t = cfg.train
     use_cuda = torch.cuda.is_available() and cfg.model.device_map != "cpu"
+    optim = t.optim
+    if under_fsdp() and optim not in TORCH_OPTIMS:
+        # bitsandbytes' optimizers (paged_adamw_32bit, ...) cannot step FSDP2's DTensor weights
+        # (measured: "got mixed torch.Tensor and DTensor"); FSDP already shards the optimizer state
+        print(f"[train] train.optim={optim!r} cannot update FSDP-sharded weights; using adamw_torch", flush=True)
+        optim = "adamw_torch"
     evaluating = bool(has_eval and t.eval_steps)
     best = evaluating and t.load_best_model_at_end  # without evaluation there is no best to keep
     if best and t.save_steps % t.eval_steps:
@@ -176,7 +187,7 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
-        optim=t.optim, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
+        optim=optim, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
         save_steps=t.save_steps, logging_steps=t.logging_steps, save_total_limit=t.save_total_limit,
         logging_first_step=True,
