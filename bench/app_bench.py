@@ -5,9 +5,13 @@ functions the Gradio UI calls).
     python bench/app_bench.py --config smoke --out bench/app
     # CPU, embedded default: how often an analysis splits into items -> bench/app_parse.{json,md}
     python bench/app_bench.py --parse-rate --out bench/app_parse --baseline bench/app_parse_before.json
-    # GPU: the full 32-layer Mixtral-8x7B, random weights built straight into 4-bit NF4 on the GPU,
-    # Mixtral's tokenizer (Mistral v1) -> first token, patient training on 20 notes, adapter switch
+    # GPU: the full 32-layer Mixtral-8x7B, random weights built straight into 4-bit NF4 on the GPU
+    # once, as the app's loaded model; Mixtral's tokenizer (Mistral v1) -> start-up warm-up and the
+    # first token after it, first token, patient training on 20 notes on the resident base (a copy
+    # of the loaded model over its weights), adapter switch
     python bench/app_bench.py --model mixtral-random --tokenizer .whl_app/mistral-v1-tokenizer --out bench/app_gpu
+    # ... with app.warmup=false: the cold first token without the warm-up; with --fresh-train-base:
+    # training on a freshly built base per job instead (the measurement before the resident base)
     # the same mode on a CPU with the registry's tiny random Mixtral (checks the script, not a result)
     python bench/app_bench.py --model mixtral-tiny --tokenizer .whl_app/mistral-v1-tokenizer \\
         --out /tmp/app_tiny app.train_max_steps=4
@@ -17,7 +21,8 @@ Trailing ``key=value`` arguments override the run config (``app.max_new_tokens=6
 adapter switch <= 50 ms, 10 concurrent sessions without errors, per-patient adapter training on
 20 notes <= 60 s on a GPU. The Mixtral modes import no Gradio (only the store, the model and the
 trainer); the random model stands in for the checkpoint, which ``load_model`` would read into the
-same 4-bit layout (speed does not depend on the weights' values).
+same 4-bit layout (speed does not depend on the weights' values), and goes through
+``CounselorService.serve`` as a loaded one does in ``CounselorService.build``.
 """
 
 from __future__ import annotations
@@ -141,18 +146,25 @@ def synthetic_export(n_notes: int, seed: int = 0) -> str:
 
 
 # --- measurements through the service ------------------------------------------------------------
+FILLER = " It has been like this for a while."
+
+
 def first_token(svc, pid: int, runs: int, said: str = SAID, max_pieces: int | None = None) -> dict:
     """Seconds from the request to the first model-generated piece (prompt build included). With
-    ``max_pieces`` a run stops after that many pieces (the app's prompt budget is unchanged)."""
-    times, rates = [], []
+    ``max_pieces`` a run stops after that many pieces (the app's prompt budget is unchanged).
+    Run i adds i sentences to what the patient said: every prompt has another length, as real
+    analyses do (a repeated prompt would reuse per-shape GPU state and look faster)."""
+    times, rates, prompt_s = [], [], []
     tok = svc.generator.tokenizer
-    for _ in range(runs):
+    for i in range(runs):
         t0 = time.perf_counter()
         seen, t1, text = 0, None, ""
-        updates = svc.stream_analysis("bench", pid, said)
+        updates = svc.stream_analysis("bench", pid, said + FILLER * i)
         for u in updates:
             seen += 1
             text = u.text
+            if seen == 1:  # the prompt is built (records read and decrypted), generation starts
+                prompt_s.append(round(time.perf_counter() - t0, 3))
             if seen == 2:  # update 1 is the answer prefix, update 2 the first model token
                 t1 = time.perf_counter()
                 times.append(t1 - t0)
@@ -165,7 +177,8 @@ def first_token(svc, pid: int, runs: int, said: str = SAID, max_pieces: int | No
             rates.append((n - 1) / (t2 - t1))
     return {"runs_s": [round(t, 3) for t in times], "cold_s": round(times[0], 3),
             "median_warm_s": round(statistics.median(times[1:] or times), 3), "max_s": round(max(times), 3),
-            "decode_tokens_per_s": round(statistics.median(rates), 1) if rates else None}
+            "decode_tokens_per_s": round(statistics.median(rates), 1) if rates else None,
+            "prompt_built_s": prompt_s}
 
 
 def adapter_switch(svc, cfg, switches: int) -> dict:
@@ -278,6 +291,7 @@ def cpu_mode(args) -> int:
     t0 = time.perf_counter()
     svc = CounselorService.build(cfg)
     res = _common(args, cfg, time.perf_counter() - t0)
+    res["warmup_s"] = svc.warmup_s and round(svc.warmup_s, 3)
     pid = svc.create_patient("bench", {"name": "Bench Patient", "age": "30", "mental_state": "low mood"})
     res["first_token"] = first_token(svc, pid, args.runs)
     print("first token:", res["first_token"], flush=True)
@@ -298,7 +312,8 @@ def cpu_mode(args) -> int:
 
 - Command: `{res['command']}`
 - Machine: {res['machine']} (load average at start {', '.join(f'{x:.1f}' for x in res['load_average_at_start'])}; the 2 cores were shared with other jobs)
-- Model: {res['model']} (4-bit: {res['load_in_4bit']}), loaded in {res['model_load_s']} s; date {res['date']}
+- Model: {res['model']} (4-bit: {res['load_in_4bit']}), loaded in {res['model_load_s']} s (start-up warm-up
+  included: {res['warmup_s']} s; `app.warmup`); date {res['date']}
 
 | What | Result | Target | Pass |
 |---|---|---|---|
@@ -440,7 +455,7 @@ def clone_adapter(svc, src_pid: int, dst_pid: int) -> None:
     svc.store.record_adapter("bench", dst_pid, str(adapter_folder(svc.store.data_dir, dst_pid)), 0)
 
 
-def train_through_app(svc, pid: int, log: dict, timeout_s: float) -> dict:
+def train_through_app(svc, pid: int, timeout_s: float) -> dict:
     """``start_training`` as the Train button calls it; polls the status as the UI's timer does."""
     tok = svc.train_tokenizer
     records = svc.training_records("bench", pid, tok)
@@ -453,8 +468,24 @@ def train_through_app(svc, pid: int, log: dict, timeout_s: float) -> dict:
     wall = time.perf_counter() - t0
     return {"state": st.state, "message": st.message, "notes": len(records), "steps": st.step,
             "max_steps": st.max_steps, "final_loss": st.loss, "wall_s": round(wall, 1),
-            "base_build_s": (log.get("build_s") or [None])[-1], "trainer_loop_s": round(st.loop_s, 1),
+            "base_s": round(st.base_s, 3), "trainer_loop_s": round(st.loop_s, 1),
+            "base": "fresh build per job (train_base)" if svc.train_base else "copy of the resident base",
             "record_tokens": {"mean": round(statistics.mean(lengths)), "max": max(lengths), "min": min(lengths)}}
+
+
+def job_base_copy(svc) -> dict:
+    """What one job's base costs: a copy of the resident base (seconds, new GPU memory)."""
+    import torch
+
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    t0 = time.perf_counter()
+    model = svc.training_base.fresh()
+    seconds = time.perf_counter() - t0
+    after = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    del model
+    gc.collect()
+    return {"fresh_s": round(seconds, 4), "allocated_delta_mib": round((after - before) / 2**20, 1),
+            "snapshot_s": round(svc.training_base.snapshot_s, 4)}
 
 
 def _gpu_mem() -> dict:
@@ -469,9 +500,8 @@ def _gpu_mem() -> dict:
 def mixtral_mode(args) -> int:
     import torch
 
-    from phyassist.app.adapters import AdapterBank
-    from phyassist.app.assistant import ANALYSIS_PREFIX, Generator, analysis_task
-    from phyassist.app.service import CounselorService, open_store
+    from phyassist.app.assistant import ANALYSIS_PREFIX, analysis_task
+    from phyassist.app.service import WARMUP_TOKENS, CounselorService, open_store
     from phyassist.config import load_config
 
     tiny = args.model == "mixtral-tiny"
@@ -498,15 +528,22 @@ def mixtral_mode(args) -> int:
     res["layers"] = model.config.num_hidden_layers
     res["tokenizer"] = f"{args.tokenizer or 'mistral_v1_tokenizer()'} ({len(tok)} tokens, MIXTRAL chat template)"
     res["memory_after_build"] = _gpu_mem()
-    store = open_store(cfg)
-    bank = AdapterBank(model, store.cipher, store.data_dir, max_loaded=cfg.app.max_loaded_adapters)
-    gen = Generator(model, tok, repetition_penalty=cfg.app.repetition_penalty, activate=bank.activate)
-    svc = CounselorService(cfg, store, gen, bank, train_base=lambda run_cfg: build(run_cfg.model),
-                           train_tokenizer=train_tok)
+    before_serve = _gpu_mem()
+    t0 = time.perf_counter()
+    svc = CounselorService.serve(cfg, open_store(cfg), model, tok, train_tok)  # resident base, adapters, warm-up
+    res["serve"] = {"seconds": round(time.perf_counter() - t0, 2), "memory_before": before_serve,
+                    "memory_after": _gpu_mem(), "training_base_snapshot_s": round(svc.training_base.snapshot_s, 4),
+                    "warmup_tokens": WARMUP_TOKENS, "warmup_prompt_tokens": svc.warmup_prompt_tokens, "warmup_s": svc.warmup_s and round(svc.warmup_s, 3),
+                    "warmup_first_token_s": svc.warmup_first_token_s and round(svc.warmup_first_token_s, 3)}
+    print("serve:", res["serve"], flush=True)
+    res["fresh_train_base"] = args.fresh_train_base
+    if args.fresh_train_base:
+        svc.train_base = lambda run_cfg: build(run_cfg.model)
+    bank = svc.bank
     a = cfg.app
     res["app_settings"] = {k: getattr(a, k) for k in ("max_new_tokens", "context_tokens", "context_notes",
-                                                      "train_max_steps", "train_lora_r", "guided_format",
-                                                      "repetition_penalty")}
+                                                      "train_max_steps", "train_batch_size", "train_lora_r", "guided_format",
+                                                      "repetition_penalty", "warmup")}
     pid = svc.import_patient("bench", synthetic_export(args.notes))
     _prompt, report = svc._prompt("bench", pid, analysis_task(SAID), ANALYSIS_PREFIX, a.max_new_tokens)
     res["prompt"] = {"tokens": report.prompt_tokens, "budget": report.budget_tokens, "notes_used": report.notes_used,
@@ -538,7 +575,7 @@ def mixtral_mode(args) -> int:
     def training():
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        tr = train_through_app(svc, pid, log, args.train_timeout)
+        tr = train_through_app(svc, pid, args.train_timeout)
         tr["memory"] = _gpu_mem()
         gc.collect()
         if torch.cuda.is_available():
@@ -558,7 +595,34 @@ def mixtral_mode(args) -> int:
         sw["adapter_changes_logits"] = bool((with_adapter - base).abs().max() > 0)
         return sw
 
+    def during_training():
+        """Analyses on the serving model (the patient's adapter active) while another patient's adapter
+        trains in the background thread on a copy of the resident base."""
+        other = svc.import_patient("bench", synthetic_export(args.notes))
+        st = svc.start_training("bench", other)
+        t0 = time.perf_counter()
+        while st.step < 1 and st.state in ("queued", "running") and time.perf_counter() - t0 < args.train_timeout:
+            time.sleep(0.05)
+        step0 = st.step
+        ft = first_token(svc, pid, 3, max_pieces=args.pieces)
+        ft["training_steps_during_runs"] = [step0, st.step]
+        ft["training_state_after_runs"] = st.state
+        while st.state in ("queued", "running") and time.perf_counter() - t0 < args.train_timeout:
+            time.sleep(0.1)
+        ft["training_state"], ft["training_wall_s"] = st.state, round(time.perf_counter() - t0, 1)
+        return ft
+
+    # run 1 is the first analysis after start-up (after the warm-up, with app.warmup)
+    if args.rewarm:  # diagnosis: warm up again right before it (after the patient and notes were written)
+        res["rewarm_s"] = round(svc.warm_up(), 3)
     section("first_token", lambda: first_token(svc, pid, args.runs, max_pieces=args.pieces))
+    if args.idle_probe:  # is a slow first analysis about start-up, or about the GPU having been idle?
+        def after_idle():
+            time.sleep(args.idle_probe)
+            return dict(first_token(svc, pid, 1, said=SAID + " After a pause.", max_pieces=args.pieces),
+                        idle_s=args.idle_probe)
+        section("first_token_after_idle", after_idle)
+    section("job_base_copy", lambda: job_base_copy(svc))
     if not args.no_full:
         section("full_analysis", full_analysis)
     section("training", training)
@@ -566,11 +630,14 @@ def mixtral_mode(args) -> int:
         section("adapter_switch", switches)
         section("first_token_patient_adapter",
                 lambda: first_token(svc, pid, max(3, args.runs // 2), max_pieces=args.pieces))
+        if not args.no_concurrent:
+            section("first_token_during_training", during_training)
     res["memory_end"] = _gpu_mem()
     res["total_wall_s"] = round(time.perf_counter() - t_start, 1)
     ft, tr, sw = res.get("first_token"), res.get("training"), res.get("adapter_switch")
     res["targets"] = {"first_token_gpu_s": 1.0, "training_20_notes_s": 60.0, "adapter_switch_ms": 50.0}
     res["pass"] = {"first_token": bool(ft) and ft["median_warm_s"] <= 1.0,
+                   "first_token_after_startup": bool(ft) and ft["cold_s"] <= 1.0,
                    "training": bool(tr) and tr["state"] == "done" and tr["wall_s"] <= 60.0,
                    "adapter_switch": bool(sw) and sw["p95_ms"] <= 50.0}
     if tiny:
@@ -585,21 +652,37 @@ def mixtral_mode(args) -> int:
 
 def mixtral_md(res: dict) -> str:
     ft, tr, sw = res.get("first_token"), res.get("training"), res.get("adapter_switch")
-    fa, fp = res.get("full_analysis"), res.get("first_token_patient_adapter")
-    p, a, mem = res["prompt"], res["app_settings"], res["memory_after_build"]
+    fa, fp, jb = res.get("full_analysis"), res.get("first_token_patient_adapter"), res.get("job_base_copy")
+    p, a, mem, sv = res["prompt"], res["app_settings"], res["memory_after_build"], res["serve"]
     ok = res["pass"]
     rows = []
+    if sv["warmup_s"] is not None:
+        rows.append(f"| Start-up warm-up ({sv['warmup_tokens']} new tokens for each of made-up prompts of "
+                    f"{sv.get('warmup_prompt_tokens')} tokens, nothing stored; first token after "
+                    f"{sv['warmup_first_token_s']} s) | {sv['warmup_s']} s | – | – |")
     if ft:
-        rows.append(f"| First streamed model token of an analysis (median of {len(ft['runs_s']) - 1} warm runs; cold "
-                    f"{ft['cold_s']} s, max {ft['max_s']} s) | {ft['median_warm_s']} s | ≤ 1 s | {ok['first_token']} |")
+        warm = "warm-up on" if sv["warmup_s"] is not None else "warm-up off (app.warmup=false)"
+        rows.append(f"| First streamed model token of the first analysis after start-up ({warm}) | {ft['cold_s']} s | "
+                    f"≤ 1 s | {ok['first_token_after_startup']} |")
+        rows.append(f"| First streamed model token of an analysis (median of {len(ft['runs_s']) - 1} later runs, each "
+                    f"prompt another length; "
+                    f"max {ft['max_s']} s) | {ft['median_warm_s']} s | ≤ 1 s | {ok['first_token']} |")
     else:
         rows.append("| First streamed model token of an analysis | error (see JSON) | ≤ 1 s | False |")
+    ai = res.get("first_token_after_idle")
+    if ai:
+        rows.append(f"| First streamed model token of an analysis after {ai['idle_s']:g} s of idle GPU | "
+                    f"{ai['cold_s']} s | – | – |")
+    if jb:
+        rows.append(f"| A job's training base: copy of the resident base (module tree over the loaded model's weights; "
+                    f"new GPU memory {jb['allocated_delta_mib']} MiB; the resident base itself took "
+                    f"{jb['snapshot_s']} s at start-up) | {jb['fresh_s']} s | ~ms | – |")
     if tr:
         failed = f": {tr['message'][:200]}" if tr["state"] != "done" else ""
         rows.append(f"| Per-patient adapter training on {tr['notes']} saved notes (Train button → sealed adapter; "
                     f"{tr['steps']}/{tr['max_steps']} steps, records {tr['record_tokens']['mean']} tokens mean / "
-                    f"{tr['record_tokens']['max']} max; base model build {tr['base_build_s']} s, optimizer loop "
-                    f"{tr['trainer_loop_s']} s; final loss {tr['final_loss']}; {tr['state']}{failed}) | "
+                    f"{tr['record_tokens']['max']} max; training base: {tr['base']}, {tr['base_s']} s; optimizer "
+                    f"loop {tr['trainer_loop_s']} s; final loss {tr['final_loss']}; {tr['state']}{failed}) | "
                     f"{tr['wall_s']} s | ≤ 60 s | {ok['training']} |")
     else:
         rows.append("| Per-patient adapter training on 20 notes | error (see JSON) | ≤ 60 s | False |")
@@ -613,6 +696,13 @@ def mixtral_md(res: dict) -> str:
     if fp:
         rows.append(f"| First streamed token with the patient's trained adapter active (median of "
                     f"{len(fp['runs_s']) - 1} warm runs; cold {fp['cold_s']} s) | {fp['median_warm_s']} s | ≤ 1 s | – |")
+    dt = res.get("first_token_during_training")
+    if dt:
+        s0, s1 = dt["training_steps_during_runs"]
+        rows.append(f"| First streamed token (patient adapter active) while another patient's adapter trains in the "
+                    f"background (runs {dt['runs_s']} s during training steps {s0}→{s1}, still "
+                    f"{dt['training_state_after_runs']}; that job {dt['training_state']} in {dt['training_wall_s']} s) "
+                    f"| {dt['median_warm_s']} s | – | – |")
     other = []
     if ft:
         other.append(f"decode ≈ {ft['decode_tokens_per_s']} tokens/s (batch 1); first token per run {ft['runs_s']} s")
@@ -623,6 +713,8 @@ def mixtral_md(res: dict) -> str:
         other.append(f"the trained adapter changes the logits: {sw['adapter_changes_logits']}")
     if tr:
         other.append(f"GPU memory during training {tr['memory']}")
+    other.append(f"GPU memory around CounselorService.serve (resident base + warm-up) {sv['memory_before']} → "
+                 f"{sv['memory_after']}")
     other.append(f"GPU memory at the end {res['memory_end']}")
     if res["errors"]:
         other.append("errors in: " + ", ".join(res["errors"]) + " (tracebacks in the JSON)")
@@ -636,8 +728,10 @@ def mixtral_md(res: dict) -> str:
 - App settings (run config): {json.dumps(a)}
 - Prompt of an analysis: {p['tokens']} tokens (budget {p['budget']}): patient record + {p['notes_used']} of
   {p['notes_total']} saved notes + what the patient said (`{p['report']}`)
-- Everything runs through `CounselorService` (the functions the UI calls); total wall time {res['total_wall_s']} s.
-  Training gets a freshly built random base per job (`train_base`); the app loads `cfg.model` from disk instead.
+- Everything runs through `CounselorService` (the functions the UI calls), set up by `CounselorService.serve`
+  around the one built model as `build` does around a loaded one; total wall time {res['total_wall_s']} s.
+  Patient training runs on {'a freshly built random base per job (`--fresh-train-base`)' if res.get('fresh_train_base')
+  else "the resident base: a copy of the loaded model's module tree over its weights (no build, no disk read)"}.
 {note}
 | What | Result | Target | Pass |
 |---|---|---|---|
@@ -657,7 +751,15 @@ def main() -> int:
     ap.add_argument("--notes", type=int, default=20, help="Mixtral modes: saved notes of the patient")
     ap.add_argument("--train-timeout", type=float, default=900.0)
     ap.add_argument("--no-full", action="store_true", help="Mixtral modes: skip the one full-length analysis")
+    ap.add_argument("--no-concurrent", action="store_true",
+                    help="Mixtral modes: skip the analyses timed while a second patient's adapter trains")
+    ap.add_argument("--fresh-train-base", action="store_true",
+                    help="Mixtral modes: train on a freshly built base per job (train_base), not the resident one")
     ap.add_argument("--switches", type=int, default=60)
+    ap.add_argument("--idle-probe", type=float, default=0.0, help="Mixtral modes: seconds of idle GPU before "
+                                                                   "one more analysis (first token after idle)")
+    ap.add_argument("--rewarm", action="store_true", help="Mixtral modes: warm up again just before the first "
+                                                         "analysis (diagnosis of the first-analysis time)")
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("overrides", nargs="*", help="run config overrides key=value")
     args = ap.parse_args()

@@ -237,3 +237,38 @@ def test_no_plaintext_on_disk_or_in_logs(app_server):
     assert not leaks, f"plaintext patient name found in {leaks}"
     assert not list(app_server["data"].rglob("wandb*")), "patient training must not create wandb runs"
     assert oct(app_server["key_file"].stat().st_mode & 0o777) == "0o600"
+
+
+def test_waiting_analysis_is_offered_and_taken(page, app_server):
+    """A draft with an analysis waiting beside it (one that finished after the draft was changed
+    in another session): the buttons show with it, swap the two, dismiss, and hide again."""
+    from playwright.sync_api import expect
+
+    from phyassist.app import notes as N
+    from phyassist.app.storage import Store
+
+    other = Store.open(app_server["data"], key_env="PHYASSIST_TEST_NO_SUCH_ENV", key_file=app_server["key_file"])
+    pid = other.create_patient("bob", {"name": "Ada Waiting", "age": "52"})
+    mine = N.new_draft("I worry all day.",
+                       N.parse_analysis("Symptom type: worry\nReasons:\n1. Money\nAdvice:\n1. Plan"))
+    theirs = N.new_draft("I cannot stop worrying.", N.parse_analysis(
+        "Symptom type: generalised anxiety\nReasons:\n1. Debts\nAdvice:\n1. Worry time"))
+    other.save_draft("bob", pid, N.add_alternative(mine, theirs))
+    other.close()
+
+    page.get_by_role("tab", name="Patients").click()
+    box(page, "search").fill("Ada Waiting")
+    page.click("#search-btn")
+    page.locator("#results").get_by_label(f"#{pid} Ada Waiting", exact=False).check()
+    page.click("#open-btn")
+    status_has(page, f"Opened patient #{pid}")
+    page.get_by_role("tab", name="Analysis").click()
+    expect(page.locator("#draft")).to_contain_text(N.ALTERNATIVE_HEADING)
+    expect(page.locator("#use-alternative")).to_be_visible()
+    page.click("#use-alternative")
+    status_has(page, "Now using the other analysis")
+    expect(page.locator("#draft")).to_contain_text("generalised anxiety")
+    page.click("#dismiss-alternative")
+    status_has(page, "The other analysis was dismissed")
+    expect(page.locator("#draft")).not_to_contain_text(N.ALTERNATIVE_HEADING)
+    expect(page.locator("#use-alternative")).to_be_hidden()

@@ -173,6 +173,131 @@ def test_legacy_draft_without_ids_merges(two_sessions):
     assert _texts(svc.get_draft(USER, pid)["reasons"]).count("r1") == 0
 
 
+SECOND = "Symptom type: panic\nReasons:\n1. Crowded buses.\n2. Fear of fainting.\nAdvice:\n1. Slow breathing.\n"
+SAID2 = "My heart races on the bus."
+
+
+def _start_analysis(svc, pid, said=SAID2):
+    """An analysis stepped through by hand, as the UI does: context line and first piece read."""
+    updates = svc.stream_analysis(USER, pid, said)
+    assert next(updates).message.startswith("Context:")
+    assert not next(updates).final
+    return updates
+
+
+def test_analysis_keeps_a_draft_edited_while_it_runs_and_offers_the_new_one(two_sessions):
+    svc, other, model, pid = two_sessions
+    before = svc.get_draft(USER, pid)
+    model.text = SECOND
+    updates = _start_analysis(svc, pid)
+    other.edit_item("bob", pid, "reason 1", "Lost the job in May", None)  # a second session, between pieces
+    *_, done = updates
+    stored = svc.get_draft(USER, pid)
+    assert done.final and not done.ok and done.draft == stored
+    assert "was edited" in done.message and "Use the other analysis" in done.message
+    assert stored["draft_id"] == before["draft_id"]
+    assert _texts(stored["reasons"]) == ["Lost the job in May", "Sleeps badly."]
+    (waiting,) = stored["alternatives"]
+    assert waiting["question"] == SAID2 and waiting["symptom_type"]["text"] == "panic"
+    assert _texts(waiting["reasons"]) == ["Crowded buses.", "Fear of fainting."]
+    shown = N.draft_markdown(stored)
+    assert N.ALTERNATIVE_HEADING in shown and "Crowded buses." in shown and "Lost the job in May" in shown
+
+    used = svc.use_alternative(USER, pid)  # the new analysis becomes the draft, the edited one waits
+    assert used["question"] == SAID2 and _texts(used["advice"]) == ["Slow breathing."]
+    assert _texts(used["alternatives"][0]["reasons"]) == ["Lost the job in May", "Sleeps badly."]
+    back = svc.use_alternative(USER, pid)  # and back again: nothing is lost either way
+    assert back["draft_id"] == before["draft_id"] and back["alternatives"][0]["question"] == SAID2
+    assert not svc.dismiss_alternative(USER, pid)["alternatives"]
+    with pytest.raises(N.InputProblem, match="no other analysis is waiting"):
+        svc.use_alternative(USER, pid)
+
+
+def test_analysis_without_concurrent_change_replaces_the_draft(two_sessions):
+    svc, _other, model, pid = two_sessions
+    before = svc.get_draft(USER, pid)
+    model.text = SECOND
+    *_, done = _start_analysis(svc, pid)
+    stored = svc.get_draft(USER, pid)
+    assert done.final and done.ok and done.message == "Draft ready: review, edit and save."
+    assert stored["draft_id"] != before["draft_id"] and stored["question"] == SAID2
+    assert _texts(stored["reasons"]) == ["Crowded buses.", "Fear of fainting."] and "alternatives" not in stored
+    assert stored["version"] == before["version"] + 1
+
+
+def test_analysis_keeps_a_draft_replaced_while_it_runs(two_sessions):
+    svc, other, model, pid = two_sessions
+    model.text = SECOND
+    updates = _start_analysis(svc, pid)
+    theirs = N.new_draft("Another visit", N.parse_analysis(FIRST))  # another session's analysis lands first
+    other.store.save_draft("bob", pid, theirs)
+    *_, done = updates
+    stored = svc.get_draft(USER, pid)
+    assert not done.ok and "was replaced by another one" in done.message
+    assert stored["draft_id"] == theirs["draft_id"] and stored["question"] == "Another visit"
+    assert stored["alternatives"][0]["question"] == SAID2
+
+
+def test_analysis_keeps_a_draft_started_while_it_runs(two_sessions):
+    svc, other, model, pid = two_sessions
+    svc.discard_draft(USER, pid)
+    model.text = SECOND
+    updates = _start_analysis(svc, pid)
+    other.add_item("bob", pid, "advice", "Call the GP")  # starts a draft of bob's
+    *_, done = updates
+    stored = svc.get_draft(USER, pid)
+    assert not done.ok and "was started" in done.message
+    assert _texts(stored["advice"]) == ["Call the GP"] and stored["alternatives"][0]["question"] == SAID2
+
+
+def test_analysis_after_the_draft_was_saved_meanwhile_becomes_the_draft(two_sessions):
+    svc, other, model, pid = two_sessions
+    model.text = SECOND
+    updates = _start_analysis(svc, pid)
+    other.save_draft_as_note("bob", pid)
+    *_, done = updates
+    assert done.ok and "saved or discarded meanwhile" in done.message
+    assert svc.get_draft(USER, pid)["question"] == SAID2
+    assert svc.store.list_notes(USER, pid)[0]["reasons"] == ["Lost the job at the bakery.", "Sleeps badly."]
+
+
+def test_regenerate_all_keeps_the_waiting_analysis(two_sessions):
+    svc, other, model, pid = two_sessions
+    model.text = SECOND
+    updates = _start_analysis(svc, pid)
+    other.edit_item("bob", pid, "advice 1", "Walk after lunch", None)
+    list(updates)
+    model.text = REGEN
+    *_, done = svc.regenerate_all(USER, pid)
+    assert done.ok and done.draft["symptom_type"]["text"] == "depressive episode"
+    assert done.draft["alternatives"][0]["question"] == SAID2
+
+
+def test_ui_shows_and_takes_the_waiting_analysis(two_sessions):
+    """Through the UI's API: Analyze with an edit from another session meanwhile, then the buttons."""
+    from gradio_client import Client
+
+    from phyassist.app.ui import launch
+
+    svc, other, model, pid = two_sessions
+    model.text, model.during = SECOND, lambda: other.edit_item("bob", pid, "reason 2", "Wakes at four", None)
+    ui = launch(svc, port=0, block=False, users={})
+    try:
+        client = Client(ui.local_url, verbose=False)
+        _stream, md, _pick, _text, status = client.predict(pid, SAID2, api_name="/do_analyze")
+        assert "was edited" in status and N.ALTERNATIVE_HEADING in md and "Crowded buses." in md
+        assert "Wakes at four" in md
+        md, _pick, status = client.predict(pid, api_name="/do_use_alternative")
+        assert "Now using the other analysis" in status and "**Counseling question:** " + SAID2 in md
+        md, _pick, status = client.predict(pid, api_name="/do_dismiss_alternative")
+        assert "dismissed" in status and N.ALTERNATIVE_HEADING not in md
+        _md, _pick, status = client.predict(pid, api_name="/do_dismiss_alternative")
+        assert status.startswith("⚠") and "no other analysis" in status
+    finally:
+        ui.close()
+    assert svc.get_draft(USER, pid)["question"] == SAID2
+
+
 @pytest.mark.parametrize("max_new", [24, 64, 160])
 def test_format_guard_holds_even_a_random_model_to_the_note_format(tokenizer, max_new):
     """The embedded 135 M model rarely keeps the note format on its own (bench/app_parse.md); the

@@ -110,6 +110,7 @@ class AdapterBank:
         if not (folder / CONFIG).exists():
             raise FileNotFoundError(f"{folder}: app.adapter has no {CONFIG} (not a PEFT adapter folder)")
         self.model.load_adapter(str(folder), adapter_name="kit")
+        self.model.eval()  # new LoRA modules start in training mode: their dropout would make outputs random
         self.kit = "kit"
 
     def forget(self, patient_id: int) -> None:
@@ -134,6 +135,7 @@ class AdapterBank:
             del self.loaded[name]
         peft_cfg, state = open_sealed(adapter_folder(self.data_dir, patient_id), self.cipher, patient_id)
         self._inject(name, peft_cfg, state)
+        self.model.eval()  # new LoRA modules start in training mode: their dropout would make outputs random
         self.loaded[name] = None
         self.stale.discard(name)
         self._evict()
@@ -197,6 +199,7 @@ class TrainStatus:
     started: float = 0.0
     finished: float = 0.0
     loop_s: float = 0.0  # the optimizer steps alone (trainer.train), without loading and sealing
+    base_s: float = 0.0  # getting the job's base model (a copy of the resident base: milliseconds)
 
     def text(self) -> str:
         if self.state == "running":

@@ -132,7 +132,9 @@ def parse_item(text: str) -> str:
 # A draft: {"draft_id", "question", "symptom_type": item, "reasons": [item], "advice": [item], "raw",
 # "parse_ok", "parse_problem", "context_report", "created_at"} plus "version" (set by the store on
 # every save). An item is {"id", "text", "comment"}; the id is stable while the item lives, so a
-# change made while the model was writing can be told apart from the model's own result.
+# change made while the model was writing can be told apart from the model's own result. A draft
+# may carry "alternatives": whole drafts (without alternatives of their own) waiting beside it, e.g.
+# an analysis that finished after the draft had been changed meanwhile; the last one is offered.
 def new_id() -> str:
     return secrets.token_hex(4)
 
@@ -246,6 +248,51 @@ def changed_items(base: dict[str, Any], latest: dict[str, Any]) -> set[str]:
             if before.get(it["id"]) != _content(it)}
 
 
+def draft_stamp(draft: dict[str, Any] | None) -> tuple[str | None, int | None] | None:
+    """Which stored draft this is and which save of it: equal stamps mean no change in between
+    (the store raises ``version`` on every save; a new draft has a new ``draft_id``)."""
+    return None if draft is None else (draft.get("draft_id"), draft.get("version"))
+
+
+def _bare(draft: dict[str, Any]) -> dict[str, Any]:
+    """A draft as an alternative: without its version and alternatives."""
+    return {k: json.loads(json.dumps(v)) for k, v in draft.items() if k not in ("version", "alternatives")}
+
+
+def add_alternative(draft: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``draft`` with ``other`` waiting beside it (offered first)."""
+    d = json.loads(json.dumps(draft))
+    d["alternatives"] = [*d.get("alternatives", []), _bare(other)]
+    return d
+
+
+def keep_alternatives(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """``new`` carrying the alternatives waiting beside ``old`` (a rewrite must not drop them)."""
+    waiting = (old or {}).get("alternatives")
+    return dict(new, alternatives=json.loads(json.dumps(waiting))) if waiting else new
+
+
+def _waiting(draft: dict[str, Any]) -> list[dict[str, Any]]:
+    waiting = draft.get("alternatives") or []
+    if not waiting:
+        raise InputProblem("no other analysis is waiting beside this draft")
+    return waiting
+
+
+def swap_alternative(draft: dict[str, Any]) -> dict[str, Any]:
+    """The waiting analysis becomes the draft; the draft waits in its place (swap back at will)."""
+    waiting = _waiting(draft)
+    return dict(json.loads(json.dumps(waiting[-1])), alternatives=[_bare(w) for w in waiting[:-1]] + [_bare(draft)])
+
+
+def drop_alternative(draft: dict[str, Any]) -> dict[str, Any]:
+    """Copy of the draft without the waiting analysis offered (the last one)."""
+    waiting = _waiting(draft)
+    d = json.loads(json.dumps(draft))
+    d["alternatives"] = waiting[:-1]
+    return d
+
+
 def merge_regenerated(base: dict[str, Any], latest: dict[str, Any], new: dict[str, Any]) -> tuple[dict, list[str]]:
     """The regenerated draft ``new`` (written from ``base``) merged with ``latest``, the stored draft
     once the model finished. Items the counselor edited or added after the regeneration started
@@ -299,6 +346,27 @@ def draft_markdown(draft: dict[str, Any] | None) -> str:
                 "it is kept below. Add or edit items by hand, or regenerate.", "", "```text", draft["raw"], "```"]
     if draft.get("context_report"):
         out += ["", f"_Context: {draft['context_report']}_"]
+    if draft.get("alternatives"):
+        out += ["", alternative_markdown(draft["alternatives"])]
+    return "\n".join(out)
+
+
+ALTERNATIVE_HEADING = "Another analysis is waiting beside this draft"
+
+
+def alternative_markdown(waiting: list[dict[str, Any]]) -> str:
+    """The analysis offered beside the draft, in full, to compare before using or dismissing it."""
+    alt = with_ids(waiting[-1])
+    more = f" ({len(waiting) - 1} more after it)" if len(waiting) > 1 else ""
+    out = [f"#### {ALTERNATIVE_HEADING}{more}",
+           "_It was written while the draft above was being changed (in this or another session), so it "
+           "did not replace it. **Use the other analysis** swaps the two; **Dismiss it** drops it._", "",
+           f"**Counseling question:** {alt['question']}", "",
+           f"- symptom type: {alt['symptom_type']['text'] or '_(empty)_'}"]
+    out += [f"- reason {i}: {it['text']}" for i, it in enumerate(alt["reasons"], 1)]
+    out += [f"- advice {i}: {it['text']}" for i, it in enumerate(alt["advice"], 1)]
+    if not alt.get("parse_ok", True):
+        out += ["", "```text", alt.get("raw", ""), "```"]
     return "\n".join(out)
 
 

@@ -36,8 +36,17 @@ class AppConfig(Section):
     max_note_chars: int = Field(2000, gt=0, description="Notes longer than this are cut for adapter training.")
     min_train_notes: int = Field(1, ge=1, description="Saved notes a patient needs before training.")
     train_max_steps: int = Field(20, gt=0, description="Optimizer steps of a per-patient adapter.")
+    train_batch_size: int = Field(2, gt=0, description="Notes per optimizer step. On a GPU each step pays a fixed "
+                                                       "cost (4-bit dequantization, kernel launches), so fewer, "
+                                                       "larger steps over the same notes finish sooner.")
     train_4bit_on_cpu: bool = Field(False, description="Patient training on a CPU in full precision (much faster "
-                                                        "than bitsandbytes 4-bit there); GPUs keep model.quant.")
+                                                        "than bitsandbytes 4-bit there): the job's copy of the "
+                                                        "loaded model gets dequantized linears of its own; GPUs "
+                                                        "train on the shared 4-bit weights.")
     train_lora_r: int = Field(8, gt=0)
+    warmup: bool = Field(True, description="At start-up, after the model loads, run short analyses of made-up "
+                                           "words (no patient, nothing stored; on a GPU five prompt lengths, "
+                                           "about 12 s for Mixtral on an H100) so the first counselor's first "
+                                           "token does not pay for GPU start-up.")
     concurrency_limit: int = Field(1, gt=0, description="Generations run at once (one model in memory).")
     queue_size: int = Field(64, gt=0, description="Requests waiting in the queue before new ones are refused.")

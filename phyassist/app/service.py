@@ -5,8 +5,10 @@ call these; every operation validates its input before it changes anything.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,8 +20,12 @@ from phyassist.app.assistant import (ANALYSIS_PREFIX, CHAT_SYSTEM, SYSTEM, Gener
                                      build_prompt, context_budget, item_prefix, regenerate_all_task,
                                      regenerate_item_task)
 from phyassist.app.storage import Store
+from phyassist.app.training_base import TrainingBase, is_4bit
 
 log = logging.getLogger(__name__)
+WARMUP_SAID = "I have been sleeping badly for a few weeks and I feel tired at work."  # made up, no patient's
+WARMUP_TOKENS = 8
+WARMUP_FRACTIONS = (1.0, 0.5, 0.25, 0.125, None)  # shares of the context budget warmed up on a GPU
 
 
 @dataclass
@@ -45,8 +51,10 @@ def open_store(cfg, data_dir: str | Path | None = None) -> Store:
                       key_file=a.key_file)
 
 
-def patient_training_config(cfg, patient_id: int):
-    """The run config for one patient's adapter: the app's limits, no wandb, no resume."""
+def patient_training_config(cfg, patient_id: int, load_in_4bit: bool | None = None):
+    """The run config for one patient's adapter: the app's limits, no wandb, no resume, no bias
+    training (a trained bias would change the resident base's shared tensor in place).
+    ``load_in_4bit``: what the model handed to the trainer is, when it is not loaded from disk."""
     import torch
 
     from phyassist.config import apply_overrides, validate
@@ -55,22 +63,44 @@ def patient_training_config(cfg, patient_id: int):
     over = {"name": f"patient-{int(patient_id)}", "wandb.mode": "disabled", "train.max_steps": a.train_max_steps,
             "train.save_steps": a.train_max_steps, "train.logging_steps": 1, "train.resume": False,
             "train.eval_steps": None, "train.group_by_length": False, "train.lora.r": a.train_lora_r,
-            "train.lora.alpha": 2 * a.train_lora_r, "train.per_device_train_batch_size": 2,
-            "train.gradient_accumulation_steps": 1, "train.save_total_limit": 1}
+            "train.lora.alpha": 2 * a.train_lora_r, "train.lora.bias": "none",
+            "train.per_device_train_batch_size": a.train_batch_size, "train.gradient_accumulation_steps": 1,
+            "train.save_total_limit": 1}
     if not torch.cuda.is_available():
         over.update({"train.optim": "adamw_torch", "train.gradient_checkpointing": False, "train.bf16": False})
         if not a.train_4bit_on_cpu:
             over["model.quant.load_in_4bit"] = False
+    if load_in_4bit is not None:
+        over["model.quant.load_in_4bit"] = load_in_4bit
     return validate(apply_overrides(cfg.model_dump(mode="json"), over), "app patient training")
 
 
+def analysis_message(outcome: str, parsed: dict[str, Any]) -> str:
+    """The status line at the end of an analysis; ``outcome``: what became of the draft there was
+    when it started (same, gone, edited, replaced, started)."""
+    msg = "Draft ready: review, edit and save." if parsed["ok"] else (
+        f"The model's text could not be split into items ({parsed['problem']}); the raw text is kept in the "
+        "draft. Add items by hand or regenerate.")
+    if outcome == "gone":
+        return "The draft there was when you pressed Analyze was saved or discarded meanwhile. " + msg
+    if outcome in ("edited", "replaced", "started"):
+        change = {"edited": "was edited", "replaced": "was replaced by another one", "started": "was started"}
+        return (f"While the model wrote, the draft {change[outcome]} (in this or another session). That draft is "
+                "kept; this analysis waits beside it: press 'Use the other analysis' to swap them, or "
+                "'Dismiss it'." + ("" if parsed["ok"] else " " + msg.replace("in the draft", "with it")))
+    return msg
+
+
 class CounselorService:
-    """``train_base`` (optional): a function of a patient's training config returning a fresh base
-    model to train that patient's adapter on, and ``train_tokenizer`` its tokenizer; by default the
-    kit's trainer loads ``cfg.model`` for every job (benchmarks pass a randomly initialised model)."""
+    """Where a patient's adapter is trained: on a copy of ``training_base`` (the loaded model's
+    weights, see :mod:`phyassist.app.training_base`; what :meth:`serve` sets up), else on
+    ``train_base(run_config)`` when given (a function returning a fresh base model: benchmarks
+    compare with a freshly built one), else on ``cfg.model`` loaded from disk by the kit's trainer.
+    ``train_tokenizer``: the tokenizer for training (else loaded per job)."""
 
     def __init__(self, cfg, store: Store, generator: Generator | None, bank: AdapterBank | None, *,
-                 train_base: Callable[[Any], Any] | None = None, train_tokenizer=None):
+                 train_base: Callable[[Any], Any] | None = None, train_tokenizer=None,
+                 training_base: TrainingBase | None = None):
         self.cfg = cfg
         self.a = cfg.app
         self.store = store
@@ -78,24 +108,39 @@ class CounselorService:
         self.bank = bank
         self.train_base = train_base
         self.train_tokenizer = train_tokenizer
+        self.training_base = training_base
+        self.warmup_s: float | None = None
+        self.warmup_first_token_s: float | None = None
+        self.warmup_prompt_tokens: int | None = None
         self.trainer = TrainQueue(self._run_training)
 
     @classmethod
     def build(cfg_cls, cfg, data_dir: str | Path | None = None, *, with_model: bool = True) -> "CounselorService":
         """Open the store (key checked first), then load the model once."""
         store = open_store(cfg, data_dir)
-        generator = bank = None
-        if with_model:
-            from phyassist.models.loading import load_model, load_tokenizer
+        if not with_model:
+            return cfg_cls(cfg, store, None, None)
+        from phyassist.models.loading import load_model, load_tokenizer
 
-            tokenizer = load_tokenizer(cfg.model, padding_side="left")
-            model = load_model(cfg.model, for_training=False)
-            model.eval()
-            bank = AdapterBank(model, store.cipher, store.data_dir, max_loaded=cfg.app.max_loaded_adapters,
-                               kit_adapter=cfg.app.adapter)
-            generator = Generator(model, tokenizer, repetition_penalty=cfg.app.repetition_penalty,
-                                  activate=bank.activate)
-        return cfg_cls(cfg, store, generator, bank)
+        tokenizer = load_tokenizer(cfg.model, padding_side="left")
+        model = load_model(cfg.model, for_training=False)
+        return cfg_cls.serve(cfg, store, model, tokenizer, load_tokenizer(cfg.model, padding_side="right"))
+
+    @classmethod
+    def serve(cfg_cls, cfg, store: Store, model, tokenizer, train_tokenizer=None) -> "CounselorService":
+        """The service around a loaded model: the resident training base is taken before any
+        adapter (the kit's, a patient's) is added to the model, then the adapters and the generator
+        are set up and, with ``app.warmup``, one short generation warms the model up."""
+        model.eval()
+        training_base = TrainingBase(model)
+        bank = AdapterBank(model, store.cipher, store.data_dir, max_loaded=cfg.app.max_loaded_adapters,
+                           kit_adapter=cfg.app.adapter)
+        generator = Generator(model, tokenizer, repetition_penalty=cfg.app.repetition_penalty,
+                              activate=bank.activate)
+        svc = cfg_cls(cfg, store, generator, bank, train_tokenizer=train_tokenizer, training_base=training_base)
+        if cfg.app.warmup:
+            svc.warm_up()
+        return svc
 
     # --- patients ------------------------------------------------------------------------
     def create_patient(self, user: str, values: dict[str, Any]) -> int:
@@ -134,16 +179,61 @@ class CounselorService:
         return self.generator
 
     def _prompt(self, user: str, patient_id: int, task: str, prefix: str, max_new: int):
-        g = self._require_model()
+        self._require_model()  # before any record is read
         patient = self.store.get_patient(user, patient_id)
-        notes = self.store.list_notes(user, patient_id)
+        return self._render(task, patient, self.store.list_notes(user, patient_id), prefix, max_new)
+
+    def _render(self, task: str, patient: dict | None, notes: list[dict], prefix: str, max_new: int):
+        g = self._require_model()
         budget = context_budget(g.max_positions, self.a.context_tokens, max_new)
         return build_prompt(g.tokenizer, SYSTEM, task, patient, notes, self.a.context_notes, budget, prefix)
 
+    def _on_gpu(self) -> bool:
+        return any(p.is_cuda for p in self._require_model().model.parameters())
+
+    def warmup_prompt(self, fraction: float | None = None) -> str:
+        """A warm-up analysis prompt of made-up words: the short one, or (``fraction``) the words
+        repeated until the prompt fills that share of the context budget."""
+        prompt, _ = self._render(analysis_task(WARMUP_SAID), None, [], ANALYSIS_PREFIX, self.a.max_new_tokens)
+        if fraction is None:
+            return prompt
+        g = self._require_model()
+        count = lambda text: len(g.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        budget = context_budget(g.max_positions, self.a.context_tokens, self.a.max_new_tokens)
+        repeats = max(1, (int(budget * fraction) - count(prompt)) // max(1, count(" " + WARMUP_SAID)))
+        prompt, _ = self._render(analysis_task(" ".join([WARMUP_SAID] * repeats)), None, [], ANALYSIS_PREFIX,
+                                 self.a.max_new_tokens)
+        return prompt
+
+    def warm_up(self) -> float:
+        """Short analyses of made-up words through the prompt and streaming code of a real one, at
+        start-up, so that the first counselor's first token does not pay for GPU start-up (kernels
+        loaded on first use, allocator, cuBLAS: 4.1 s cold vs 0.8 s warm on an H100, bench/app_gpu.md).
+        On a GPU, prompts of several lengths up to the whole context budget: each prefill length
+        picks its own GEMM kernels (a single full-length warm-up still left 1.3 s for the first real
+        analysis). No patient, nothing stored or audited. Returns its seconds (also in ``warmup_s``)."""
+        fractions = WARMUP_FRACTIONS if self._on_gpu() else (None,)
+        prompts = [self.warmup_prompt(f) for f in fractions]
+        count = lambda text: len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        self.warmup_prompt_tokens = [count(p) for p in prompts]
+        t0 = time.perf_counter()
+        first = None
+        for prompt in prompts:
+            for _piece in self._require_model().stream(prompt, WARMUP_TOKENS, None, guided=self.a.guided_format):
+                first = first if first is not None else time.perf_counter() - t0
+        self.warmup_s, self.warmup_first_token_s = time.perf_counter() - t0, first
+        log.info("model warm-up: %d prompt(s) of %s tokens, %d new tokens each, in %.2f s", len(prompts),
+                 self.warmup_prompt_tokens, WARMUP_TOKENS, self.warmup_s)
+        return self.warmup_s
+
     def stream_analysis(self, user: str, patient_id: int, said: str) -> Iterator[AnalysisUpdate]:
-        """Stream a draft for what the patient said; the parsed draft is stored at the end."""
+        """Stream a draft for what the patient said. At the end it replaces the draft there was when
+        the model started; if that draft was changed meanwhile (an edit, another analysis, this
+        session or another), the changed draft is kept and the new one waits beside it as an
+        alternative (:meth:`use_alternative`, :meth:`dismiss_alternative`): nothing is overwritten."""
         said = N.check_text("What the patient said", said, self.a.max_input_chars)
         prompt, report = self._prompt(user, patient_id, analysis_task(said), ANALYSIS_PREFIX, self.a.max_new_tokens)
+        start = N.draft_stamp(self.store.get_draft(user, patient_id))
         text = ANALYSIS_PREFIX
         yield AnalysisUpdate(text, message=f"Context: {report.text()}")
         for piece in self._require_model().stream(prompt, self.a.max_new_tokens, patient_id,
@@ -151,11 +241,21 @@ class CounselorService:
             text += piece
             yield AnalysisUpdate(text)
         parsed = N.parse_analysis(text)
-        draft = self.store.save_draft(user, patient_id, N.new_draft(said, parsed, report.text()))
-        msg = ("Draft ready: review, edit and save." if parsed["ok"] else
-               f"The model's text could not be split into items ({parsed['problem']}); the raw text is kept "
-               "in the draft. Add items by hand or regenerate.")
-        yield AnalysisUpdate(text, draft, msg, ok=parsed["ok"], final=True)
+        new = N.new_draft(said, parsed, report.text())
+        outcome: list[str] = []
+
+        def apply(latest):  # one locked read-modify-write: replace only the draft the model started from
+            stamp = N.draft_stamp(latest)
+            if stamp == start or stamp is None:  # unchanged, or saved/discarded meanwhile: nothing to keep
+                outcome.append("same" if stamp == start else "gone")
+                return new
+            outcome.append("edited" if start and stamp[0] == start[0] else "replaced" if start else "started")
+            return N.add_alternative(latest, new)
+
+        draft = self.store.update_draft(user, patient_id, apply)
+        kept = outcome[0] in ("edited", "replaced", "started")
+        yield AnalysisUpdate(text, N.with_ids(draft) if kept else draft, analysis_message(outcome[0], parsed),
+                             ok=parsed["ok"] and not kept, final=True)
 
     @staticmethod
     def _same_draft(base: dict[str, Any], latest: dict[str, Any] | None, what: str) -> dict[str, Any]:
@@ -188,10 +288,10 @@ class CounselorService:
                 return dict(latest, raw=parsed["raw"])
             new = N.new_draft(base["question"], parsed, report.text())
             if latest.get("version") == base.get("version"):
-                return dict(new, draft_id=base["draft_id"])
+                return N.keep_alternatives(dict(new, draft_id=base["draft_id"]), latest)
             merged, keep = N.merge_regenerated(base, latest, new)
             kept.extend(keep)
-            return merged
+            return N.keep_alternatives(merged, latest)
 
         try:
             stored = self.store.update_draft(user, patient_id, apply)
@@ -285,6 +385,14 @@ class CounselorService:
     def delete_item(self, user: str, patient_id: int, ref: str) -> dict:
         return self._change_draft(user, patient_id, lambda d: N.delete_item(d, ref))
 
+    def use_alternative(self, user: str, patient_id: int) -> dict:
+        """Swap the draft with the analysis waiting beside it (the draft then waits in its place)."""
+        return self._change_draft(user, patient_id, N.swap_alternative)
+
+    def dismiss_alternative(self, user: str, patient_id: int) -> dict:
+        """Drop the analysis waiting beside the draft (the most recent one, if several wait)."""
+        return self._change_draft(user, patient_id, N.drop_alternative)
+
     def discard_draft(self, user: str, patient_id: int) -> None:
         self.store.save_draft(user, patient_id, None)
 
@@ -321,11 +429,27 @@ class CounselorService:
         self.store.audit(user, "start_training", f"patient:{pid}")
         return self.trainer.submit(TrainJob(pid, user, records))
 
+    def _job_base(self, patient_id: int):
+        """(model, run config) for one job: a copy of the resident base (no disk read, no second
+        copy of the weights), an injected ``train_base``'s model, or None (the trainer loads one)."""
+        cfg = patient_training_config(self.cfg, patient_id)
+        if self.train_base is not None:
+            return self.train_base(cfg), cfg
+        if self.training_base is None:
+            return None, cfg
+        model = self.training_base.fresh(full_precision=not cfg.model.quant.load_in_4bit)
+        return model, patient_training_config(self.cfg, patient_id, load_in_4bit=is_4bit(model))
+
     def _run_training(self, job: TrainJob) -> str:
-        cfg = patient_training_config(self.cfg, job.patient_id)
-        model = self.train_base(cfg) if self.train_base is not None else None
-        folder = train_patient_adapter(cfg, job, self.store.cipher, self.store.data_dir, model=model,
-                                       tokenizer=self.train_tokenizer)
+        t0 = time.perf_counter()
+        model, cfg = self._job_base(job.patient_id)
+        job.status.base_s = time.perf_counter() - t0
+        try:
+            folder = train_patient_adapter(cfg, job, self.store.cipher, self.store.data_dir, model=model,
+                                           tokenizer=self.train_tokenizer)
+        finally:
+            del model
+            gc.collect()  # the job's LoRA, optimizer state and own tensors go now, not at some later collection
         self.store.record_adapter(job.user, job.patient_id, str(folder.relative_to(self.store.data_dir)),
                                   len(job.records))
         if self.bank is not None:

@@ -29,7 +29,8 @@ def main(cfg, args: argparse.Namespace) -> int:
         return 2
     host = args.host or cfg.app.host
     port = args.port if args.port is not None else cfg.app.port
-    print(f"[app] data in {svc.store.data_dir} · model {cfg.model.name} · serving on http://{host}:{port}",
+    warm = f" · warmed up in {svc.warmup_s:.1f} s" if svc.warmup_s is not None else ""
+    print(f"[app] data in {svc.store.data_dir} · model {cfg.model.name}{warm} · serving on http://{host}:{port}",
           flush=True)
     try:
         launch(svc, host=host, port=port, block=True)

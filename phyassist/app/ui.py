@@ -168,6 +168,9 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
                     regen_all_btn = gr.Button("Regenerate all", elem_id="regen-all")
                     save_btn = gr.Button("Save to notes", variant="primary", elem_id="save-note")
                     discard_btn = gr.Button("Discard draft", variant="stop", elem_id="discard")
+                with gr.Row(visible=False, elem_id="alternative-row") as alt_row:  # shown with a waiting analysis
+                    use_alt_btn = gr.Button("Use the other analysis", elem_id="use-alternative")
+                    dismiss_alt_btn = gr.Button("Dismiss it", elem_id="dismiss-alternative")
             with gr.Tab("Train", id="train"):
                 gr.Markdown("Train a LoRA adapter on this patient's saved notes (the counselor's edited "
                             f"notes are the answers). Limits: {a.max_adapters} adapters, notes cut at "
@@ -326,6 +329,18 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
             md, picker = draft_view(None)
             return md, picker, _status("Draft discarded")
 
+        def do_use_alternative(pid, request: gr.Request):
+            md, picker = draft_view(svc.use_alternative(_user(request), _pid(pid)))
+            return md, picker, _status("Now using the other analysis; the draft it replaced waits beside it")
+
+        def do_dismiss_alternative(pid, request: gr.Request):
+            md, picker = draft_view(svc.dismiss_alternative(_user(request), _pid(pid)))
+            return md, picker, _status("The other analysis was dismissed")
+
+        def show_alternative_buttons(md):
+            """Every handler that shows a draft refreshes the draft view: follow it from there."""
+            return gr.Row(visible=N.ALTERNATIVE_HEADING in (md or ""))
+
         quick = dict(concurrency_limit=None)
         item_pick.change(guarded(do_pick, 3), [open_pid, item_pick], [item_text, item_comment, status], **quick)
         apply_btn.click(guarded(do_apply, 2), [open_pid, item_pick, item_text, item_comment], [draft_md, status],
@@ -343,6 +358,9 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
         delete_btn.click(guarded(do_delete, 3), [open_pid, item_pick], [draft_md, item_pick, status], **quick)
         save_btn.click(guarded(do_save, 4), [open_pid], [notes_md, draft_md, item_pick, status], **quick)
         discard_btn.click(guarded(do_discard, 3), [open_pid], [draft_md, item_pick, status], **quick)
+        use_alt_btn.click(guarded(do_use_alternative, 3), [open_pid], [draft_md, item_pick, status], **quick)
+        dismiss_alt_btn.click(guarded(do_dismiss_alternative, 3), [open_pid], [draft_md, item_pick, status], **quick)
+        draft_md.change(show_alternative_buttons, [draft_md], [alt_row], **quick)
 
         # --- training --------------------------------------------------------------------
         def do_train(pid, request: gr.Request):
