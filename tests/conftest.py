@@ -27,3 +27,24 @@ def has_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return True
+
+
+def run_concurrently(fn, calls) -> list[BaseException]:
+    """``fn(*args)`` for each ``args`` in ``calls``, each in its own thread, all started before any
+    is joined; returns the exceptions they raised (tests of concurrent writers expect none)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(*args):
+        try:
+            fn(*args)
+        except Exception as exc:  # pragma: no cover - reported to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=args) for args in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -4,9 +4,9 @@ scripted stand-in that runs the other session's edits between two of its pieces.
 
 from __future__ import annotations
 
-import threading
 
 import pytest
+from conftest import run_concurrently
 
 from phyassist.app import notes as N
 from phyassist.app.service import CounselorService
@@ -141,20 +141,12 @@ def test_regenerate_item_keeps_an_edit_of_that_item(two_sessions):
 
 def test_concurrent_edits_from_two_sessions_all_land(two_sessions):
     svc, other, _model, pid = two_sessions
-    errors = []
 
     def add(service, who):
-        try:
-            for i in range(12):
-                service.add_item(who, pid, "advice", f"{who} {i}")
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(12):
+            service.add_item(who, pid, "advice", f"{who} {i}")
 
-    threads = [threading.Thread(target=add, args=(s, u)) for s, u in ((svc, "alice"), (other, "bob"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(add, ((svc, "alice"), (other, "bob")))
     assert not errors
     texts = _texts(svc.get_draft(USER, pid)["advice"])
     assert {f"{u} {i}" for u in ("alice", "bob") for i in range(12)} <= set(texts)

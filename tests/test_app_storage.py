@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_concurrently
 
 from phyassist.app import notes as N
 from phyassist.app.crypto import Cipher, KeyProblem, encode_key, new_key
@@ -166,23 +166,15 @@ def test_concurrent_saves_from_two_sessions_both_land(paths):
     s1 = _open(data, key_file)
     pid = _fill(s1)
     s2 = _open(data, key_file)  # a second session: own engine and connections
-    errors = []
 
     def writer(store, user):
-        try:
-            for i in range(15):
-                store.add_note(user, pid, {"date": "2024-06-01", "question": f"{user} {i}", "symptom_type": "",
-                                           "reasons": [], "advice": []})
-                store.save_draft(user, pid, {"question": f"{user} {i}", "symptom_type": {"text": "", "comment": ""},
-                                             "reasons": [], "advice": []})
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(15):
+            store.add_note(user, pid, {"date": "2024-06-01", "question": f"{user} {i}", "symptom_type": "",
+                                       "reasons": [], "advice": []})
+            store.save_draft(user, pid, {"question": f"{user} {i}", "symptom_type": {"text": "", "comment": ""},
+                                         "reasons": [], "advice": []})
 
-    threads = [threading.Thread(target=writer, args=(s, u)) for s, u in ((s1, "alice"), (s2, "bob"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(writer, ((s1, "alice"), (s2, "bob")))
     assert not errors
     questions = {n["question"] for n in s1.list_notes("carol", pid)}
     assert {f"alice {i}" for i in range(15)} <= questions and {f"bob {i}" for i in range(15)} <= questions
@@ -374,21 +366,13 @@ def test_postgresql_store(postgres_url, tmp_path):
                                                            "SELECT data FROM notes UNION ALL SELECT data FROM drafts")]
         assert blobs and all(PLANTED.encode() not in b and SECRET_NOTE.encode() not in b for b in blobs)
     other = _open(data, key_file, postgres_url)
-    errors = []
 
     def writer(s, user):
-        try:
-            for i in range(10):
-                s.add_note(user, pid, {"date": "2024-06-01", "question": f"{user} {i}", "symptom_type": "",
-                                       "reasons": [], "advice": []})
-        except Exception as exc:  # pragma: no cover
-            errors.append(exc)
+        for i in range(10):
+            s.add_note(user, pid, {"date": "2024-06-01", "question": f"{user} {i}", "symptom_type": "",
+                                   "reasons": [], "advice": []})
 
-    ts = [threading.Thread(target=writer, args=(s, u)) for s, u in ((store, "alice"), (other, "bob"))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    errors = run_concurrently(writer, ((store, "alice"), (other, "bob")))
     assert not errors and len(store.list_notes("carol", pid)) == 21
     assert ("bob", "add_note") in {(e["user"], e["action"]) for e in store.audit_log()}
     store.close()

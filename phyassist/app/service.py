@@ -111,7 +111,7 @@ class CounselorService:
         self.training_base = training_base
         self.warmup_s: float | None = None
         self.warmup_first_token_s: float | None = None
-        self.warmup_prompt_tokens: int | None = None
+        self.warmup_prompt_tokens: list[int] | None = None
         self.trainer = TrainQueue(self._run_training)
 
     @classmethod
@@ -191,16 +191,18 @@ class CounselorService:
     def _on_gpu(self) -> bool:
         return any(p.is_cuda for p in self._require_model().model.parameters())
 
+    def _count_tokens(self, text: str) -> int:
+        return len(self._require_model().tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def warmup_prompt(self, fraction: float | None = None) -> str:
         """A warm-up analysis prompt of made-up words: the short one, or (``fraction``) the words
         repeated until the prompt fills that share of the context budget."""
         prompt, _ = self._render(analysis_task(WARMUP_SAID), None, [], ANALYSIS_PREFIX, self.a.max_new_tokens)
         if fraction is None:
             return prompt
-        g = self._require_model()
-        count = lambda text: len(g.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        budget = context_budget(g.max_positions, self.a.context_tokens, self.a.max_new_tokens)
-        repeats = max(1, (int(budget * fraction) - count(prompt)) // max(1, count(" " + WARMUP_SAID)))
+        budget = context_budget(self._require_model().max_positions, self.a.context_tokens, self.a.max_new_tokens)
+        repeats = max(1, (int(budget * fraction) - self._count_tokens(prompt))
+                      // max(1, self._count_tokens(" " + WARMUP_SAID)))
         prompt, _ = self._render(analysis_task(" ".join([WARMUP_SAID] * repeats)), None, [], ANALYSIS_PREFIX,
                                  self.a.max_new_tokens)
         return prompt
@@ -214,8 +216,7 @@ class CounselorService:
         analysis). No patient, nothing stored or audited. Returns its seconds (also in ``warmup_s``)."""
         fractions = WARMUP_FRACTIONS if self._on_gpu() else (None,)
         prompts = [self.warmup_prompt(f) for f in fractions]
-        count = lambda text: len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        self.warmup_prompt_tokens = [count(p) for p in prompts]
+        self.warmup_prompt_tokens = [self._count_tokens(p) for p in prompts]
         t0 = time.perf_counter()
         first = None
         for prompt in prompts:

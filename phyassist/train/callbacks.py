@@ -103,6 +103,7 @@ def layout_callback(out: Path):
     from transformers import TrainerCallback
 
     from phyassist.io import atomic_write_json
+    from phyassist.models.loading import under_fsdp
 
     class LayoutReport(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -112,7 +113,7 @@ def layout_callback(out: Path):
                 return
             lay = parallel_layout(model)
             lay["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            lay["fsdp"] = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+            lay["fsdp"] = under_fsdp()
             if state.is_world_process_zero:
                 atomic_write_json(out / "parallel.json", lay)
                 if lay["world_size"] > 1 or lay["fsdp"]:
