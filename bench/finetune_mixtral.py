@@ -16,6 +16,13 @@ Variants (one process, one after the other, each model freed before the next is 
   fused-nockpt fused without checkpointing, gate/up activations kept (most memory, fastest)
   *-bf16lora   the same with the LoRA weights in bf16 (as the QLoRA paper's code; PEFT's default
                is fp32 adapters, so every LoRA input is cast to fp32 and back)
+  fused-cattn-bf16lora  fused-attn-bf16lora with each layer's attention half torch.compiled (one
+               graph for all layers) and TRL's loss: what configs/paper.yaml trains with
+  fused-cbudget-bf16lora  compiled attention half not checkpointed; the compiler's partitioner
+               recomputes within an activation memory budget (``+budget0.1``)
+  fused-cexperts-bf16lora / fused-cnockpt-bf16lora  compiled, attention not checkpointed (experts
+               recompute gate/up, or keep them too)
+  +keepN       suffix: N layers keep their attention activations, the others are checkpointed
   half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
                the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
 
@@ -24,6 +31,10 @@ active parameters = attention + router + 2 of 8 experts per layer + LM head; 4 =
 input-gradient backward (2), the frozen weights get no weight gradient; causal attention counted
 as half of the full score/value products, forward + 2 x backward. Peak: dense bf16 of the GPU
 (H100 SXM 989.4 TFLOP/s; the measured cuBLAS ceiling is printed too).
+
+--accum N times N micro-batches per optimizer step (the study: 4); --timeline breaks one step's
+GPU idle time down by the CPU region it waited for and lists host-device syncs by source line;
+the NF4 dequantization kernel is compared with bitsandbytes' on one layer's gate/up experts.
 
     python bench/finetune_mixtral.py                      # GPU, full size
     python bench/finetune_mixtral.py --tiny --steps 2     # CPU check of the script
@@ -59,7 +70,29 @@ VARIANTS = {
     "fused-nockpt": dict(method="grouped", fused_ce=True, ckpt="none"),
     "fused-attn-bf16lora": dict(method="grouped", fused_ce=True, ckpt="attention", lora_dtype="bfloat16"),
     "fused-nockpt-bf16lora": dict(method="grouped", fused_ce=True, ckpt="none", lora_dtype="bfloat16"),
+    "fused-cattn-bf16lora": dict(method="grouped", fused_ce=False, ckpt="attention", lora_dtype="bfloat16",
+                                 compile=True),
+    "fused-cexperts-bf16lora": dict(method="grouped", fused_ce=False, ckpt="experts", lora_dtype="bfloat16",
+                                    compile=True),
+    "fused-cattn-bf16lora-bnbdq": dict(method="grouped", fused_ce=False, ckpt="attention", lora_dtype="bfloat16",
+                                       compile=True, dequant="bitsandbytes"),
+    "fused-cbudget-bf16lora": dict(method="grouped", fused_ce=False, ckpt="experts", lora_dtype="bfloat16",
+                                   compile=True, memory_budget=0.1),
+    "fused-cnockpt-bf16lora": dict(method="grouped", fused_ce=False, ckpt="none", lora_dtype="bfloat16",
+                                   compile=True),
 }
+
+
+def variant_spec(name: str) -> dict:
+    """``name`` from VARIANTS, optionally ``+keepN`` (N layers keep their attention activations,
+    the others stay checkpointed) or ``+budgetX`` (the compiler's activation memory budget X)."""
+    base, _, extra = name.partition("+")
+    spec = dict(VARIANTS[base])
+    if extra.startswith("keep"):
+        spec["attn_keep"] = int(extra[4:])
+    elif extra.startswith("budget"):
+        spec["memory_budget"] = float(extra[6:])
+    return spec
 
 
 def mixtral_config(tiny: bool, layers: int | None = None):
@@ -131,6 +164,55 @@ def check_experts(dev, tokens: int = 4096) -> dict:
     return res
 
 
+def check_dequant(dev, shape=(8, 28672, 4096), reps: int = 10) -> dict:
+    """The kit's NF4 kernel against bitsandbytes' on one layer's gate/up experts: equal values?
+    time per call and memory bandwidth (4-bit bytes read + bf16 written) of each."""
+    import bitsandbytes.functional as bnbf
+
+    from phyassist.models import moe_kernels
+
+    if dev.type != "cuda":
+        shape = (4, 128, 64)
+    w = torch.randn(shape, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32) * 0.02
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    del w
+    res = {}
+    outs = {}
+    for name, fn in (("bitsandbytes", lambda: bnbf.dequantize_4bit(packed, state)),
+                     ("kit", lambda: moe_kernels.dequantize_nf4(packed, state))):
+        outs[name] = fn().view(-1)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        dt = (time.perf_counter() - t) / reps
+        nbytes = packed.numel() + outs[name].numel() * outs[name].element_size()
+        res[name] = dict(ms=round(dt * 1e3, 3), gb_per_s=round(nbytes / dt / 1e9, 1))
+    if dev.type == "cuda":  # launch configurations of the kit's kernel
+        sweep = {}
+        default = (moe_kernels._DQ_BYTES, moe_kernels._DQ_WARPS)
+        for nbytes in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                moe_kernels._DQ_BYTES, moe_kernels._DQ_WARPS = nbytes, warps
+                moe_kernels.dequantize_nf4(packed, state)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    moe_kernels.dequantize_nf4(packed, state)
+                torch.cuda.synchronize()
+                sweep[f"{nbytes}B/{warps}w"] = round((time.perf_counter() - t) / reps * 1e3, 3)
+        moe_kernels._DQ_BYTES, moe_kernels._DQ_WARPS = default
+        res["sweep_ms"] = sweep
+    diff = outs["kit"].float() - outs["bitsandbytes"].float()
+    res["values_differing"] = int((diff != 0).sum())
+    res["max_abs_diff"] = float(diff.abs().max())
+    res["values"] = outs["kit"].numel()
+    res["triton"] = moe_kernels.use_triton(packed)
+    return res
+
+
 def matmul_ceiling(dev) -> float:
     """Measured dense bf16 GEMM rate (8192^3), TFLOP/s."""
     if dev.type != "cuda":
@@ -146,8 +228,10 @@ def matmul_ceiling(dev) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
-def prepare(model, ckpt: str, lora_cfg):
-    from phyassist.train.checkpointing import checkpoint_attention_only
+def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 0, memory_budget=None):
+    """ckpt: full (whole layers), attention (attention halves; experts recompute gate/up),
+    experts (only the experts recompute), none (nothing recomputed)."""
+    from phyassist.train.checkpointing import checkpoint_attention_only, decoder_layers
 
     model.config.use_cache = False
     if ckpt == "full":
@@ -155,8 +239,11 @@ def prepare(model, ckpt: str, lora_cfg):
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = apply_lora(model, lora_cfg)
-    if ckpt == "attention":
-        checkpoint_attention_only(peft_model)
+    if ckpt in ("attention", "experts") or compile:
+        checkpoint_attention_only(peft_model, keep_expert_activations=ckpt == "none", compile=compile,
+                                  checkpoint_attention=ckpt == "attention", memory_budget=memory_budget)
+        for layer in decoder_layers(peft_model)[:attn_keep]:
+            layer._phy_checkpoint = False
     return peft_model
 
 
@@ -190,6 +277,21 @@ def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
 
 
 def run_variant(name, spec, args, dev, part="full"):
+    from phyassist.models import moe_kernels
+
+    from phyassist.train import checkpointing
+
+    moe_kernels.TRITON_DEQUANTIZE = spec.get("dequant", "kit") == "kit"
+    if spec.get("compile"):  # compile afresh: a cached graph may come from another memory budget
+        torch._dynamo.reset()
+        checkpointing._compiled.clear()
+    try:
+        return _run_variant(name, spec, args, dev, part)
+    finally:
+        moe_kernels.TRITON_DEQUANTIZE = True
+
+
+def _run_variant(name, spec, args, dev, part="full"):
     cfg = mixtral_config(args.tiny, args.layers)
     quant = QuantConfig(load_in_4bit=True, double_quant=True, compute_dtype="bfloat16" if dev.type == "cuda" else "float32")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -210,7 +312,8 @@ def run_variant(name, spec, args, dev, part="full"):
     build_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
     lora = LoraConfig(r=32, alpha=32, dropout=0.05, target_router=True)
-    peft_model = prepare(model, spec["ckpt"], lora)
+    peft_model = prepare(model, spec["ckpt"], lora, spec.get("compile", False), spec.get("attn_keep", 0),
+                         spec.get("memory_budget"))
     if spec.get("lora_dtype"):
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -222,32 +325,38 @@ def run_variant(name, spec, args, dev, part="full"):
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(dev)
     step = make_step(peft_model, part, spec["fused_ce"], batch, dev, cfg.hidden_size)
-    losses, times = [], []
+    losses, times, first_s = [], [], None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for i in range(args.warmup + args.steps):
         sync()
         t = time.perf_counter()
-        loss = step()
+        for _ in range(args.accum):  # micro-batches per optimizer step (gradient accumulation)
+            loss = step()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+        elif i == 0:
+            first_s = time.perf_counter() - t  # includes torch.compile for the compiled variants
         if loss is not None:
             losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
     reserved = torch.cuda.max_memory_reserved(dev) / GIB if dev.type == "cuda" else float("nan")
     prof = profile_step(step, dev) if args.profile and part == "full" and name in args.profile.split(",") else None
+    idle = gpu_idle(step, opt, params, dev) if part == "full" and name in args.timeline.split(",") else None
     step_s = sorted(times)[len(times) // 2]
-    tokens = args.batch * args.seq
+    tokens = args.accum * args.batch * args.seq
     tps = tokens / step_s
     _, peak_flops = gpu_peak()
     mfu = tps * flops_per_token(cfg, args.seq) / peak_flops if part == "full" else float("nan")
     row = dict(variant=name, part=part, layers=cfg.num_hidden_layers, weights_gib=round(weights, 3),
                peak_gib=round(peak, 3), reserved_gib=round(reserved, 3), step_s=round(step_s, 4),
                tokens_per_s=round(tps, 1), mfu=round(mfu, 4), trainable=trainable, build_s=round(build_s, 1),
-               losses=[round(x, 4) for x in losses], times=[round(x, 4) for x in times], profile=prof)
+               first_step_s=round(first_s, 1) if first_s is not None else None,
+               losses=[round(x, 4) for x in losses], times=[round(x, 4) for x in times], profile=prof,
+               gpu_idle=idle)
     del step, opt, params, peft_model, model
     gc.collect()
     if dev.type == "cuda":
@@ -277,6 +386,73 @@ def profile_step(step, dev) -> str:
     return p.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
 
 
+def gpu_idle(step, opt, params, dev, min_gap_us: float = 5.0) -> dict | None:
+    """Where the GPU waits in one training step: its busy and idle time, and the idle gaps
+    grouped by the top-level CPU op that launched the kernel ending each gap (the op the GPU
+    waited for)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import warnings
+
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")  # every host-device sync in one step, by source line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.set_sync_debug_mode("default")
+    syncs: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            syncs[key] = syncs.get(key, 0) + 1
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        with record_function("phase: forward+backward"):
+            step()
+        with record_function("phase: clip+optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 0.3)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        p.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e for e in events
+              if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    regions = ("autograd::engine::evaluate_function", "Torch-Compiled Region", "Optimizer.", "_MoEExperts",
+               "CompiledFunction", "phase:")
+    cpu_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e
+               and e["name"].startswith(regions)]
+
+    def owner(ts, tid):
+        """The innermost named region enclosing a launch (autograd node, compiled region, phase)."""
+        inside = [e for e in cpu_ops if e["tid"] == tid and e["ts"] <= ts <= e["ts"] + e["dur"]]
+        return min(inside, key=lambda e: e["dur"])["name"] if inside else "?"
+
+    busy, gaps, last_end = 0.0, {}, None
+    for e in gpu:
+        start, end = e["ts"], e["ts"] + e["dur"]
+        if last_end is not None and start - last_end > min_gap_us:
+            corr = e.get("args", {}).get("correlation")
+            src = launch.get(corr)
+            key = owner(src["ts"], src["tid"]) if src else "?"
+            gaps[key] = gaps.get(key, 0.0) + (start - last_end)
+        busy += max(0.0, end - max(start, last_end or start))
+        last_end = end if last_end is None else max(last_end, end)
+    span = (last_end - gpu[0]["ts"]) if gpu else 0.0
+    top = sorted(gaps.items(), key=lambda kv: -kv[1])[:12]
+    return dict(span_ms=round(span / 1e3, 1), busy_ms=round(busy / 1e3, 1), idle_ms=round((span - busy) / 1e3, 1),
+                idle_by_owner_ms={k[:90]: round(v / 1e3, 2) for k, v in top}, syncs=syncs)
+
+
 def table(rows) -> str:
     head = f"{'variant':<15}{'part':<7}{'layers':>6}{'weights GiB':>12}{'peak GiB':>10}{'step s':>9}{'tok/s':>9}{'MFU':>7}{'vs plain':>9}"
     base = next((r["tokens_per_s"] for r in rows if r["variant"] == "plain" and r["part"] == "full"), None)
@@ -298,10 +474,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cap-gib", type=float, default=24.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--accum", type=int, default=1,
+                    help="micro-batches per optimizer step (the study: 4); step s and tokens/s count them all")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--profile", default="plain,fused-attn,fused-nockpt", help="variants to profile one step of")
+    ap.add_argument("--timeline", default="", help="variants whose GPU idle time is broken down (one step)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     dev = torch.device("cuda", 0) if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
@@ -309,8 +488,10 @@ def main(argv=None) -> int:
     ceiling = matmul_ceiling(dev)
     check = check_experts(dev, tokens=64 if args.tiny else 4096)
     print("fused experts vs transformers' experts (relative L2 error):", json.dumps(check), flush=True)
-    meta = dict(device=gpu, peak_tflops=peak / 1e12, measured_gemm_tflops=round(ceiling, 1), torch=torch.__version__, experts_check=check,
-                batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+    dq = check_dequant(dev)
+    print("NF4 dequantization, one layer's gate/up experts:", json.dumps(dq), flush=True)
+    meta = dict(device=gpu, peak_tflops=peak / 1e12, measured_gemm_tflops=round(ceiling, 1), torch=torch.__version__, experts_check=check, dequant_check=dq,
+                batch=args.batch, seq=args.seq, accum=args.accum, steps=args.steps, warmup=args.warmup,
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv[1:])
     print(json.dumps(meta), flush=True)
     rows = []
@@ -318,7 +499,7 @@ def main(argv=None) -> int:
     jobs += [(args.halves, p) for p in ("half0", "half1") if args.halves]
     for name, part in jobs:
         try:
-            row = run_variant(name, VARIANTS[name], args, dev, part)
+            row = run_variant(name, variant_spec(name), args, dev, part)
         except Exception as exc:  # one failing variant must not lose the others' numbers
             row = dict(variant=name, part=part, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             gc.collect()

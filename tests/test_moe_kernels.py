@@ -48,3 +48,43 @@ def test_triton_kernels_match_formula_in_interpreter():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def check_dequantize(out_dtype=torch.float32):
+    """The NF4 kernel gives bitsandbytes' values, nested (double-quant) scales or not. In fp32 they
+    must be equal; the interpreter's bf16 cast truncates where CUDA rounds, so bf16 is checked on
+    GPUs (bench/finetune_mixtral.py) and here only within one bf16 step."""
+    import bitsandbytes.functional as bnbf
+
+    from phyassist.models.moe_kernels import dequantize_nf4
+
+    torch.manual_seed(0)
+    for nested in (True, False):
+        # rows a multiple of the block size (bitsandbytes-CPU mis-dequantizes blocks that straddle rows);
+        # 600 blocks > 256 exercises the nested scales' second level
+        for shape in [(600, 64), (2, 33 * 64), (5, 6, 128)]:
+            w = torch.randn(*shape, dtype=torch.bfloat16) * 0.02
+            packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+            ref = bnbf.dequantize_4bit(packed, state).float().view(shape)
+            state.dtype = out_dtype
+            out = dequantize_nf4(packed, state)
+            assert out.shape == shape and out.dtype == out_dtype
+            if out_dtype == torch.float32:
+                assert torch.equal(out.to(torch.bfloat16).float(), ref), (nested, shape)
+            else:
+                assert torch.allclose(out.float(), ref, rtol=2 ** -7, atol=0), (nested, shape)
+            assert not torch.equal(out.float(), -ref)  # a sign or nibble-order error would show
+
+
+def test_dequantize_without_triton_is_bitsandbytes():
+    check_dequantize()
+
+
+def test_dequantize_kernel_matches_bitsandbytes_in_interpreter():
+    pytest.importorskip("triton")
+    code = ("import tests.test_moe_kernels as t, phyassist.models.moe_kernels as k, torch; "
+            "assert k.use_triton(torch.zeros(1)); t.check_dequantize(); t.check_dequantize(torch.bfloat16); print('ok')")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

@@ -143,14 +143,14 @@ def test_dry_run_cli_says_when_a_model_does_not_fit():
     assert "DOES NOT FIT" in res.stdout and "Would fit: 2 GPUs of 24 GiB" in res.stdout
 
 
-def _grads_with(checkpointing):
+def _grads_with(checkpointing, over=None):
     """Loss and LoRA gradients of the tiny 4-bit Mixtral (grouped experts) under one mode."""
     from phyassist.models.loading import load_model
     from phyassist.train.trainer import prepare_for_training
 
     cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped",
                                 "train.gradient_checkpointing": checkpointing, "train.lora.dropout": 0.0,
-                                "train.lora.target_router": True})
+                                "train.lora.target_router": True, **(over or {})})
     torch.manual_seed(0)
     model = prepare_for_training(load_model(cfg.model, for_training=True), cfg)
     if checkpointing is True:
@@ -161,6 +161,7 @@ def _grads_with(checkpointing):
             with torch.no_grad():
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same dropout masks for every mode
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -183,6 +184,48 @@ def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
     assert len(calls) == architecture_config("tiny-mixtral").num_hidden_layers  # one per layer, "attention" only
 
 
+def _compiled_grads(over):
+    """``_grads_with("attention")`` compiled afresh (a cached graph may come from another budget);
+    also returns how many graphs dynamo compiled (0 would mean nothing was compiled)."""
+    import phyassist.train.checkpointing as ck
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    ck._compiled.clear()
+    counters.clear()
+    loss, grads = _grads_with("attention", {"train.compile_attention": True, **over})
+    return loss, grads, counters["stats"]["unique_graphs"]
+
+
+def test_compiled_attention_half_gives_the_same_gradients():
+    loss0, g0 = _grads_with(False)
+    for over in ({}, {"train.attention_memory_budget": 0.1}):
+        loss, g, graphs = _compiled_grads(over)
+        assert graphs >= 1, over
+        assert abs(loss - loss0) < 1e-5 and g.keys() == g0.keys()
+        for n in g0:
+            assert torch.allclose(g[n], g0[n], atol=1e-6, rtol=1e-4), (over, n)
+
+
+def test_compiled_checkpointed_attention_replays_its_dropout_masks():
+    """Under checkpointing the compiled attention half runs twice; its recompute must draw the
+    forward's dropout masks again, or the gradients would differ from keeping the activations."""
+    drop = {"train.lora.dropout": 0.05}
+    loss_ck, g_ck, _ = _compiled_grads(drop)
+    loss_keep, g_keep, _ = _compiled_grads({**drop, "train.attention_memory_budget": 1.0})
+    loss_nodrop, _, _ = _compiled_grads({})
+    assert loss_ck == loss_keep and loss_ck != loss_nodrop  # dropout really on, same masks
+    for n in g_keep:
+        assert torch.allclose(g_ck[n], g_keep[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_compile_attention_needs_attention_checkpointing():
+    with pytest.raises(Exception, match="compile_attention needs train.gradient_checkpointing: attention"):
+        load_config("smoke", {"train.compile_attention": True})
+    with pytest.raises(Exception, match="attention_memory_budget needs"):
+        load_config("smoke", {"train.attention_memory_budget": 0.5})
+
+
 def test_attention_only_checkpointing_patches_layers_and_experts():
     from phyassist.models.loading import load_model
     from phyassist.models.quantize import Quant4bitExperts
@@ -196,3 +239,29 @@ def test_attention_only_checkpointing_patches_layers_and_experts():
     assert not any(m.keep_activations for m in experts)  # they recompute gate/up instead
     with pytest.raises(ValueError, match="no pre-norm decoder layers"):
         checkpoint_attention_only(torch.nn.Linear(2, 2))
+
+
+def test_moe_input_is_rounded_once_to_the_experts_dtype_under_autocast():
+    """QLoRA's prep leaves the norms in fp32; under bf16 autocast the MoE input is stored once in
+    bf16 (the router and the experts round it to bf16 anyway), without autocast it stays as is."""
+    from torch import nn
+
+    from phyassist.train.checkpointing import attention_half
+
+    class Attn(nn.Module):
+        def forward(self, hidden_states, **kw):
+            return hidden_states * 2, None
+
+    layer = nn.Module()
+    layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn = nn.Identity(), nn.Identity(), Attn()
+    layer._phy_moe_dtype = torch.bfloat16
+    x = torch.randn(2, 3, 8)
+    h, normed = attention_half(layer, x)
+    assert normed.dtype == torch.float32 and h.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, normed = attention_half(layer, x)
+    assert normed.dtype == torch.bfloat16 and h.dtype == torch.float32  # the residual stream keeps fp32
+    assert torch.equal(normed, (3 * x).to(torch.bfloat16))
+    layer._phy_moe_dtype = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_half(layer, x)[1].dtype == torch.float32

@@ -44,3 +44,14 @@ def test_recipes_keep_the_best_sft_checkpoint():
         assert load_config(name).train.load_best_model_at_end, name
     with pytest.raises(ConfigError, match="train.load_best_model_at_end"):
         load_config("recipes/covid", ["recipe.sft_load_best=true"])
+
+
+def test_paper_profile_compiles_the_attention_half_but_patient_jobs_do_not():
+    """The study's run compiles its attention halves (bench/trainer_gpu.md); the app's short
+    per-patient jobs, on notes of ever-new lengths, never do (and stay valid on a CPU)."""
+    from phyassist.app.service import patient_training_config
+
+    paper = load_config("paper")
+    assert paper.train.compile_attention and paper.train.gradient_checkpointing == "attention"
+    job = patient_training_config(paper, 7)
+    assert not job.train.compile_attention and job.train.attention_memory_budget is None

@@ -65,7 +65,9 @@ def patient_training_config(cfg, patient_id: int, load_in_4bit: bool | None = No
             "train.eval_steps": None, "train.group_by_length": False, "train.lora.r": a.train_lora_r,
             "train.lora.alpha": 2 * a.train_lora_r, "train.lora.bias": "none",
             "train.per_device_train_batch_size": a.train_batch_size, "train.gradient_accumulation_steps": 1,
-            "train.save_total_limit": 1}
+            "train.save_total_limit": 1,
+            # a short job on notes of ever-new lengths: compiling would cost more than it saves
+            "train.compile_attention": False, "train.attention_memory_budget": None}
     if not torch.cuda.is_available():
         over.update({"train.optim": "adamw_torch", "train.gradient_checkpointing": False, "train.bf16": False})
         if not a.train_4bit_on_cpu:

@@ -1,4 +1,6 @@
-"""Fused SwiGLU for the 4-bit expert MLP: one pass over the gate/up activations each way.
+"""Triton kernels of the 4-bit expert MLP: fused SwiGLU and NF4 dequantization.
+
+**SwiGLU**: one pass over the gate/up activations each way.
 
 The expert MLP of Mixtral is ``a = silu(gate) * up`` on a ``[tokens x 2, 2 x 14336]`` tensor,
 scaled by the token's routing weight. Written as torch ops that is five elementwise passes
@@ -9,6 +11,12 @@ write the result once; the backward also reduces the routing-weight gradient
 needs no second 470 MB tensor.
 
 Without Triton (CPU, tests) the same maths runs as torch ops in row chunks.
+
+**NF4 dequantization** (:func:`dequantize_nf4`): the expert weights are dequantized four times a
+training step (2.8 GB of bf16 per layer and pass); bitsandbytes' kernel, plus its separate pass
+over the double-quantized block scales, profiled at about two thirds of the H100's memory
+bandwidth (bench/finetune_mixtral.md). This kernel reads the nested scales inline and writes
+the same bits (tests compare it with bitsandbytes); elsewhere bitsandbytes' own dequantization runs.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
 _BLOCK = 1024
+_DQ_BYTES = 2048  # packed bytes (4,096 weights) per program of the NF4 kernel
+_DQ_WARPS = 4
+TRITON_DEQUANTIZE = True  # False: bitsandbytes' dequantization everywhere (bench comparison)
 _ROWS = 4096  # row chunk of the torch fallback (bounds its fp32 temporaries)
 
 
@@ -62,6 +73,47 @@ if triton is not None:
         d_up = gw * silu
         tl.store(h_ptr + row * 2 * inter + cols, d_gate.to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + row * 2 * inter + inter + cols, d_up.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _dequant_nf4_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
+                            n_bytes, NESTED: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr,
+                            BLOCKS_PER_BLOCK2: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+        blk = offs // BYTES_PER_BLOCK
+        if NESTED:  # absmax = code2[absmax_q] * absmax2[block // 256] + offset, as bitsandbytes
+            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKS_PER_BLOCK2, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        hi = tl.load(code_ptr + (byte >> 4)) * scale  # high nibble first, as bitsandbytes packs
+        lo = tl.load(code_ptr + (byte & 15)) * scale
+        out = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))
+        out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
+
+
+def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes ``dequantize_4bit(packed, state)`` for NF4/FP4 data: the same values, in one
+    Triton pass (nested block scales read inline) where Triton runs, else bitsandbytes itself.
+    Nothing is read back to the host (the nested offset stays a device tensor): no sync."""
+    if not (TRITON_DEQUANTIZE and use_triton(packed)) or state.blocksize % 2:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(packed, state)
+    n_bytes = packed.numel()
+    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    nested = bool(state.nested)
+    s2 = state.state2 if nested else None
+    _dequant_nf4_kernel[(triton.cdiv(n_bytes, _DQ_BYTES),)](
+        packed, state.code, state.absmax, s2.code if nested else state.code,
+        s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, out, n_bytes,
+        NESTED=nested, BYTES_PER_BLOCK=state.blocksize // 2, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
+        BLOCK=_DQ_BYTES, num_warps=_DQ_WARPS)
+    return out
 
 
 def swiglu_forward(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

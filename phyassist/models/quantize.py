@@ -12,9 +12,10 @@ transformers 5.x stores each layer's experts as two fused 3-D parameters (``gate
   projection). Same packed bytes as ``parametrize``.
 
 Measured on an H100 (bench/finetune_mixtral.md, 32 layers, 4 x 1024): ``parametrize`` with
-whole-layer checkpointing 0.982 s/step at 28.29 GiB; ``grouped`` with attention-only
-checkpointing (:mod:`phyassist.train.checkpointing`) 0.798 s at 27.48 GiB, so ``configs/paper.yaml``
-uses ``grouped``; the config default stays ``parametrize`` for other MoE models.
+whole-layer checkpointing 1.004 s/step at 28.29 GiB; ``grouped`` with attention-only
+checkpointing (:mod:`phyassist.train.checkpointing`) 0.769 s at 27.48 GiB, 0.677 s with the attention
+half compiled, so ``configs/paper.yaml`` uses ``grouped``; the config default stays ``parametrize``
+for other MoE models.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from phyassist.models import moe_kernels
 from phyassist.models.moe_kernels import swiglu_backward_, swiglu_forward
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -48,8 +50,9 @@ class Packed4bit(nn.Module):
         self.shape = tuple(weight.shape)
 
     def dequantize(self) -> torch.Tensor:
+        """The bf16 weight; bitsandbytes' values, from the kit's one-pass Triton kernel on GPUs."""
         self._sync_state_device()
-        return _bnb().dequantize_4bit(self.packed, self.quant_state).view(self.shape)
+        return moe_kernels.dequantize_nf4(self.packed, self.quant_state).view(self.shape)
 
     def _sync_state_device(self) -> None:
         if self.quant_state.absmax.device != self.packed.device:
@@ -105,15 +108,18 @@ class _MoEExperts(torch.autograd.Function):
         order = torch.argsort(flat, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts_t = torch.bincount(flat, minlength=module.num_experts)
-        offsets = torch.cumsum(counts_t, 0).to(torch.int32)
+        # rows per expert as offsets into the sorted rows; searchsorted, unlike CUDA's bincount,
+        # needs no device-to-host sync
+        experts = torch.arange(module.num_experts, device=flat.device, dtype=flat.dtype)
+        offsets = torch.searchsorted(flat.index_select(0, order), experts, right=True).to(torch.int32)
         dtype = module.gate_up.quant_state.dtype
         token_of_row = order // k
         x = hidden.to(dtype)
         xs = x.index_select(0, token_of_row)
         w_row = weights.reshape(-1).index_select(0, order).float()
         # The loop fallback needs host-side counts (a device sync); the grouped GEMM does not.
-        counts = [0] * module.num_experts if uses_grouped_mm(xs) else counts_t.tolist()
+        counts = ([0] * module.num_experts if uses_grouped_mm(xs)
+                  else torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist())
         w1 = module.gate_up.dequantize()  # [E, 2I, H]
         h = _grouped_matmul(xs, w1.transpose(1, 2), offsets, counts)
         del w1, xs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from phyassist.schema_base import Section
 
@@ -41,6 +41,14 @@ class TrainConfig(Section):
         True, description="true: whole decoder layers; 'attention': only the attention half, the 4-bit "
         "experts recompute just their gate/up GEMM (model.quant.experts_method=grouped; faster at the "
         "same memory, bench/finetune_mixtral.md); false: none.")
+    compile_attention: bool = Field(
+        False, description="With gradient_checkpointing 'attention': torch.compile each layer's attention half "
+        "(one graph for all layers, about 15 s at the first step) so its norms, rotary, LoRA dropout, casts and "
+        "residual adds run fused (bench/finetune_mixtral.md).")
+    attention_memory_budget: Optional[float] = Field(
+        None, ge=0, le=1, description="With compile_attention: instead of checkpointing the attention half, let "
+        "the compiler's partitioner choose what to recompute within this fraction of its activation memory "
+        "(0: about what checkpointing keeps; 1: everything). None: checkpoint it.")
     completion_only_loss: bool = True
     packing: bool = Field(False, description="Padding-free packing (no cross-example attention).")
     bf16: bool = True
@@ -56,6 +64,15 @@ class TrainConfig(Section):
                                               "in 'loss', higher otherwise.")
     max_eval_records: int = Field(200, gt=0, description="Cap on validation records (evaluation costs time).")
     dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _compile_needs_attention_checkpointing(self):
+        if self.compile_attention and self.gradient_checkpointing != "attention":
+            raise ValueError(f"train.compile_attention needs train.gradient_checkpointing: attention "
+                             f"(got {self.gradient_checkpointing!r})")
+        if self.attention_memory_budget is not None and not self.compile_attention:
+            raise ValueError("train.attention_memory_budget needs train.compile_attention: true")
+        return self
     check_memory: bool = Field(True, description="Refuse to start when the projection exceeds GPU memory.")
 
 

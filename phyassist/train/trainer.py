@@ -261,7 +261,12 @@ def _effective_checkpointing(cfg, model):
               f"(model.quant.experts_method=grouped on an MoE model); using whole-layer checkpointing", flush=True)
     if mode == cfg.train.gradient_checkpointing:
         return cfg
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": mode})})
+    update = {"gradient_checkpointing": mode}
+    if cfg.train.compile_attention:
+        print("[train] train.compile_attention works with the attention-only checkpointing; not compiling",
+              flush=True)
+        update.update(compile_attention=False, attention_memory_budget=None)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
 def prepare_for_training(model, cfg):
@@ -279,7 +284,8 @@ def prepare_for_training(model, cfg):
     if ckpt == "attention":
         from phyassist.train.checkpointing import checkpoint_attention_only
 
-        checkpoint_attention_only(model)
+        t = cfg.train
+        checkpoint_attention_only(model, compile=t.compile_attention, memory_budget=t.attention_memory_budget)
     return model
 
 

@@ -1,0 +1,57 @@
+"""Grouped GEMM rate of one Mixtral layer's expert shapes, by weight layout (H100 question: does
+the layout the 4-bit experts are dequantized into change torch's grouped GEMM speed?).
+
+8 experts, 8,192 routed rows (4 x 1024 tokens, top-2) split evenly, hidden 4096, gate/up 2 x 14336.
+For each product of the expert MLP (forward gate/up and down, backward through both) the weight is
+given K-major (a transposed view of the stored [E, N, K] tensor, as the kit's forward does) or
+N-major ([E, K, N] contiguous), plus cuBLAS on one dense [8192 x K] @ [K x N] of the same FLOPs.
+
+    python bench/grouped_gemm.py        # GPU only; prints JSON
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def rate(fn, flops: float, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return flops * reps / (time.perf_counter() - t) / 1e12
+
+
+def main() -> None:
+    dev, dt = "cuda", torch.bfloat16
+    E, rows, H, I2 = 8, 8192, 4096, 2 * 14336
+    offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (rows // E)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    for name, K, N in (("gate_up (x @ W13^T)", H, I2), ("down (a @ W2^T)", I2 // 2, H),
+                       ("grad through down (g @ W2)", H, I2 // 2), ("grad through gate_up (gh @ W13)", I2, H)):
+        x = torch.randn(rows, K, device=dev, dtype=dt)
+        w_nk = torch.randn(E, N, K, device=dev, dtype=dt)  # stored [E, N, K]: used transposed (K-major)
+        w_kn = w_nk.transpose(1, 2).contiguous()  # [E, K, N] contiguous (N-major)
+        flops = 2 * rows * K * N
+        dense_w = torch.randn(K, N, device=dev, dtype=dt)
+        res[name] = {
+            "K-major TF/s": round(rate(lambda: F.grouped_mm(x, w_nk.transpose(1, 2), offs=offs), flops), 1),
+            "N-major TF/s": round(rate(lambda: F.grouped_mm(x, w_kn, offs=offs), flops), 1),
+            "dense cuBLAS TF/s": round(rate(lambda: x @ dense_w, flops), 1),
+        }
+        del x, w_nk, w_kn, dense_w
+        torch.cuda.empty_cache()
+        print(name, res[name], flush=True)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The kit's own trainer (`phyassist.train.trainer.train`: TRL SFT, paged AdamW 32-bit, batch 4 x
+accumulation 4, group_by_length) on a full-size random Mixtral-8x7B in 4 bit, per training recipe.
+
+bench/finetune_mixtral.py times a bare training step; this runs what `python -m phyassist train
+--config single-gpu` runs, with the model built straight into 4 bit (no checkpoint can be
+downloaded) and passed in, and Mixtral's tokenizer. Records are synthetic text cut at the
+profile's 1,024 tokens, so every micro-batch is 4 x 1024 tokens, as the study's.
+
+Recipes (overrides of configs/single-gpu.yaml):
+  plain     experts_method=parametrize, whole-layer gradient checkpointing
+  grouped   the kit's 4-bit experts, attention-only checkpointing, eager
+  compiled  the same with train.compile_attention
+  budget    compiled, attention not checkpointed: the compiler recomputes within
+            train.attention_memory_budget=0.1 (configs/paper.yaml's setting)
+
+    python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RECIPES = {
+    "plain": {"model.quant.experts_method": "parametrize", "train.gradient_checkpointing": True,
+              "train.compile_attention": False},
+    "grouped": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
+                "train.compile_attention": False},
+    "compiled": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
+                 "train.compile_attention": True},
+    "budget": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
+               "train.compile_attention": True, "train.attention_memory_budget": 0.1},
+}
+WORDS = ("feel anxious sleep work family friend therapy week talk worry tired hope stress mood help "
+         "night day change thought plan better listen support small step together notice breathe").split()
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    """Prompt/answer pairs long enough that every record is cut at 1,024 tokens (answer kept)."""
+    rng = random.Random(seed)
+    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [{"prompt": f"[INST] {text(200)} [/INST]", "completion": text(1400)} for _ in range(n)]
+
+
+class StepClock:
+    """Wall time at the end of every optimizer step (after a device sync)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                clock.ends.append(time.perf_counter())
+
+        self.ends: list[float] = []
+        self.cb = _CB()
+
+
+def run(recipe: str, args, tokenizer) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    from phyassist.train import checkpointing
+
+    torch._dynamo.reset()  # each recipe compiles afresh (a cached graph may come from another budget)
+    checkpointing._compiled.clear()
+
+    from bench.app_bench import random_model_factory
+    from phyassist.config import load_config
+    from phyassist.train.trainer import train
+
+    out = Path(tempfile.mkdtemp(prefix=f"trainer-{recipe}-"))
+    over = {"output_dir": str(out), "train.max_steps": args.steps, "train.save_steps": 10_000,
+            "train.logging_steps": 1, "train.check_memory": False, "wandb.mode": "disabled",
+            "model.name": args.model, **RECIPES[recipe]}
+    if not cuda:
+        over.update({"model.device_map": "cpu", "model.quant.compute_dtype": "float32", "train.bf16": False})
+    cfg = load_config("single-gpu", over)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    log: dict = {}
+    model = random_model_factory(len(tokenizer), torch.device("cuda" if cuda else "cpu"), log)(cfg.model)
+    weights = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+    clock = StepClock()
+    t0 = time.perf_counter()
+    train(cfg, train_records=records(args.steps * 16), model=model, tokenizer=tokenizer, callbacks=[clock.cb])
+    total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])][args.skip - 1:]  # after compile/warm-up
+    step_s = sorted(steps)[len(steps) // 2]
+    state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    row = dict(recipe=recipe, overrides=RECIPES[recipe], weights_gib=round(weights, 2), peak_gib=round(peak, 2),
+               first_step_s=round(clock.ends[0] - t0, 1), step_s=round(step_s, 3),
+               step_times=[round(s, 3) for s in steps], tokens_per_s=round(16 * 1024 / step_s, 1),
+               train_s=round(total, 1), losses=losses, build_s=log.get("build_s"),
+               adapter=(out / "adapter" / "adapter_model.safetensors").exists())
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from bench.app_bench import _mixtral_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipes", default="plain,grouped,compiled,budget")
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps (16 sequences of 1,024 tokens each)")
+    ap.add_argument("--skip", type=int, default=2, help="first steps not timed (compilation, warm-up)")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--model", default="mixtral-8x7b-instruct", help="registry name (tiny-mixtral: CPU check)")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args(argv)
+    tok = _mixtral_tokenizer(args.tokenizer, "right")
+    rows = []
+    meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                argv=sys.argv[1:])
+    for recipe in args.recipes.split(","):
+        try:
+            rows.append(run(recipe, args, tok))
+        except Exception as exc:  # keep the other recipes' numbers
+            rows.append(dict(recipe=recipe, error=f"{type(exc).__name__}: {str(exc)[:400]}"))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r["tokens_per_s"] for r in rows if r.get("recipe") == "plain" and "error" not in r), None)
+    for r in rows:
+        if base and "error" not in r:
+            r["vs_plain"] = round(r["tokens_per_s"] / base, 3)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "trainer_gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    for r in rows:
+        print(f"{r['recipe']:<10}" + (f" weights {r['weights_gib']:6.2f} GiB  peak {r['peak_gib']:6.2f} GiB  "
+                                      f"{r['step_s']:6.3f} s/step  {r['tokens_per_s']:8.0f} tok/s  "
+                                      f"x{r.get('vs_plain', float('nan')):.2f}" if "error" not in r else " " + r["error"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
