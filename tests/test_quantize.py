@@ -219,6 +219,22 @@ def test_compiled_checkpointed_attention_replays_its_dropout_masks():
         assert torch.allclose(g_ck[n], g_keep[n], atol=1e-6, rtol=1e-4), n
 
 
+def test_evaluation_and_generation_run_the_attention_half_eagerly():
+    import phyassist.train.checkpointing as ck
+    from phyassist.models.loading import load_model
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped"})
+    model = load_model(cfg.model, for_training=True)
+    ck.checkpoint_attention_only(model, compile=True)
+    ck._compiled.clear()
+    model.eval()
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert not ck._compiled  # nothing compiled outside training
+
+
 def test_compile_attention_needs_attention_checkpointing():
     with pytest.raises(Exception, match="compile_attention needs train.gradient_checkpointing: attention"):
         load_config("smoke", {"train.compile_attention": True})
