@@ -111,11 +111,13 @@ def test_killed_run_resumes_with_the_same_data_order(tok, tmp_path):
     subprocess.run(_cli(tmp_path / "b", steps), check=True, env=env, capture_output=True, timeout=400)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert set(range(3, steps + 1)) <= set(b)
-    # Same batches: the token counts match exactly; the losses up to CPU float nondeterminism
-    # (~1e-4 between processes; another batch differs by ~3e-3 on this model).
+    # Same batches: the token counts match exactly. The losses only up to the run-to-run noise of
+    # this CPU stack: two identical fresh processes already differ at step 2, before any kill
+    # (measured 2026-11-24, also at the previous commits, one thread or not: up to 6e-4 relative
+    # by step 6), so a tighter bound made this test fail now and then.
     assert _losses(tmp_path / "b", "num_input_tokens_seen") == _losses(tmp_path / "a", "num_input_tokens_seen")
     for s in range(3, steps + 1):
-        assert b[s] == pytest.approx(a[s], rel=5e-4), (s, a, b)
+        assert b[s] == pytest.approx(a[s], rel=2e-3), (s, a, b)
     assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").exists()
 
 
