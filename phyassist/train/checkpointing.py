@@ -37,7 +37,8 @@ def attention_half(layer, x, position_embeddings=None, attention_mask=None, posi
         # QLoRA's prep keeps norms (and so the residual stream) in fp32, but the router runs under
         # autocast and the 4-bit experts in their compute dtype: both round this input to it
         # anyway. Rounding once here stores one 16-bit copy per layer instead of an fp32 tensor
-        # plus the experts' 16-bit copy (measured: 2 GiB less for Mixtral at 4 x 1024 tokens).
+        # plus the experts' 16-bit copy (measured through the trainer on Mixtral at 4 x 1024
+        # tokens: peak 30.04 -> 29.07 GiB, bench/trainer_gpu.md).
         normed = normed.to(moe_dtype)
     return h, normed
 
@@ -52,7 +53,9 @@ def compiled_attention_half(memory_budget: float | None = None):
     built-in modules), so 32 identical layers compile once; inductor fuses the norms, rotary,
     LoRA dropout and scaling, casts and residual adds that eager mode runs as separate kernels.
     ``memory_budget`` (0-1, without checkpointing) lets the compiler's partitioner choose what to
-    recompute: 0 keeps about what checkpointing keeps, 1 everything.
+    recompute: 0 keeps about what checkpointing keeps, 1 everything. One budget per process: dynamo
+    caches graphs per function, so another budget needs ``torch._dynamo.reset()`` and
+    ``_compiled.clear()`` first (as the benchmarks do).
     """
     if memory_budget not in _compiled:
         fn = torch.compile(attention_half)
