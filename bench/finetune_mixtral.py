@@ -279,12 +279,7 @@ def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
 def run_variant(name, spec, args, dev, part="full"):
     from phyassist.models import moe_kernels
 
-    from phyassist.train import checkpointing
-
     moe_kernels.TRITON_DEQUANTIZE = spec.get("dequant", "kit") == "kit"
-    if spec.get("compile"):  # compile afresh: a cached graph may come from another memory budget
-        torch._dynamo.reset()
-        checkpointing._compiled.clear()
     try:
         return _run_variant(name, spec, args, dev, part)
     finally:

@@ -51,34 +51,24 @@ def records(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": f"[INST] {text(200)} [/INST]", "completion": text(1400)} for _ in range(n)]
 
 
-class StepClock:
-    """Wall time at the end of every optimizer step (after a device sync)."""
+def step_clock(ends: list[float]):
+    """A TrainerCallback appending the wall time at the end of every optimizer step (after a sync)."""
+    import torch
+    from transformers import TrainerCallback
 
-    def __init__(self):
-        from transformers import TrainerCallback
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
 
-        clock = self
-
-        class _CB(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                clock.ends.append(time.perf_counter())
-
-        self.ends: list[float] = []
-        self.cb = _CB()
+    return StepClock()
 
 
 def run(recipe: str, args, tokenizer) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    from phyassist.train import checkpointing
-
-    torch._dynamo.reset()  # each recipe compiles afresh (a cached graph may come from another budget)
-    checkpointing._compiled.clear()
 
     from bench.app_bench import random_model_factory
     from phyassist.config import load_config
@@ -97,17 +87,18 @@ def run(recipe: str, args, tokenizer) -> dict:
     log: dict = {}
     model = random_model_factory(len(tokenizer), torch.device("cuda" if cuda else "cpu"), log)(cfg.model)
     weights = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
-    clock = StepClock()
+    ends: list[float] = []
     t0 = time.perf_counter()
-    train(cfg, train_records=records(args.steps * 16), model=model, tokenizer=tokenizer, callbacks=[clock.cb])
+    train(cfg, train_records=records(args.steps * 16), model=model, tokenizer=tokenizer,
+          callbacks=[step_clock(ends)])
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])][args.skip - 1:]  # after compile/warm-up
+    steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]  # after compile/warm-up
     step_s = sorted(steps)[len(steps) // 2]
     state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     row = dict(recipe=recipe, overrides=RECIPES[recipe], weights_gib=round(weights, 2), peak_gib=round(peak, 2),
-               first_step_s=round(clock.ends[0] - t0, 1), step_s=round(step_s, 3),
+               first_step_s=round(ends[0] - t0, 1), step_s=round(step_s, 3),
                step_times=[round(s, 3) for s in steps], tokens_per_s=round(16 * 1024 / step_s, 1),
                train_s=round(total, 1), losses=losses, build_s=log.get("build_s"),
                adapter=(out / "adapter" / "adapter_model.safetensors").exists())

@@ -80,16 +80,18 @@ def patient_training_config(cfg, patient_id: int, load_in_4bit: bool | None = No
 def analysis_message(outcome: str, parsed: dict[str, Any]) -> str:
     """The status line at the end of an analysis; ``outcome``: what became of the draft there was
     when it started (same, gone, edited, replaced, started)."""
-    msg = "Draft ready: review, edit and save." if parsed["ok"] else (
-        f"The model's text could not be split into items ({parsed['problem']}); the raw text is kept in the "
-        "draft. Add items by hand or regenerate.")
+    def unparsed(where: str) -> str:
+        return (f"The model's text could not be split into items ({parsed['problem']}); the raw text is kept "
+                f"{where}. Add items by hand or regenerate.")
+
+    msg = "Draft ready: review, edit and save." if parsed["ok"] else unparsed("in the draft")
     if outcome == "gone":
         return "The draft there was when you pressed Analyze was saved or discarded meanwhile. " + msg
     if outcome in ("edited", "replaced", "started"):
         change = {"edited": "was edited", "replaced": "was replaced by another one", "started": "was started"}
         return (f"While the model wrote, the draft {change[outcome]} (in this or another session). That draft is "
                 "kept; this analysis waits beside it: press 'Use the other analysis' to swap them, or "
-                "'Dismiss it'." + ("" if parsed["ok"] else " " + msg.replace("in the draft", "with it")))
+                "'Dismiss it'." + ("" if parsed["ok"] else " " + unparsed("with it")))
     return msg
 
 
