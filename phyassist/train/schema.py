@@ -43,8 +43,8 @@ class TrainConfig(Section):
         "same memory, bench/finetune_mixtral.md); false: none.")
     compile_attention: bool = Field(
         False, description="With gradient_checkpointing 'attention': torch.compile each layer's attention half "
-        "(one graph for all layers, about 15 s at the first step) so its norms, rotary, LoRA dropout, casts and "
-        "residual adds run fused (bench/finetune_mixtral.md).")
+        "(one graph for all layers; the first step took 14-23 s on an H100) so its norms, rotary, LoRA dropout, "
+        "casts and residual adds run fused (bench/finetune_mixtral.md).")
     attention_memory_budget: Optional[float] = Field(
         None, ge=0, le=1, description="With compile_attention: instead of checkpointing the attention half, let "
         "the compiler's partitioner choose what to recompute within this fraction of its activation memory "
