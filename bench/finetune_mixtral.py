@@ -23,6 +23,10 @@ Variants (one process, one after the other, each model freed before the next is 
   fused-cexperts-bf16lora / fused-cnockpt-bf16lora  compiled, attention not checkpointed (experts
                recompute gate/up, or keep them too)
   +keepN       suffix: N layers keep their attention activations, the others are checkpointed
+  +prefetch    suffix: expert weights dequantized on a side stream during the attention halves
+               (train.prefetch_expert_weights)
+  +prefetchall suffix: +prefetch, and each expert pass's second weight dequantized during its
+               first GEMM (Quant4bitExperts.prefetch_inside; both weights alive at once)
   half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
                the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
 
@@ -84,14 +88,21 @@ VARIANTS = {
 
 
 def variant_spec(name: str) -> dict:
-    """``name`` from VARIANTS, optionally ``+keepN`` (N layers keep their attention activations,
-    the others stay checkpointed) or ``+budgetX`` (the compiler's activation memory budget X)."""
-    base, _, extra = name.partition("+")
+    """``name`` from VARIANTS, with any of the suffixes ``+keepN`` (N layers keep their attention
+    activations, the others stay checkpointed), ``+budgetX`` (the compiler's activation memory
+    budget X), ``+prefetch`` (expert weights dequantized ahead on a side stream)."""
+    base, *extras = name.split("+")
     spec = dict(VARIANTS[base])
-    if extra.startswith("keep"):
-        spec["attn_keep"] = int(extra[4:])
-    elif extra.startswith("budget"):
-        spec["memory_budget"] = float(extra[6:])
+    for extra in extras:
+        if extra.startswith("keep"):
+            spec["attn_keep"] = int(extra[4:])
+        elif extra.startswith("budget"):
+            spec["memory_budget"] = float(extra[6:])
+        elif extra in ("prefetch", "prefetchall"):
+            spec["prefetch"] = True
+            spec["prefetch_inside"] = extra == "prefetchall"
+        else:
+            raise ValueError(f"unknown variant suffix +{extra} in {name!r}")
     return spec
 
 
@@ -228,7 +239,8 @@ def matmul_ceiling(dev) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
-def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 0, memory_budget=None):
+def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 0, memory_budget=None,
+            prefetch: bool = False):
     """ckpt: full (whole layers), attention (attention halves; experts recompute gate/up),
     experts (only the experts recompute), none (nothing recomputed)."""
     from phyassist.train.checkpointing import checkpoint_attention_only, decoder_layers
@@ -241,7 +253,8 @@ def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 
     peft_model = apply_lora(model, lora_cfg)
     if ckpt in ("attention", "experts") or compile:
         checkpoint_attention_only(peft_model, keep_expert_activations=ckpt == "none", compile=compile,
-                                  checkpoint_attention=ckpt == "attention", memory_budget=memory_budget)
+                                  checkpoint_attention=ckpt == "attention", memory_budget=memory_budget,
+                                  prefetch=prefetch)
         for layer in decoder_layers(peft_model)[:attn_keep]:
             layer._phy_checkpoint = False
     return peft_model
@@ -308,7 +321,12 @@ def _run_variant(name, spec, args, dev, part="full"):
     weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
     lora = LoraConfig(r=32, alpha=32, dropout=0.05, target_router=True)
     peft_model = prepare(model, spec["ckpt"], lora, spec.get("compile", False), spec.get("attn_keep", 0),
-                         spec.get("memory_budget"))
+                         spec.get("memory_budget"), spec.get("prefetch", False))
+    from phyassist.models.quantize import Quant4bitExperts
+
+    for m in peft_model.modules():
+        if isinstance(m, Quant4bitExperts):
+            m.prefetch_inside = spec.get("prefetch_inside", False)
     if spec.get("lora_dtype"):
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -449,13 +467,14 @@ def gpu_idle(step, opt, params, dev, min_gap_us: float = 5.0) -> dict | None:
 
 
 def table(rows) -> str:
-    head = f"{'variant':<15}{'part':<7}{'layers':>6}{'weights GiB':>12}{'peak GiB':>10}{'step s':>9}{'tok/s':>9}{'MFU':>7}{'vs plain':>9}"
+    w = max([15] + [len(r["variant"]) + 2 for r in rows])
+    head = f"{'variant':<{w}}{'part':<7}{'layers':>6}{'weights GiB':>12}{'peak GiB':>10}{'step s':>9}{'tok/s':>9}{'MFU':>7}{'vs plain':>9}"
     base = next((r["tokens_per_s"] for r in rows if r["variant"] == "plain" and r["part"] == "full"), None)
     lines = [head, "-" * len(head)]
     for r in rows:
         rel = f"{r['tokens_per_s'] / base:.2f}x" if base and r["part"] == "full" else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "-"
-        lines.append(f"{r['variant']:<15}{r['part']:<7}{r['layers']:>6}{r['weights_gib']:>12.2f}{r['peak_gib']:>10.2f}"
+        lines.append(f"{r['variant']:<{w}}{r['part']:<7}{r['layers']:>6}{r['weights_gib']:>12.2f}{r['peak_gib']:>10.2f}"
                      f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{mfu:>7}{rel:>9}")
     return "\n".join(lines)
 

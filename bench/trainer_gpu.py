@@ -11,7 +11,8 @@ Recipes (overrides of configs/single-gpu.yaml):
   grouped   the kit's 4-bit experts, attention-only checkpointing, eager
   compiled  the same with train.compile_attention
   budget    compiled, attention not checkpointed: the compiler recomputes within
-            train.attention_memory_budget=0.1 (configs/paper.yaml's setting)
+            train.attention_memory_budget=0.1
+  prefetch  compiled, with train.prefetch_expert_weights
 
     python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
 """
@@ -39,6 +40,8 @@ RECIPES = {
                  "train.compile_attention": True},
     "budget": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
                "train.compile_attention": True, "train.attention_memory_budget": 0.1},
+    "prefetch": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
+                 "train.compile_attention": True, "train.prefetch_expert_weights": True},
 }
 WORDS = ("feel anxious sleep work family friend therapy week talk worry tired hope stress mood help "
          "night day change thought plan better listen support small step together notice breathe").split()

@@ -184,6 +184,34 @@ def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
     assert len(calls) == architecture_config("tiny-mixtral").num_hidden_layers  # one per layer, "attention" only
 
 
+def test_prefetched_expert_weights_are_used_once_and_change_nothing(monkeypatch):
+    """train.prefetch_expert_weights: each layer's gate/up weights are dequantized ahead in the
+    forward, the previous layer's down weights during each attention backward, every copy is used
+    by the next dequantize (none left over), and loss and gradients are those without it."""
+    from phyassist.models.quantize import Packed4bit
+
+    loss0, g0 = _grads_with("attention")
+    events = []
+    real_prefetch, real_dequantize = Packed4bit.prefetch, Packed4bit.dequantize
+    monkeypatch.setattr(Packed4bit, "prefetch", lambda self: events.append(("prefetch", id(self)))
+                        or real_prefetch(self))
+    monkeypatch.setattr(Packed4bit, "dequantize", lambda self: events.append(
+        ("use" if self._prefetched is not None else "dequantize", id(self))) or real_dequantize(self))
+    loss, g = _grads_with("attention", {"train.prefetch_expert_weights": True})
+    assert loss == loss0 and g.keys() == g0.keys()
+    for n in g0:
+        assert torch.equal(g[n], g0[n]), n
+    layers = architecture_config("tiny-mixtral").num_hidden_layers
+    # forward: gate/up of every layer; backward: down of every layer but the last
+    assert sum(kind == "prefetch" for kind, _ in events) == 2 * layers - 1
+    assert sum(kind == "use" for kind, _ in events) == 2 * layers - 1
+    for i, (kind, who) in enumerate(events):
+        if kind == "prefetch":  # the next dequantize of that weight takes the prefetched copy
+            assert next(k for k, w in events[i + 1:] if w == who) == "use"
+    with pytest.raises(Exception, match="prefetch_expert_weights needs train.gradient_checkpointing: attention"):
+        load_config("smoke", {"train.prefetch_expert_weights": True})
+
+
 def _compiled_grads(over):
     """``_grads_with("attention")`` compiled afresh (a cached graph may come from another budget);
     also returns how many graphs dynamo compiled (0 would mean nothing was compiled)."""

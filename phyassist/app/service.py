@@ -69,7 +69,8 @@ def patient_training_config(cfg, patient_id: int, load_in_4bit: bool | None = No
             # a short job on notes of ever-new lengths: compiling would cost more than it saves
             "train.compile_attention": False, "train.attention_memory_budget": None}
     if not torch.cuda.is_available():
-        over.update({"train.optim": "adamw_torch", "train.gradient_checkpointing": False, "train.bf16": False})
+        over.update({"train.optim": "adamw_torch", "train.gradient_checkpointing": False, "train.bf16": False,
+                     "train.prefetch_expert_weights": False})
         if not a.train_4bit_on_cpu:
             over["model.quant.load_in_4bit"] = False
     if load_in_4bit is not None:

@@ -49,6 +49,9 @@ class TrainConfig(Section):
         None, ge=0, le=1, description="With compile_attention: instead of checkpointing the attention half, let "
         "the compiler's partitioner choose what to recompute within this fraction of its activation memory "
         "(0: about what checkpointing keeps; 1: everything). None: checkpoint it.")
+    prefetch_expert_weights: bool = Field(
+        False, description="With gradient_checkpointing 'attention' on a GPU: dequantize the 4-bit experts' "
+        "weights on a side CUDA stream while each attention half runs (bench/finetune_mixtral.md).")
     completion_only_loss: bool = True
     packing: bool = Field(False, description="Padding-free packing (no cross-example attention).")
     bf16: bool = True
@@ -69,6 +72,9 @@ class TrainConfig(Section):
     def _compile_needs_attention_checkpointing(self):
         if self.compile_attention and self.gradient_checkpointing != "attention":
             raise ValueError(f"train.compile_attention needs train.gradient_checkpointing: attention "
+                             f"(got {self.gradient_checkpointing!r})")
+        if self.prefetch_expert_weights and self.gradient_checkpointing != "attention":
+            raise ValueError(f"train.prefetch_expert_weights needs train.gradient_checkpointing: attention "
                              f"(got {self.gradient_checkpointing!r})")
         if self.attention_memory_budget is not None and not self.compile_attention:
             raise ValueError("train.attention_memory_budget needs train.compile_attention: true")

@@ -266,6 +266,7 @@ def _effective_checkpointing(cfg, model):
         print("[train] train.compile_attention works with the attention-only checkpointing; not compiling",
               flush=True)
         update.update(compile_attention=False, attention_memory_budget=None)
+    update.update(prefetch_expert_weights=False)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
@@ -285,7 +286,8 @@ def prepare_for_training(model, cfg):
         from phyassist.train.checkpointing import checkpoint_attention_only
 
         t = cfg.train
-        checkpoint_attention_only(model, compile=t.compile_attention, memory_budget=t.attention_memory_budget)
+        checkpoint_attention_only(model, compile=t.compile_attention, memory_budget=t.attention_memory_budget,
+                                  prefetch=t.prefetch_expert_weights)
     return model
 
 
