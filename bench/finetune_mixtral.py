@@ -23,10 +23,7 @@ Variants (one process, one after the other, each model freed before the next is 
   fused-cexperts-bf16lora / fused-cnockpt-bf16lora  compiled, attention not checkpointed (experts
                recompute gate/up, or keep them too)
   +keepN       suffix: N layers keep their attention activations, the others are checkpointed
-  +prefetch    suffix: expert weights dequantized on a side stream during the attention halves
-               (train.prefetch_expert_weights)
-  +prefetchall suffix: +prefetch, and each expert pass's second weight dequantized during its
-               first GEMM (Quant4bitExperts.prefetch_inside; both weights alive at once)
+  +flat        suffix: the optimizer updates all LoRA tensors in one call (train.flat_optimizer)
   half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
                the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
 
@@ -90,7 +87,7 @@ VARIANTS = {
 def variant_spec(name: str) -> dict:
     """``name`` from VARIANTS, with any of the suffixes ``+keepN`` (N layers keep their attention
     activations, the others stay checkpointed), ``+budgetX`` (the compiler's activation memory
-    budget X), ``+prefetch`` (expert weights dequantized ahead on a side stream)."""
+    budget X) and ``+flat`` (one optimizer call over a flat view of the LoRA tensors)."""
     base, *extras = name.split("+")
     spec = dict(VARIANTS[base])
     for extra in extras:
@@ -98,9 +95,8 @@ def variant_spec(name: str) -> dict:
             spec["attn_keep"] = int(extra[4:])
         elif extra.startswith("budget"):
             spec["memory_budget"] = float(extra[6:])
-        elif extra in ("prefetch", "prefetchall"):
-            spec["prefetch"] = True
-            spec["prefetch_inside"] = extra == "prefetchall"
+        elif extra == "flat":
+            spec["flat"] = True
         else:
             raise ValueError(f"unknown variant suffix +{extra} in {name!r}")
     return spec
@@ -239,8 +235,7 @@ def matmul_ceiling(dev) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
-def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 0, memory_budget=None,
-            prefetch: bool = False):
+def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 0, memory_budget=None):
     """ckpt: full (whole layers), attention (attention halves; experts recompute gate/up),
     experts (only the experts recompute), none (nothing recomputed)."""
     from phyassist.train.checkpointing import checkpoint_attention_only, decoder_layers
@@ -253,8 +248,7 @@ def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 
     peft_model = apply_lora(model, lora_cfg)
     if ckpt in ("attention", "experts") or compile:
         checkpoint_attention_only(peft_model, keep_expert_activations=ckpt == "none", compile=compile,
-                                  checkpoint_attention=ckpt == "attention", memory_budget=memory_budget,
-                                  prefetch=prefetch)
+                                  checkpoint_attention=ckpt == "attention", memory_budget=memory_budget)
         for layer in decoder_layers(peft_model)[:attn_keep]:
             layer._phy_checkpoint = False
     return peft_model
@@ -321,12 +315,7 @@ def _run_variant(name, spec, args, dev, part="full"):
     weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
     lora = LoraConfig(r=32, alpha=32, dropout=0.05, target_router=True)
     peft_model = prepare(model, spec["ckpt"], lora, spec.get("compile", False), spec.get("attn_keep", 0),
-                         spec.get("memory_budget"), spec.get("prefetch", False))
-    from phyassist.models.quantize import Quant4bitExperts
-
-    for m in peft_model.modules():
-        if isinstance(m, Quant4bitExperts):
-            m.prefetch_inside = spec.get("prefetch_inside", False)
+                         spec.get("memory_budget"))
     if spec.get("lora_dtype"):
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -334,7 +323,7 @@ def _run_variant(name, spec, args, dev, part="full"):
     peft_model.train()
     trainable = trainable_parameters(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, args.lr, dev)
+    opt = make_optimizer(params, args.lr, dev, spec.get("flat", False))
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(dev)
     step = make_step(peft_model, part, spec["fused_ce"], batch, dev, cfg.hidden_size)
@@ -378,12 +367,18 @@ def _run_variant(name, spec, args, dev, part="full"):
     return row
 
 
-def make_optimizer(params, lr, dev):
+def make_optimizer(params, lr, dev, flat: bool = False):
+    """PagedAdamW32bit (the study's) on GPUs, torch's AdamW on the CPU; ``flat``: the same class
+    over one flat view of all the LoRA tensors (:mod:`phyassist.train.flat_optim`)."""
+    from phyassist.train.flat_optim import flat_optimizer
+
     if dev.type == "cuda":
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW32bit(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr)
+        cls = bnb.optim.PagedAdamW32bit
+    else:
+        cls = torch.optim.AdamW
+    return flat_optimizer(cls, [{"params": params}], lr=lr) if flat else cls(params, lr=lr)
 
 
 def profile_step(step, dev) -> str:
@@ -403,8 +398,6 @@ def gpu_idle(step, opt, params, dev, min_gap_us: float = 5.0) -> dict | None:
     """Where the GPU waits in one training step: its busy and idle time, and the idle gaps
     grouped by the top-level CPU op that launched the kernel ending each gap (the op the GPU
     waited for)."""
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import warnings
@@ -434,8 +427,17 @@ def gpu_idle(step, opt, params, dev, min_gap_us: float = 5.0) -> dict | None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+    return {**idle_breakdown(p, min_gap_us), "syncs": syncs}
+
+
+def idle_breakdown(prof, min_gap_us: float = 5.0) -> dict:
+    """GPU busy and idle time of a finished ``torch.profiler.profile`` (kernels of all streams as
+    one union), the idle gaps grouped by the innermost named CPU region (autograd node, compiled
+    region, optimizer step, phase) that launched the kernel ending each gap: what the GPU waited for."""
+    import tempfile
+
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        p.export_chrome_trace(f.name)
+        prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     launch = {e["args"]["correlation"]: e for e in events
@@ -463,7 +465,7 @@ def gpu_idle(step, opt, params, dev, min_gap_us: float = 5.0) -> dict | None:
     span = (last_end - gpu[0]["ts"]) if gpu else 0.0
     top = sorted(gaps.items(), key=lambda kv: -kv[1])[:12]
     return dict(span_ms=round(span / 1e3, 1), busy_ms=round(busy / 1e3, 1), idle_ms=round((span - busy) / 1e3, 1),
-                idle_by_owner_ms={k[:90]: round(v / 1e3, 2) for k, v in top}, syncs=syncs)
+                idle_by_owner_ms={k[:90]: round(v / 1e3, 2) for k, v in top})
 
 
 def table(rows) -> str:

@@ -12,7 +12,8 @@ Recipes (overrides of configs/single-gpu.yaml):
   compiled  the same with train.compile_attention
   budget    compiled, attention not checkpointed: the compiler recomputes within
             train.attention_memory_budget=0.1
-  prefetch  compiled, with train.prefetch_expert_weights
+  flat      compiled, with train.flat_optimizer (configs/paper.yaml's setting)
+  flat-budget  flat, attention not checkpointed: train.attention_memory_budget=0.02
 
     python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
 """
@@ -40,8 +41,11 @@ RECIPES = {
                  "train.compile_attention": True},
     "budget": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
                "train.compile_attention": True, "train.attention_memory_budget": 0.1},
-    "prefetch": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
-                 "train.compile_attention": True, "train.prefetch_expert_weights": True},
+    "flat": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
+             "train.compile_attention": True, "train.flat_optimizer": True},
+    "flat-budget": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
+                    "train.compile_attention": True, "train.flat_optimizer": True,
+                    "train.attention_memory_budget": 0.02},
 }
 WORDS = ("feel anxious sleep work family friend therapy week talk worry tired hope stress mood help "
          "night day change thought plan better listen support small step together notice breathe").split()
@@ -68,6 +72,38 @@ def step_clock(ends: list[float]):
     return StepClock()
 
 
+def step_profiler(step: int, found: dict):
+    """A TrainerCallback profiling optimizer step ``step`` (all its micro-batches): the top CUDA
+    kernels and CPU ops into ``found["table"]``, GPU idle time by what it waited for into
+    ``found["gpu_idle"]`` (the analysis of bench/finetune_mixtral.py's --timeline)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    from bench.finetune_mixtral import idle_breakdown
+
+    class StepProfiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == step and torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == step:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                avg = self.prof.key_averages()
+                found["table"] = (avg.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+                                  + avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+                found["gpu_idle"] = idle_breakdown(self.prof)
+                self.prof = None
+
+    return StepProfiler()
+
+
 def run(recipe: str, args, tokenizer) -> dict:
     import torch
 
@@ -91,12 +127,17 @@ def run(recipe: str, args, tokenizer) -> dict:
     model = random_model_factory(len(tokenizer), torch.device("cuda" if cuda else "cpu"), log)(cfg.model)
     weights = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
     ends: list[float] = []
+    found: dict = {}
+    callbacks = [step_clock(ends)]
+    if recipe in args.profile.split(","):
+        callbacks.append(step_profiler(args.steps, found))  # the last step, left out of the timing
     t0 = time.perf_counter()
-    train(cfg, train_records=records(args.steps * 16), model=model, tokenizer=tokenizer,
-          callbacks=[step_clock(ends)])
+    train(cfg, train_records=records(args.steps * 16), model=model, tokenizer=tokenizer, callbacks=callbacks)
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]  # after compile/warm-up
+    if found:
+        steps = steps[:-1]
     step_s = sorted(steps)[len(steps) // 2]
     state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -104,7 +145,9 @@ def run(recipe: str, args, tokenizer) -> dict:
                first_step_s=round(ends[0] - t0, 1), step_s=round(step_s, 3),
                step_times=[round(s, 3) for s in steps], tokens_per_s=round(16 * 1024 / step_s, 1),
                train_s=round(total, 1), losses=losses, build_s=log.get("build_s"),
-               adapter=(out / "adapter" / "adapter_model.safetensors").exists())
+               adapter=(out / "adapter" / "adapter_model.safetensors").exists(), gpu_idle=found.get("gpu_idle"))
+    if "table" in found:
+        (Path(args.out) / f"trainer_profile_{recipe}.txt").write_text(found["table"])
     del model
     gc.collect()
     if cuda:
@@ -118,12 +161,14 @@ def main(argv=None) -> int:
     from bench.app_bench import _mixtral_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipes", default="plain,grouped,compiled,budget")
+    ap.add_argument("--recipes", default="plain,compiled,flat")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps (16 sequences of 1,024 tokens each)")
     ap.add_argument("--skip", type=int, default=2, help="first steps not timed (compilation, warm-up)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--model", default="mixtral-8x7b-instruct", help="registry name (tiny-mixtral: CPU check)")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--profile", default="", help="recipes whose last optimizer step is profiled, not timed "
+                    "(kernels, CPU ops, GPU idle time): trainer_profile_<recipe>.txt and the row's gpu_idle")
     args = ap.parse_args(argv)
     tok = _mixtral_tokenizer(args.tokenizer, "right")
     rows = []

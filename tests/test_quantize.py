@@ -184,34 +184,6 @@ def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
     assert len(calls) == architecture_config("tiny-mixtral").num_hidden_layers  # one per layer, "attention" only
 
 
-def test_prefetched_expert_weights_are_used_once_and_change_nothing(monkeypatch):
-    """train.prefetch_expert_weights: each layer's gate/up weights are dequantized ahead in the
-    forward, the previous layer's down weights during each attention backward, every copy is used
-    by the next dequantize (none left over), and loss and gradients are those without it."""
-    from phyassist.models.quantize import Packed4bit
-
-    loss0, g0 = _grads_with("attention")
-    events = []
-    real_prefetch, real_dequantize = Packed4bit.prefetch, Packed4bit.dequantize
-    monkeypatch.setattr(Packed4bit, "prefetch", lambda self: events.append(("prefetch", id(self)))
-                        or real_prefetch(self))
-    monkeypatch.setattr(Packed4bit, "dequantize", lambda self: events.append(
-        ("use" if self._prefetched is not None else "dequantize", id(self))) or real_dequantize(self))
-    loss, g = _grads_with("attention", {"train.prefetch_expert_weights": True})
-    assert loss == loss0 and g.keys() == g0.keys()
-    for n in g0:
-        assert torch.equal(g[n], g0[n]), n
-    layers = architecture_config("tiny-mixtral").num_hidden_layers
-    # forward: gate/up of every layer; backward: down of every layer but the last
-    assert sum(kind == "prefetch" for kind, _ in events) == 2 * layers - 1
-    assert sum(kind == "use" for kind, _ in events) == 2 * layers - 1
-    for i, (kind, who) in enumerate(events):
-        if kind == "prefetch":  # the next dequantize of that weight takes the prefetched copy
-            assert next(k for k, w in events[i + 1:] if w == who) == "use"
-    with pytest.raises(Exception, match="prefetch_expert_weights needs train.gradient_checkpointing: attention"):
-        load_config("smoke", {"train.prefetch_expert_weights": True})
-
-
 def _compiled_grads(over):
     """``_grads_with("attention")`` compiled afresh (a cached graph may come from another budget);
     also returns how many graphs dynamo compiled (0 would mean nothing was compiled)."""
@@ -233,6 +205,39 @@ def test_compiled_attention_half_gives_the_same_gradients():
         assert abs(loss - loss0) < 1e-5 and g.keys() == g0.keys()
         for n in g0:
             assert torch.allclose(g[n], g0[n], atol=1e-6, rtol=1e-4), (over, n)
+
+
+def test_compiled_attention_half_stays_one_graph_after_outputs_were_captured():
+    """Once any output is asked of the model (as TRL's trainer does), transformers hooks every
+    attention module; the hook's ContextVar lookup must not split the compiled attention half
+    (it did: three graphs per layer, bench/trainer_gpu.md)."""
+    from torch._dynamo.utils import counters
+
+    from phyassist.config import load_config
+    from phyassist.models.loading import load_model
+    from phyassist.train.trainer import prepare_for_training
+    import phyassist.train.checkpointing as ck
+
+    torch._dynamo.reset()
+    ck._compiled.clear()
+    counters.clear()
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped",
+                                "train.gradient_checkpointing": "attention", "train.compile_attention": True})
+    model = prepare_for_training(load_model(cfg.model, for_training=True), cfg)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)  # installs the hooks on every module kind
+    layers = ck.decoder_layers(model)
+    assert len(out.hidden_states) == len(layers) + 1
+    assert all(ck.only_output_capturing_hooks(layer.self_attn) and layer.self_attn._forward_hooks
+               for layer in layers)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2  # layer 0 (input without grad) and the others
+    layers[0].self_attn.register_forward_pre_hook(lambda *a: None)
+    assert not ck.only_output_capturing_hooks(layers[0].self_attn)  # other hooks are never skipped
 
 
 def test_compiled_checkpointed_attention_replays_its_dropout_masks():

@@ -200,8 +200,9 @@ def test_best_eval_loss_checkpoint_is_kept_and_loaded(tok, tmp_path):
 
 def test_paper_path_trains_tiny_mixtral_with_the_compiled_attention_half(tok, tmp_path):
     """train() with the paper profile's model path (4-bit grouped experts, attention-only
-    checkpointing, compiled attention half): records of several lengths, a finite decreasing loss,
-    an adapter, and the compiled graph really ran."""
+    checkpointing, compiled attention half, paged AdamW over flat LoRA tensors): records of
+    several lengths, a finite decreasing loss, an adapter, and the compiled graph and the flat
+    optimizer really ran."""
     import math
 
     import torch
@@ -216,8 +217,18 @@ def test_paper_path_trains_tiny_mixtral_with_the_compiled_attention_half(tok, tm
                                 "model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
                                 "train.compile_attention": True, "train.lora.target_router": True,
                                 "train.max_steps": 4, "train.save_steps": 4, "train.logging_steps": 1,
-                                "train.learning_rate": 1e-3, "wandb.mode": "disabled"})
-    adapter = T.train(cfg, train_records=records(tok, 16))
+                                "train.learning_rate": 1e-3, "wandb.mode": "disabled",
+                                "train.optim": "paged_adamw_32bit", "train.flat_optimizer": True})
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            seen.append(type(getattr(optimizer, "optimizer", optimizer)).__name__)
+
+    adapter = T.train(cfg, train_records=records(tok, 16), callbacks=[Spy()])
+    assert seen and all(name.startswith("Flat") for name in seen), seen
     losses = _losses(tmp_path)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses.values())
     assert losses[4] < losses[1], losses

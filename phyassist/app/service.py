@@ -66,11 +66,11 @@ def patient_training_config(cfg, patient_id: int, load_in_4bit: bool | None = No
             "train.lora.alpha": 2 * a.train_lora_r, "train.lora.bias": "none",
             "train.per_device_train_batch_size": a.train_batch_size, "train.gradient_accumulation_steps": 1,
             "train.save_total_limit": 1,
-            # a short job on notes of ever-new lengths: compiling would cost more than it saves
-            "train.compile_attention": False, "train.attention_memory_budget": None}
+            # a short job on notes of ever-new lengths: compiling would cost more than it saves; the
+            # resident model swaps adapters in place, so its LoRA tensors stay plain tensors
+            "train.compile_attention": False, "train.attention_memory_budget": None, "train.flat_optimizer": False}
     if not torch.cuda.is_available():
-        over.update({"train.optim": "adamw_torch", "train.gradient_checkpointing": False, "train.bf16": False,
-                     "train.prefetch_expert_weights": False})
+        over.update({"train.optim": "adamw_torch", "train.gradient_checkpointing": False, "train.bf16": False})
         if not a.train_4bit_on_cpu:
             over["model.quant.load_in_4bit"] = False
     if load_in_4bit is not None:

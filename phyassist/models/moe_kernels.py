@@ -96,18 +96,16 @@ if triton is not None:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
 
 
-def dequantize_nf4(packed: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes ``dequantize_4bit(packed, state)`` for NF4/FP4 data: the same values, in one
     Triton pass (nested block scales read inline) where Triton runs, else bitsandbytes itself.
-    Nothing is read back to the host (the nested offset stays a device tensor): no sync.
-    ``out``: a tensor of the state's shape and dtype to write into."""
+    Nothing is read back to the host (the nested offset stays a device tensor): no sync."""
     if not (TRITON_DEQUANTIZE and use_triton(packed)) or state.blocksize % 2:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(packed, state, out=out)
+        return bnbf.dequantize_4bit(packed, state)
     n_bytes = packed.numel()
-    if out is None:
-        out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     nested = bool(state.nested)
     s2 = state.state2 if nested else None
     _dequant_nf4_kernel[(triton.cdiv(n_bytes, _DQ_BYTES),)](

@@ -37,19 +37,8 @@ def _bnb():
     return bnbf
 
 
-_side_streams: dict = {}  # {device: the CUDA stream that prefetches dequantized weights}
-
-
-def _side_stream(device: torch.device):
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
-
-
 class Packed4bit(nn.Module):
     """One weight tensor in packed 4-bit (uint8 storage) with its bitsandbytes quant state."""
-
-    _prefetched = None  # (bf16 weight, CUDA event or None) from :meth:`prefetch`, for the next dequantize()
 
     def __init__(self, weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True,
                  blocksize: int = 64):
@@ -61,39 +50,9 @@ class Packed4bit(nn.Module):
         self.shape = tuple(weight.shape)
 
     def dequantize(self) -> torch.Tensor:
-        """The bf16 weight; bitsandbytes' values, from the kit's one-pass Triton kernel on GPUs.
-        Returns the weight :meth:`prefetch` made, when there is one (once)."""
-        if self._prefetched is not None:
-            out, ready = self._prefetched
-            self._prefetched = None
-            if ready is not None:
-                torch.cuda.current_stream(out.device).wait_event(ready)
-            return out.view(self.shape)
+        """The bf16 weight; bitsandbytes' values, from the kit's one-pass Triton kernel on GPUs."""
         self._sync_state_device()
         return moe_kernels.dequantize_nf4(self.packed, self.quant_state).view(self.shape)
-
-    def prefetch(self) -> None:
-        """Dequantize now, for the next :meth:`dequantize`: on a GPU on a side stream, so the
-        memory-bound dequantization overlaps whatever the main stream runs meanwhile (the
-        attention half, bench/finetune_mixtral.md). The weights are frozen, so an early copy
-        is the same copy."""
-        if self._prefetched is not None:
-            return
-        self._sync_state_device()
-        if not self.packed.is_cuda:
-            self._prefetched = (moe_kernels.dequantize_nf4(self.packed, self.quant_state), None)
-            return
-        main = torch.cuda.current_stream(self.packed.device)
-        # allocated on the main stream, which frees it after use; the side stream first waits for
-        # the main stream's queued work, which may still be using this memory's previous owner
-        out = torch.empty(self.quant_state.shape, dtype=self.quant_state.dtype, device=self.packed.device)
-        side = _side_stream(self.packed.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            moe_kernels.dequantize_nf4(self.packed, self.quant_state, out=out)
-            ready = torch.cuda.Event()
-            ready.record(side)
-        self._prefetched = (out, ready)
 
     def _sync_state_device(self) -> None:
         if self.quant_state.absmax.device != self.packed.device:
@@ -162,8 +121,6 @@ class _MoEExperts(torch.autograd.Function):
         counts = ([0] * module.num_experts if uses_grouped_mm(xs)
                   else torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist())
         w1 = module.gate_up.dequantize()  # [E, 2I, H]
-        if module.prefetch_inside:
-            module.down.prefetch()  # overlaps the gate/up GEMM (both weights alive at once)
         h = _grouped_matmul(xs, w1.transpose(1, 2), offsets, counts)
         del w1, xs
         a = swiglu_forward(h, w_row)
@@ -187,8 +144,6 @@ class _MoEExperts(torch.autograd.Function):
         token_of_row = order // k
         w2 = module.down.dequantize()
         g = grad_out.to(w2.dtype).index_select(0, token_of_row)
-        if module.prefetch_inside:
-            module.gate_up.prefetch()  # overlaps the down projection's input-gradient GEMM
         grad_a = _grouped_matmul(g, w2, offsets, counts)  # gradient of the unweighted activation
         del w2, g
         w1 = module.gate_up.dequantize()
@@ -227,9 +182,6 @@ class Quant4bitExperts(nn.Module):
         if self.act_name not in ("SiLUActivation", "SiLU"):
             raise ValueError(f"Quant4bitExperts supports SiLU-gated experts only, got {self.act_name}")
         self.keep_activations = keep_activations
-        # dequantize each pass's second weight on a side stream during its first GEMM (more peak
-        # memory: both weights alive at once); measured by bench/finetune_mixtral.py +prefetchall
-        self.prefetch_inside = False
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return _MoEExperts.apply(hidden_states, top_k_weights, top_k_index, self, self.keep_activations)

@@ -10,11 +10,6 @@ MoE input stay alive (2 x tokens x hidden), and the down projection is never rer
 ``compile=True`` (``train.compile_attention``) runs that attention half, in training, as one
 ``torch.compile`` graph shared by all layers (bench/finetune_mixtral.md: 0.769 -> 0.677 s a step
 on Mixtral at the same memory).
-
-``prefetch=True`` (``train.prefetch_expert_weights``) dequantizes expert weights on a side CUDA
-stream while the attention half runs: a layer's gate/up weights during its attention forward, and
-the previous layer's down weights during its attention backward, each the first weight its expert
-block needs next. Both stretches hold little else, so the early copy costs no peak memory.
 """
 
 from __future__ import annotations
@@ -29,11 +24,12 @@ LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"
 
 
 def attention_half(layer, x, position_embeddings=None, attention_mask=None, position_ids=None,
-                   past_key_values=None, **kwargs):
-    """Norm, attention and residual, plus the MLP's input norm: everything of a layer but the MLP."""
-    h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=position_embeddings,
-                           attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=past_key_values, **kwargs)
+                   past_key_values=None, call_hooks=True, **kwargs):
+    """Norm, attention and residual, plus the MLP's input norm: everything of a layer but the MLP.
+    ``call_hooks=False`` runs the attention's ``forward`` without its module hooks."""
+    attn = layer.self_attn if call_hooks else layer.self_attn.forward
+    h, _ = attn(hidden_states=layer.input_layernorm(x), position_embeddings=position_embeddings,
+                attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values, **kwargs)
     h = x + h
     normed = layer.post_attention_layernorm(h)
     moe_dtype = getattr(layer, "_phy_moe_dtype", None)
@@ -74,30 +70,33 @@ def compiled_attention_half(memory_budget: float | None = None):
     return _compiled[memory_budget]
 
 
-def _prefetch_down(experts):
-    """A gradient hook: the previous layer's down weights, dequantized while this attention half
-    runs its backward (its expert backward needs them first)."""
-    def hook(grad):
-        experts.down.prefetch()
-    return hook
+def only_output_capturing_hooks(module: nn.Module) -> bool:
+    """Whether ``module``'s hooks are at most transformers' output-capturing forward hook.
+
+    transformers installs that hook on every attention module the first time any output
+    (hidden states, router logits, attention maps) is asked of the model, as TRL's trainer does.
+    Its ``ContextVar`` lookup cannot be traced, so each compiled attention half fell into three
+    graphs with eager code between them (found through the trainer on an H100,
+    bench/trainer_gpu.md). It records attention maps only when they are asked for, which
+    training never does, so the compiled path may skip it; any other hook is kept.
+    """
+    if module._forward_pre_hooks or getattr(module, "_backward_hooks", None):
+        return False
+    return all(getattr(h, "__name__", "") == "output_capturing_hook" for h in module._forward_hooks.values())
 
 
 def _layer_forward(self, hidden_states, **kwargs):
     training = self.training and torch.is_grad_enabled()
-    prefetch = training and self._phy_prefetch and self._phy_experts is not None
-    if prefetch:
-        self._phy_experts.gate_up.prefetch()
     # compiled for training only: evaluation and generation (a KV cache growing by one token a
     # step) run eagerly
-    fn = compiled_attention_half(self._phy_memory_budget) if self._phy_compile and training else attention_half
+    compiled = self._phy_compile and training
+    fn = compiled_attention_half(self._phy_memory_budget) if compiled else attention_half
+    if compiled and self.self_attn._forward_hooks and only_output_capturing_hooks(self.self_attn):
+        kwargs["call_hooks"] = False
     if self._phy_checkpoint and training:
         h, normed = checkpoint(fn, self, hidden_states, use_reentrant=False, **kwargs)
     else:
         h, normed = fn(self, hidden_states, **kwargs)
-    previous = self._phy_previous_experts
-    if prefetch and previous is not None and normed.requires_grad and previous.down.packed.device == normed.device:
-        # fires when this layer's expert block has finished its backward, before the attention half's
-        normed.register_hook(_prefetch_down(previous))
     return h + self.mlp(normed)
 
 
@@ -117,15 +116,13 @@ def resolve_mode(mode, model: nn.Module):
 
 
 def checkpoint_attention_only(model: nn.Module, keep_expert_activations: bool = False, compile: bool = False,
-                              checkpoint_attention: bool = True, memory_budget: float | None = None,
-                              prefetch: bool = False) -> int:
+                              checkpoint_attention: bool = True, memory_budget: float | None = None) -> int:
     """Checkpoint each decoder layer's attention half; returns how many layers were patched.
 
     Also turns off the experts' saved gate/up activations (they recompute them instead), which
     is what keeps the memory at whole-layer checkpointing's level. ``compile`` runs the attention
     half through :func:`compiled_attention_half`; ``checkpoint_attention=False`` keeps its
-    activations instead of recomputing them (more memory, less time). ``prefetch``: see the
-    module's docstring.
+    activations instead of recomputing them (more memory, less time).
     """
     from phyassist.models.quantize import Quant4bitExperts
 
@@ -133,13 +130,9 @@ def checkpoint_attention_only(model: nn.Module, keep_expert_activations: bool = 
     if not layers:
         raise ValueError(f"{type(model).__name__}: no pre-norm decoder layers "
                          f"(with {', '.join(LAYER_PARTS)}) to checkpoint")
-    previous = None
     for layer in layers:
         experts = [m for m in layer.mlp.modules() if isinstance(m, Quant4bitExperts)]
         layer._phy_moe_dtype = experts[0].gate_up.quant_state.dtype if experts else None
-        layer._phy_experts = experts[0] if experts else None
-        layer._phy_previous_experts, previous = previous, layer._phy_experts
-        layer._phy_prefetch = prefetch
         if getattr(layer, "gradient_checkpointing", False):
             layer.gradient_checkpointing = False  # ours replaces the whole-layer one
         layer._phy_compile, layer._phy_checkpoint = compile, checkpoint_attention and memory_budget is None

@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from phyassist.schema_base import Section
 
+# optimizers whose update treats every element alone: train.flat_optimizer gives them the same result
+ELEMENTWISE = ("paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "sgd")
+
 
 class LoraConfig(Section):
     r: int = Field(32, gt=0)
@@ -49,9 +52,10 @@ class TrainConfig(Section):
         None, ge=0, le=1, description="With compile_attention: instead of checkpointing the attention half, let "
         "the compiler's partitioner choose what to recompute within this fraction of its activation memory "
         "(0: about what checkpointing keeps; 1: everything). None: checkpoint it.")
-    prefetch_expert_weights: bool = Field(
-        False, description="With gradient_checkpointing 'attention' on a GPU: dequantize the 4-bit experts' "
-        "weights on a side CUDA stream while each attention half runs (bench/finetune_mixtral.md).")
+    flat_optimizer: bool = Field(
+        False, description="Update all LoRA tensors in one optimizer call (views of one flat buffer) instead of "
+        "one call and kernel each: the same elementwise update; optim must be one of "
+        "paged_adamw_32bit, adamw_torch, adamw_torch_fused, sgd (bench/finetune_mixtral.md).")
     completion_only_loss: bool = True
     packing: bool = Field(False, description="Padding-free packing (no cross-example attention).")
     bf16: bool = True
@@ -73,9 +77,9 @@ class TrainConfig(Section):
         if self.compile_attention and self.gradient_checkpointing != "attention":
             raise ValueError(f"train.compile_attention needs train.gradient_checkpointing: attention "
                              f"(got {self.gradient_checkpointing!r})")
-        if self.prefetch_expert_weights and self.gradient_checkpointing != "attention":
-            raise ValueError(f"train.prefetch_expert_weights needs train.gradient_checkpointing: attention "
-                             f"(got {self.gradient_checkpointing!r})")
+        if self.flat_optimizer and self.optim not in ELEMENTWISE:
+            raise ValueError(f"train.flat_optimizer needs an elementwise train.optim ({', '.join(ELEMENTWISE)}); "
+                             f"got {self.optim!r}")
         if self.attention_memory_budget is not None and not self.compile_attention:
             raise ValueError("train.attention_memory_budget needs train.compile_attention: true")
         return self

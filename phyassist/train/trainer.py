@@ -219,6 +219,18 @@ def _trainer_class():
         """SFTTrainer whose log lines also carry the system meter's numbers (tokens/s, GPU)."""
 
         meter = None
+        flat_optimizer = False  # train.flat_optimizer
+
+        def create_optimizer(self, model=None):
+            """The stock optimizer, or the same class and arguments over flat parameters."""
+            fresh = self.optimizer is None
+            opt = super().create_optimizer(model)
+            if fresh and self.flat_optimizer:
+                from phyassist.train.flat_optim import flat_optimizer
+
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+                self.optimizer = flat_optimizer(cls, opt.param_groups, **kwargs)
+            return self.optimizer
 
         def log(self, logs, start_time=None):
             if self.meter is not None and "loss" in logs:
@@ -266,7 +278,6 @@ def _effective_checkpointing(cfg, model):
         print("[train] train.compile_attention works with the attention-only checkpointing; not compiling",
               flush=True)
         update.update(compile_attention=False, attention_memory_budget=None)
-    update.update(prefetch_expert_weights=False)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
@@ -286,8 +297,7 @@ def prepare_for_training(model, cfg):
         from phyassist.train.checkpointing import checkpoint_attention_only
 
         t = cfg.train
-        checkpoint_attention_only(model, compile=t.compile_attention, memory_budget=t.attention_memory_budget,
-                                  prefetch=t.prefetch_expert_weights)
+        checkpoint_attention_only(model, compile=t.compile_attention, memory_budget=t.attention_memory_budget)
     return model
 
 
@@ -325,6 +335,9 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
                                train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                                callbacks=[layout_callback(out), *(callbacks or [])])
     trainer.meter = meter
+    from phyassist.models.loading import under_fsdp
+
+    trainer.flat_optimizer = cfg.train.flat_optimizer and not under_fsdp()  # FSDP shards the weights itself
     trainer._phyassist_meta = {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump()}
     trainer.train(resume_from_checkpoint=resume)
     save_adapter(trainer, tokenizer, adapter_dir, cfg)
