@@ -16,6 +16,8 @@ Recipes (overrides of configs/single-gpu.yaml):
   flat-budget  flat, attention not checkpointed: train.attention_memory_budget=0.02
 
     python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
+    python bench/trainer_gpu.py ... --vary          # records of many lengths: compile and recompile times
+    python bench/trainer_gpu.py ... --profile flat  # kernels, CPU ops and GPU idle of the last step
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ WORDS = ("feel anxious sleep work family friend therapy week talk worry tired ho
          "night day change thought plan better listen support small step together notice breathe").split()
 
 
-def records(n: int, seed: int = 0) -> list[dict]:
-    """Prompt/answer pairs long enough that every record is cut at 1,024 tokens (answer kept)."""
+def records(n: int, seed: int = 0, vary: bool = False) -> list[dict]:
+    """Prompt/answer pairs long enough that every record is cut at 1,024 tokens (answer kept);
+    ``vary``: answers of 50-1,400 words instead, so micro-batches come in many lengths."""
     rng = random.Random(seed)
     text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
-    return [{"prompt": f"[INST] {text(200)} [/INST]", "completion": text(1400)} for _ in range(n)]
+    return [{"prompt": f"[INST] {text(200)} [/INST]", "completion": text(rng.randint(50, 1400) if vary else 1400)}
+            for _ in range(n)]
 
 
 def step_clock(ends: list[float]):
@@ -131,8 +135,12 @@ def run(recipe: str, args, tokenizer) -> dict:
     callbacks = [step_clock(ends)]
     if recipe in args.profile.split(","):
         callbacks.append(step_profiler(args.steps, found))  # the last step, left out of the timing
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     t0 = time.perf_counter()
-    train(cfg, train_records=records(args.steps * 16), model=model, tokenizer=tokenizer, callbacks=callbacks)
+    train(cfg, train_records=records(args.steps * 16, vary=args.vary), model=model, tokenizer=tokenizer,
+          callbacks=callbacks)
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]  # after compile/warm-up
@@ -143,7 +151,10 @@ def run(recipe: str, args, tokenizer) -> dict:
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     row = dict(recipe=recipe, overrides=RECIPES[recipe], weights_gib=round(weights, 2), peak_gib=round(peak, 2),
                first_step_s=round(ends[0] - t0, 1), step_s=round(step_s, 3),
-               step_times=[round(s, 3) for s in steps], tokens_per_s=round(16 * 1024 / step_s, 1),
+               step_times=[round(s, 3) for s in steps],
+               all_step_times=[round(b - a, 3) for a, b in zip([t0] + ends, ends)],
+               compiled_graphs=counters["stats"]["unique_graphs"],
+               tokens_per_s=None if args.vary else round(16 * 1024 / step_s, 1),
                train_s=round(total, 1), losses=losses, build_s=log.get("build_s"),
                adapter=(out / "adapter" / "adapter_model.safetensors").exists(), gpu_idle=found.get("gpu_idle"))
     if "table" in found:
@@ -167,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--model", default="mixtral-8x7b-instruct", help="registry name (tiny-mixtral: CPU check)")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--vary", action="store_true", help="records of many lengths (times the recompilation that "
+                    "group_by_length batches of new lengths cause); tokens/s is then not reported")
     ap.add_argument("--profile", default="", help="recipes whose last optimizer step is profiled, not timed "
                     "(kernels, CPU ops, GPU idle time): trainer_profile_<recipe>.txt and the row's gpu_idle")
     args = ap.parse_args(argv)
@@ -185,13 +198,13 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("recipe") == "plain" and "error" not in r), None)
     for r in rows:
-        if base and "error" not in r:
+        if base and "error" not in r and r["tokens_per_s"]:
             r["vs_plain"] = round(r["tokens_per_s"] / base, 3)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "trainer_gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     for r in rows:
         print(f"{r['recipe']:<10}" + (f" weights {r['weights_gib']:6.2f} GiB  peak {r['peak_gib']:6.2f} GiB  "
-                                      f"{r['step_s']:6.3f} s/step  {r['tokens_per_s']:8.0f} tok/s  "
+                                      f"{r['step_s']:6.3f} s/step  {r['tokens_per_s'] or float('nan'):8.0f} tok/s  "
                                       f"x{r.get('vs_plain', float('nan')):.2f}" if "error" not in r else " " + r["error"]))
     return 0
 
