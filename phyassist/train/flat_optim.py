@@ -10,15 +10,13 @@ updates all of them in one call.
 The update is the same only for optimizers that treat every element alone (Adam/AdamW, SGD, 32-bit
 bitsandbytes states without ``max_unorm`` or percentile clipping): a per-tensor norm (LAMB, LARS),
 a factored state (Adafactor) or blockwise 8-bit states would see other tensors. Hence the
-allow-list :data:`ELEMENTWISE`.
+config's allow-list (``phyassist.train.schema.ELEMENTWISE``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from phyassist.train.schema import ELEMENTWISE  # noqa: F401 (the allow-list the config checks)
 
 
 def _buckets(params: list[torch.Tensor]) -> dict:
