@@ -26,6 +26,14 @@ def _buckets(params: list[torch.Tensor]) -> dict:
     return out
 
 
+def _views(flat: torch.Tensor, members: list[torch.Tensor]):
+    """``(member, its slice of flat)`` in order: the layout both the build and the re-attach walk."""
+    offset = 0
+    for p in members:
+        yield p, flat.data[offset:offset + p.numel()]
+        offset += p.numel()
+
+
 class _Flat:
     """Mixin before an optimizer class: gathers the members' gradients into the flat parameter
     before each step; the members are views of it, so the update lands in them."""
@@ -36,14 +44,10 @@ class _Flat:
         """Members whose storage was replaced (a loader assigning new tensors) are copied in and
         viewed again, so the flat buffer always holds the model's current weights."""
         for flat, members in self._members:
-            offset = 0
-            for p in members:
-                n = p.numel()
-                view = flat.data[offset:offset + n]
+            for p, view in _views(flat, members):
                 if p.data_ptr() != view.data_ptr():
                     view.copy_(p.detach().reshape(-1))
                     p.data = view.view_as(p)
-                offset += n
 
     @torch.no_grad()
     def _gather_grads(self) -> None:
@@ -73,10 +77,8 @@ def flat_optimizer(cls, param_groups: list[dict], **kwargs) -> torch.optim.Optim
         params = [p for p in group["params"] if p.requires_grad]
         for bucket in _buckets(params).values():
             flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in bucket]))
-            offset = 0
-            for p in bucket:
-                p.data = flat.data[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+            for p, view in _views(flat, bucket):
+                p.data = view.view_as(p)
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [flat]})
             members.append((flat, bucket))
     if not groups:

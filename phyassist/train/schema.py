@@ -72,9 +72,10 @@ class TrainConfig(Section):
                                               "in 'loss', higher otherwise.")
     max_eval_records: int = Field(200, gt=0, description="Cap on validation records (evaluation costs time).")
     dataloader_num_workers: int = Field(0, ge=0)
+    check_memory: bool = Field(True, description="Refuse to start when the projection exceeds GPU memory.")
 
     @model_validator(mode="after")
-    def _compile_needs_attention_checkpointing(self):
+    def _check_combinations(self):
         if self.compile_attention and self.gradient_checkpointing != "attention":
             raise ValueError(f"train.compile_attention needs train.gradient_checkpointing: attention "
                              f"(got {self.gradient_checkpointing!r})")
@@ -84,7 +85,6 @@ class TrainConfig(Section):
         if self.attention_memory_budget is not None and not self.compile_attention:
             raise ValueError("train.attention_memory_budget needs train.compile_attention: true")
         return self
-    check_memory: bool = Field(True, description="Refuse to start when the projection exceeds GPU memory.")
 
 
 class WandbConfig(Section):

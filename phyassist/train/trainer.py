@@ -222,13 +222,14 @@ def _trainer_class():
         flat_optimizer = False  # train.flat_optimizer
 
         def create_optimizer(self, model=None):
-            """The stock optimizer, or the same class and arguments over flat parameters."""
+            """The stock optimizer, or the same class and arguments over flat parameters (the stock
+            one is built first for its parameter groups; bitsandbytes allocates state at the first step)."""
             fresh = self.optimizer is None
             opt = super().create_optimizer(model)
             if fresh and self.flat_optimizer:
                 from phyassist.train.flat_optim import flat_optimizer
 
-                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model if model is None else model)
                 self.optimizer = flat_optimizer(cls, opt.param_groups, **kwargs)
             return self.optimizer
 
@@ -304,6 +305,7 @@ def prepare_for_training(model, cfg):
 def train(cfg, train_records=None, eval_records=None, output_dir=None, model=None, tokenizer=None,
           callbacks=None) -> Path:
     """Fine-tune; returns the adapter folder (``<out>/adapter`` by default, PEFT format)."""
+    from phyassist.models.loading import under_fsdp
     from phyassist.train.callbacks import SystemMeter, init_wandb, layout_callback
     from phyassist.train.plots import plot_training
 
@@ -335,8 +337,6 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
                                train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                                callbacks=[layout_callback(out), *(callbacks or [])])
     trainer.meter = meter
-    from phyassist.models.loading import under_fsdp
-
     trainer.flat_optimizer = cfg.train.flat_optimizer and not under_fsdp()  # FSDP shards the weights itself
     trainer._phyassist_meta = {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump()}
     trainer.train(resume_from_checkpoint=resume)
