@@ -24,6 +24,9 @@ Variants (one process, one after the other, each model freed before the next is 
                recompute gate/up, or keep them too)
   +keepN       suffix: N layers keep their attention activations, the others are checkpointed
   +flat        suffix: the optimizer updates all LoRA tensors in one call (train.flat_optimizer)
+  +nodrop      suffix: LoRA dropout 0 (a diagnostic: what the study's dropout costs)
+  +fallbackrandom  suffix: inductor draws random numbers with aten's generator (torch._inductor.config.fallback_random)
+  +autotune    suffix: the attention half compiled with mode max-autotune-no-cudagraphs
   half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
                the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
 
@@ -97,6 +100,12 @@ def variant_spec(name: str) -> dict:
             spec["memory_budget"] = float(extra[6:])
         elif extra == "flat":
             spec["flat"] = True
+        elif extra == "nodrop":
+            spec["lora_dropout"] = 0.0
+        elif extra == "fallbackrandom":
+            spec["fallback_random"] = True
+        elif extra == "autotune":
+            spec["compile_mode"] = "max-autotune-no-cudagraphs"
         else:
             raise ValueError(f"unknown variant suffix +{extra} in {name!r}")
     return spec
@@ -284,13 +293,28 @@ def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
 
 
 def run_variant(name, spec, args, dev, part="full"):
+    import torch._inductor.config
+
     from phyassist.models import moe_kernels
+    from phyassist.train import checkpointing
 
     moe_kernels.TRITON_DEQUANTIZE = spec.get("dequant", "kit") == "kit"
+    checkpointing.COMPILE_MODE = spec.get("compile_mode")
+    inductor = torch._inductor.config
+    fallback_random = inductor.fallback_random
+    if spec.get("fallback_random", False) != fallback_random:
+        torch._dynamo.reset()  # compiled graphs cached under the other setting
+        checkpointing._compiled.clear()
+        inductor.fallback_random = spec.get("fallback_random", False)
     try:
         return _run_variant(name, spec, args, dev, part)
     finally:
+        if inductor.fallback_random != fallback_random:
+            torch._dynamo.reset()
+            checkpointing._compiled.clear()
+            inductor.fallback_random = fallback_random
         moe_kernels.TRITON_DEQUANTIZE = True
+        checkpointing.COMPILE_MODE = None
 
 
 def _run_variant(name, spec, args, dev, part="full"):
@@ -313,7 +337,7 @@ def _run_variant(name, spec, args, dev, part="full"):
                                   progress=False)
     build_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
-    lora = LoraConfig(r=32, alpha=32, dropout=0.05, target_router=True)
+    lora = LoraConfig(r=32, alpha=32, dropout=spec.get("lora_dropout", 0.05), target_router=True)
     peft_model = prepare(model, spec["ckpt"], lora, spec.get("compile", False), spec.get("attn_keep", 0),
                          spec.get("memory_budget"))
     if spec.get("lora_dtype"):
@@ -346,7 +370,7 @@ def _run_variant(name, spec, args, dev, part="full"):
             losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
     reserved = torch.cuda.max_memory_reserved(dev) / GIB if dev.type == "cuda" else float("nan")
-    prof = profile_step(step, dev) if args.profile and part == "full" and name in args.profile.split(",") else None
+    prof = profile_step(step, dev, args.profile_shapes, args.profile_rows) if args.profile and part == "full" and name in args.profile.split(",") else None
     idle = gpu_idle(step, opt, params, dev) if part == "full" and name in args.timeline.split(",") else None
     step_s = sorted(times)[len(times) // 2]
     tokens = args.accum * args.batch * args.seq
@@ -381,17 +405,23 @@ def make_optimizer(params, lr, dev, flat: bool = False):
     return flat_optimizer(cls, [{"params": params}], lr=lr) if flat else cls(params, lr=lr)
 
 
-def profile_step(step, dev) -> str:
-    """Top CUDA kernels of one step, grouped by name (where the time goes)."""
+def profile_step(step, dev, shapes: bool = False, rows: int = 25) -> str:
+    """Top CUDA kernels of one step, grouped by name (where the time goes); ``shapes``: also the
+    top ops grouped by input shapes (which matmuls are slow)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as p:
+    with profile(activities=acts, record_shapes=shapes) as p:
         step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-    return p.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    text = p.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    if shapes:
+        text += "\n\nBy input shapes:\n" + p.key_averages(group_by_input_shape=True).table(
+            sort_by="self_" + key,
+            row_limit=40, max_name_column_width=40, max_shapes_column_width=80)
+    return text
 
 
 def gpu_idle(step, opt, params, dev, min_gap_us: float = 5.0) -> dict | None:
@@ -496,6 +526,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--profile", default="plain,fused-attn,fused-nockpt", help="variants to profile one step of")
+    ap.add_argument("--profile-rows", type=int, default=25, help="rows of the profile table")
+    ap.add_argument("--profile-shapes", action="store_true", help="profiles also list ops by input shape")
     ap.add_argument("--timeline", default="", help="variants whose GPU idle time is broken down (one step)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)

@@ -14,6 +14,8 @@ Recipes (overrides of configs/single-gpu.yaml):
             train.attention_memory_budget=0.1
   flat      compiled, with train.flat_optimizer (configs/paper.yaml's setting)
   flat-budget  flat, attention not checkpointed: train.attention_memory_budget=0.02
+  fast      flat without any checkpointing (train.gradient_checkpointing=false, compile_attention):
+            one 80 GB GPU's fastest recipe
 
     python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
     python bench/trainer_gpu.py ... --vary          # records of many lengths: compile and recompile times
@@ -48,6 +50,8 @@ RECIPES = {
     "flat-budget": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": "attention",
                     "train.compile_attention": True, "train.flat_optimizer": True,
                     "train.attention_memory_budget": 0.02},
+    "fast": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": False,
+             "train.compile_attention": True, "train.flat_optimizer": True},
 }
 WORDS = ("feel anxious sleep work family friend therapy week talk worry tired hope stress mood help "
          "night day change thought plan better listen support small step together notice breathe").split()

@@ -21,7 +21,9 @@ def test_inheritance_single_gpu_from_paper():
     cfg = load_config("single-gpu")
     assert cfg.model.name == "mixtral-8x7b-instruct"
     assert cfg.model.max_memory_per_gpu is None and cfg.model.num_gpus == 1
-    assert cfg.train.lora.r == 32
+    assert cfg.train.lora.r == 32 and cfg.train.max_steps == 660 and cfg.train.flat_optimizer
+    # 80 GB keep every activation: nothing recomputed, the attention half still compiled
+    assert cfg.train.gradient_checkpointing is False and cfg.train.compile_attention
 
 
 def test_overrides_parse_as_yaml():

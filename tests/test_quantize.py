@@ -184,8 +184,8 @@ def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
     assert len(calls) == architecture_config("tiny-mixtral").num_hidden_layers  # one per layer, "attention" only
 
 
-def _compiled_grads(over):
-    """``_grads_with("attention")`` compiled afresh (a cached graph may come from another budget);
+def _compiled_grads(over, mode="attention"):
+    """``_grads_with(mode)`` compiled afresh (a cached graph may come from another budget);
     also returns how many graphs dynamo compiled (0 would mean nothing was compiled)."""
     import phyassist.train.checkpointing as ck
     from torch._dynamo.utils import counters
@@ -193,18 +193,37 @@ def _compiled_grads(over):
     torch._dynamo.reset()
     ck._compiled.clear()
     counters.clear()
-    loss, grads = _grads_with("attention", {"train.compile_attention": True, **over})
+    loss, grads = _grads_with(mode, {"train.compile_attention": True, **over})
     return loss, grads, counters["stats"]["unique_graphs"]
 
 
 def test_compiled_attention_half_gives_the_same_gradients():
     loss0, g0 = _grads_with(False)
-    for over in ({}, {"train.attention_memory_budget": 0.1}):
-        loss, g, graphs = _compiled_grads(over)
+    for mode, over in (("attention", {}), ("attention", {"train.attention_memory_budget": 0.1}),
+                       (False, {})):
+        loss, g, graphs = _compiled_grads(over, mode)
         assert graphs >= 1, over
         assert abs(loss - loss0) < 1e-5 and g.keys() == g0.keys()
         for n in g0:
-            assert torch.allclose(g[n], g0[n], atol=1e-6, rtol=1e-4), (over, n)
+            assert torch.allclose(g[n], g0[n], atol=1e-6, rtol=1e-4), (mode, over, n)
+
+
+def test_no_checkpointing_with_compile_keeps_all_activations():
+    """gradient_checkpointing false + compile_attention (configs/single-gpu.yaml): nothing
+    recomputed, the attention half compiled, the experts keep their gate/up activations."""
+    import phyassist.train.checkpointing as ck
+    from phyassist.models.loading import load_model
+    from phyassist.models.quantize import Quant4bitExperts
+    from phyassist.train.trainer import prepare_for_training
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped",
+                                "train.compile_attention": True})
+    assert cfg.train.gradient_checkpointing is False
+    model = prepare_for_training(load_model(cfg.model, for_training=True), cfg)
+    layers = ck.decoder_layers(model)
+    assert all(layer._phy_compile and not layer._phy_checkpoint for layer in layers)
+    experts = [[m for m in layer.mlp.modules() if isinstance(m, Quant4bitExperts)] for layer in layers]
+    assert all(e and all(m.keep_activations for m in e) for e in experts)
 
 
 def test_compiled_attention_half_stays_one_graph_after_outputs_were_captured():
@@ -268,9 +287,10 @@ def test_evaluation_and_generation_run_the_attention_half_eagerly():
     assert not ck._compiled  # nothing compiled outside training
 
 
-def test_compile_attention_needs_attention_checkpointing():
-    with pytest.raises(Exception, match="compile_attention needs train.gradient_checkpointing: attention"):
-        load_config("smoke", {"train.compile_attention": True})
+def test_compile_attention_refuses_whole_layer_checkpointing():
+    with pytest.raises(Exception, match="compile_attention needs train.gradient_checkpointing: attention or false"):
+        load_config("smoke", {"train.compile_attention": True, "train.gradient_checkpointing": True})
+    assert load_config("smoke", {"train.compile_attention": True}).train.compile_attention
     with pytest.raises(Exception, match="attention_memory_budget needs"):
         load_config("smoke", {"train.attention_memory_budget": 0.5})
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from phyassist.models import moe_kernels
-from phyassist.models.moe_kernels import swiglu_backward_, swiglu_forward
+from phyassist.models.moe_kernels import gather_sum, swiglu_backward_, swiglu_forward
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -103,7 +103,7 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weights, index, module, keep_h):
-        tokens, k = index.shape
+        k = index.shape[1]
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         inverse = torch.empty_like(order)
@@ -129,7 +129,7 @@ class _MoEExperts(torch.autograd.Function):
         w2 = module.down.dequantize()  # [E, H, I]
         y = _grouped_matmul(a, w2.transpose(1, 2), offsets, counts)
         del w2, a
-        out = y.index_select(0, inverse).view(tokens, k, -1).sum(1)
+        out = gather_sum(y, inverse, k)
         ctx.module, ctx.counts, ctx.keep_h, ctx.k = module, counts, keep_h, k
         ctx.hidden_dtype, ctx.weights_dtype = hidden.dtype, weights.dtype
         # Through save_for_backward (not ctx attributes) so that gradient checkpointing's
@@ -153,9 +153,8 @@ class _MoEExperts(torch.autograd.Function):
         del grad_a
         grad_xs = _grouped_matmul(grad_h, w1, offsets, counts)
         del w1, grad_h, h
-        tokens = x.shape[0]
-        grad_x = grad_xs.index_select(0, inverse).view(tokens, k, -1).sum(1)
-        grad_w = grad_w_row.index_select(0, inverse).view(tokens, k)
+        grad_x = gather_sum(grad_xs, inverse, k)
+        grad_w = grad_w_row.index_select(0, inverse).view(x.shape[0], k)
         return grad_x.to(ctx.hidden_dtype), grad_w.to(ctx.weights_dtype), None, None, None
 
 

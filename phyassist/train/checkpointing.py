@@ -44,7 +44,8 @@ def attention_half(layer, x, position_embeddings=None, attention_mask=None, posi
     return h, normed
 
 
-_compiled: dict = {}  # {memory_budget: the compiled attention half}, one entry at a time
+_compiled: dict = {}  # {(memory_budget, mode): the compiled attention half}, one entry at a time
+COMPILE_MODE: str | None = None  # torch.compile's mode for the attention half (None: its default)
 
 
 def compiled_attention_half(memory_budget: float | None = None):
@@ -57,17 +58,18 @@ def compiled_attention_half(memory_budget: float | None = None):
     recompute: 0 keeps about what checkpointing keeps, 1 everything. Dynamo caches graphs per
     function, not per budget, so asking for another budget starts compilation afresh.
     """
-    if memory_budget not in _compiled:
+    key = (memory_budget, COMPILE_MODE)
+    if key not in _compiled:
         if _compiled:
             torch._dynamo.reset()
             _compiled.clear()
-        fn = torch.compile(attention_half)
+        fn = torch.compile(attention_half, mode=COMPILE_MODE)
         if memory_budget is not None:
             def fn(*args, _fn=fn, **kwargs):
                 with torch._functorch.config.patch(activation_memory_budget=memory_budget):
                     return _fn(*args, **kwargs)
-        _compiled[memory_budget] = fn
-    return _compiled[memory_budget]
+        _compiled[key] = fn
+    return _compiled[key]
 
 
 def only_output_capturing_hooks(module: nn.Module) -> bool:
@@ -142,3 +144,4 @@ def checkpoint_attention_only(model: nn.Module, keep_expert_activations: bool = 
         if isinstance(m, Quant4bitExperts):
             m.keep_activations = keep_expert_activations
     return len(layers)
+

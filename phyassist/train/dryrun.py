@@ -12,7 +12,8 @@ compares it with measured peaks):
 * LoRA + optimizer: fp32 adapter weights, gradients and two 32-bit Adam moments (16 bytes each).
 * activations at the micro-batch: with gradient checkpointing, one bf16 hidden state per layer
   boundary plus one layer's full working set (for MoE: the dequantized experts of a layer too),
-  plus the logits (bf16 + fp32 loss copies + gradient).
+  plus the logits (bf16 + fp32 loss copies + gradient); without, every layer's activations and
+  one layer's dequantized experts.
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
     ckpt = t.gradient_checkpointing
     if ckpt == "attention" and not (experts and q4 and m.quant.quantize_experts and m.quant.experts_method == "grouped"):
         ckpt = True  # as the trainer does (phyassist.train.checkpointing.resolve_mode)
-    # whole-layer checkpointing keeps each layer's input; attention-only also the MoE input
-    boundary = tokens * hidden * act * (2 if ckpt == "attention" else 1) if ckpt else layer_work
+    # whole-layer checkpointing keeps each layer's input; attention-only also the MoE input; none
+    # all of a layer's activations, with one layer's dequantized experts as the working set
+    boundary = tokens * hidden * act * (2 if ckpt == "attention" else 1) if ckpt else attn_work + mlp_work
     bytes_w = lambda n, dq: four_bit_bytes(n, dq) if q4 else n * dense_bytes  # noqa: E731
     embed = config.vocab_size * hidden * dense_bytes
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
@@ -186,7 +188,7 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
         weights_4bit_gib=(bytes_w(q_params, False) + dense * dense_bytes) / GIB,
         weights_4bit_dq_gib=(bytes_w(q_params, True) + dense * dense_bytes) / GIB,
         double_quant=m.quant.double_quant, lora_opt_gib=trainable * 16 / GIB,
-        boundary_gib_per_layer=boundary / GIB, layer_work_gib=(layer_work if ckpt else 0) / GIB,
+        boundary_gib_per_layer=boundary / GIB, layer_work_gib=(layer_work if ckpt else dequant_work) / GIB,
         logits_gib=tokens * vocab * (2 + 4 + 4) / GIB, embed_gib=embed / GIB, head_gib=head / GIB,
         micro_batch=bsz, seq_len=seq, cap_gib=parse_gib(m.max_memory_per_gpu),
         num_gpus=num_gpus or m.num_gpus or 1, checkpointing=ckpt)

@@ -276,7 +276,7 @@ def _effective_checkpointing(cfg, model):
         return cfg
     update = {"gradient_checkpointing": mode}
     if cfg.train.compile_attention:
-        print("[train] train.compile_attention works with the attention-only checkpointing; not compiling",
+        print("[train] train.compile_attention works with attention-only checkpointing or none; not compiling",
               flush=True)
         update.update(compile_attention=False, attention_memory_budget=None)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
@@ -294,11 +294,13 @@ def prepare_for_training(model, cfg):
             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = apply_lora(model, cfg.train.lora)
-    if ckpt == "attention":
+    t = cfg.train
+    if ckpt == "attention" or t.compile_attention:
         from phyassist.train.checkpointing import checkpoint_attention_only
 
-        t = cfg.train
-        checkpoint_attention_only(model, compile=t.compile_attention, memory_budget=t.attention_memory_budget)
+        # without checkpointing (ckpt false) the experts keep their gate/up activations too
+        checkpoint_attention_only(model, keep_expert_activations=ckpt is False, compile=t.compile_attention,
+                                  checkpoint_attention=ckpt == "attention", memory_budget=t.attention_memory_budget)
     return model
 
 
