@@ -28,7 +28,8 @@ def layer_tensors(config, i: int, device) -> dict:
     """One decoder layer's tensors under the original Mixtral names, random bf16."""
     import torch
 
-    h, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * 128
+    h, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * h // config.num_attention_heads
     p = f"model.layers.{i}."
     shapes = {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
               p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
@@ -41,20 +42,22 @@ def layer_tensors(config, i: int, device) -> dict:
             .to(torch.bfloat16).cpu() for k, s in shapes.items()}
 
 
-def make_checkpoint(folder: Path, layers: int) -> None:
+def make_checkpoint(folder: Path, layers: int, **dims) -> None:
+    """``dims`` override Mixtral-8x7B's sizes (a small checkpoint for a CPU check of a script)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    arch = dict(MIXTRAL, num_hidden_layers=layers)
+    arch = dict(MIXTRAL, num_hidden_layers=layers, **dims)
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    shards = [{"model.embed_tokens.weight": (torch.randn(32000, 4096, device=dev) * 0.02).bfloat16().cpu(),
-               "model.norm.weight": torch.ones(4096, dtype=torch.bfloat16),
-               "lm_head.weight": (torch.randn(32000, 4096, device=dev) * 0.02).bfloat16().cpu()}]
+    v, h = config.vocab_size, config.hidden_size
+    shards = [{"model.embed_tokens.weight": (torch.randn(v, h, device=dev) * 0.02).bfloat16().cpu(),
+               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+               "lm_head.weight": (torch.randn(v, h, device=dev) * 0.02).bfloat16().cpu()}]
     weight_map = {}
     for i in range(-1, layers):
         tensors = shards[0] if i < 0 else layer_tensors(config, i, dev)
