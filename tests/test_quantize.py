@@ -310,6 +310,36 @@ def test_attention_only_checkpointing_patches_layers_and_experts():
         checkpoint_attention_only(torch.nn.Linear(2, 2))
 
 
+def test_attention_only_checkpointing_keeps_accelerate_device_hooks():
+    """A model split over GPUs by accelerate (the study's two-GPU layer split) moves each layer's
+    input to its device in a hook around ``forward``; the patched layers must keep calling it."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    import phyassist.train.checkpointing as ck
+    from phyassist.models.loading import load_model
+
+    class Recorder(ModelHook):
+        def __init__(self):
+            self.calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped"})
+    model = load_model(cfg.model, for_training=True)
+    layers = ck.decoder_layers(model)
+    hooks = [Recorder() for _ in layers]
+    for layer, hook in zip(layers, hooks):
+        add_hook_to_module(layer, hook)
+    ck.checkpoint_attention_only(model)
+    model.train()
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert [h.calls for h in hooks] == [1] * len(layers)
+    assert all(layer._old_forward.__func__ is ck._layer_forward for layer in layers)
+
+
 def test_moe_input_is_rounded_once_to_the_experts_dtype_under_autocast():
     """QLoRA's prep leaves the norms in fp32; under bf16 autocast the MoE input is stored once in
     bf16 (the router and the experts round it to bf16 anyway), without autocast it stays as is."""

@@ -102,6 +102,18 @@ def _layer_forward(self, hidden_states, **kwargs):
     return h + self.mlp(normed)
 
 
+def patch_forward(module: nn.Module, fn) -> None:
+    """Make ``fn`` the module's forward, behind any accelerate hook: a model split over GPUs
+    (``dispatch_model``, the study's layer split) moves each layer's inputs to its device in the
+    hook that wraps ``forward``; replacing ``forward`` itself would drop that move (found on two
+    H200s: the first layer of the second GPU got its input on the first)."""
+    method = types.MethodType(fn, module)
+    if getattr(module, "_hf_hook", None) is not None and hasattr(module, "_old_forward"):
+        module._old_forward = method
+    else:
+        module.forward = method
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Pre-norm decoder layers (attention then MLP, each with a residual), as Llama/Mixtral/Qwen."""
     return [m for m in model.modules() if all(hasattr(m, p) for p in LAYER_PARTS)]
@@ -139,7 +151,7 @@ def checkpoint_attention_only(model: nn.Module, keep_expert_activations: bool = 
             layer.gradient_checkpointing = False  # ours replaces the whole-layer one
         layer._phy_compile, layer._phy_checkpoint = compile, checkpoint_attention and memory_budget is None
         layer._phy_memory_budget = memory_budget
-        layer.forward = types.MethodType(_layer_forward, layer)
+        patch_forward(layer, _layer_forward)
     for m in model.modules():
         if isinstance(m, Quant4bitExperts):
             m.keep_activations = keep_expert_activations
