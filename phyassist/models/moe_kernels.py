@@ -26,6 +26,7 @@ H100 at 4 x 1024 tokens, 64 calls a step); one kernel reads each row once and wr
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,6 +42,13 @@ _DQ_BYTES = 2048  # packed bytes (4,096 weights) per program of the NF4 kernel
 _DQ_WARPS = 4
 TRITON_DEQUANTIZE = True  # False: bitsandbytes' dequantization everywhere (bench comparison)
 _ROWS = 4096  # row chunk of the torch fallback (bounds its fp32 temporaries)
+
+
+def on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device; a model split over GPUs (the study's layer
+    split) calls these kernels with tensors on another one, so each launch runs under its
+    tensors' device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -122,8 +130,9 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     if not use_triton(src) or tokens == 0:
         return src.index_select(0, index).view(tokens, k, width).sum(1)
     out = src.new_empty(tokens, width)
-    _gather_sum_kernel[(tokens, triton.cdiv(width, _BLOCK))](src.contiguous(), index.contiguous(), out, width,
-                                                              K=k, BLOCK=_BLOCK)
+    with on_device_of(src):
+        _gather_sum_kernel[(tokens, triton.cdiv(width, _BLOCK))](src.contiguous(), index.contiguous(), out, width,
+                                                                  K=k, BLOCK=_BLOCK)
     return out
 
 
@@ -139,11 +148,12 @@ def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     nested = bool(state.nested)
     s2 = state.state2 if nested else None
-    _dequant_nf4_kernel[(triton.cdiv(n_bytes, _DQ_BYTES),)](
-        packed, state.code, state.absmax, s2.code if nested else state.code,
-        s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, out, n_bytes,
-        NESTED=nested, BYTES_PER_BLOCK=state.blocksize // 2, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
-        BLOCK=_DQ_BYTES, num_warps=_DQ_WARPS)
+    with on_device_of(packed):
+        _dequant_nf4_kernel[(triton.cdiv(n_bytes, _DQ_BYTES),)](
+            packed, state.code, state.absmax, s2.code if nested else state.code,
+            s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, out, n_bytes,
+            NESTED=nested, BYTES_PER_BLOCK=state.blocksize // 2, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
+            BLOCK=_DQ_BYTES, num_warps=_DQ_WARPS)
     return out
 
 
@@ -154,7 +164,8 @@ def swiglu_forward(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return a
     if use_triton(h):
-        _swiglu_fwd_kernel[(n, triton.cdiv(inter, _BLOCK))](h, w, a, inter, BLOCK=_BLOCK)
+        with on_device_of(h):
+            _swiglu_fwd_kernel[(n, triton.cdiv(inter, _BLOCK))](h, w, a, inter, BLOCK=_BLOCK)
         return a
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()
@@ -174,7 +185,8 @@ def swiglu_backward_(h: torch.Tensor, grad_a: torch.Tensor, w: torch.Tensor) -> 
     if n == 0:
         return h, dw
     if use_triton(h):
-        _swiglu_bwd_kernel[(n, triton.cdiv(inter, _BLOCK))](h, grad_a, w, dw, inter, BLOCK=_BLOCK)
+        with on_device_of(h):
+            _swiglu_bwd_kernel[(n, triton.cdiv(inter, _BLOCK))](h, grad_a, w, dw, inter, BLOCK=_BLOCK)
         return h, dw
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()
