@@ -224,11 +224,14 @@ def test_paper_path_trains_tiny_mixtral_with_the_compiled_attention_half(tok, tm
     seen = []
 
     class Spy(TrainerCallback):
-        def on_step_end(self, args, state, control, optimizer=None, **kw):
+        def on_step_end(self, args, state, control, optimizer=None, model=None, **kw):
             seen.append(type(getattr(optimizer, "optimizer", optimizer)).__name__)
+            # the study's objective: no load-balancing loss, so no router logits asked for
+            seen.append(model.config.get_text_config().output_router_logits)
 
     adapter = T.train(cfg, train_records=records(tok, 16), callbacks=[Spy()])
-    assert seen and all(name.startswith("Flat") for name in seen), seen
+    assert seen[1::2] == [False] * 4, seen
+    assert seen and all(name.startswith("Flat") for name in seen[::2]), seen
     losses = _losses(tmp_path)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses.values())
     assert losses[4] < losses[1], losses

@@ -13,6 +13,9 @@ def test_eval_batch_defaults_to_train_batch_and_can_be_set(tmp_path):
 def test_study_hyperparameters_reach_trl(tmp_path):
     cfg = load_config("paper")
     args = sft_config(cfg, tmp_path, has_eval=False)
+    assert args.router_aux_loss_coef == 0.0  # the study's objective (train.router_aux_loss_coef)
+    assert sft_config(load_config("smoke", ["train.router_aux_loss_coef=null"]), tmp_path,
+                      has_eval=False).router_aux_loss_coef is None  # TRL's own default
     assert (args.learning_rate, args.max_grad_norm, args.max_steps, args.save_steps) == (2e-4, 0.3, 660, 20)
     assert args.gradient_accumulation_steps == 4 and args.per_device_train_batch_size == 4
     assert args.warmup_steps == 0.03 and getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "constant"

@@ -57,6 +57,11 @@ class TrainConfig(Section):
         False, description="Update all LoRA tensors in one optimizer call (views of one flat buffer) instead of "
         "one call and kernel each: the same elementwise update; optim must be one of "
         "paged_adamw_32bit, adamw_torch, adamw_torch_fused, sgd (bench/finetune_mixtral.md).")
+    router_aux_loss_coef: Optional[float] = Field(
+        0.0, ge=0, description="Weight of the MoE load-balancing loss. 0: off, the objective the study trained "
+        "(Mixtral's config returns no router logits, so the TRL and transformers of early 2024 added none); "
+        "None: TRL 1.16's default, the architecture's own coefficient (0.02 for Mixtral), which TRL adds on the "
+        "first GPU's device and so fails on a model split over GPUs (found on two H200s).")
     completion_only_loss: bool = True
     packing: bool = Field(False, description="Padding-free packing (no cross-example attention).")
     bf16: bool = True

@@ -196,6 +196,7 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
         bf16=t.bf16 and use_cuda, use_cpu=not use_cuda,
         max_length=cfg.model.max_seq_length, completion_only_loss=t.completion_only_loss,
+        router_aux_loss_coef=t.router_aux_loss_coef,
         packing=t.packing, packing_strategy="bfd", padding_free=t.packing,
         eval_strategy="steps" if evaluating else "no", eval_steps=t.eval_steps,
         load_best_model_at_end=best, metric_for_best_model=t.metric_for_best_model if best else None,
