@@ -58,3 +58,26 @@ def test_paper_profile_compiles_the_attention_half_but_patient_jobs_do_not():
     assert paper.train.compile_attention and paper.train.gradient_checkpointing == "attention"
     job = patient_training_config(paper, 7)
     assert not job.train.compile_attention and job.train.attention_memory_budget is None
+
+
+def test_split_head_device_only_for_models_over_several_devices():
+    """The trainer moves TRL's token count to the LM head and the loss back only when the model is
+    split over devices (the study's two-GPU layer split); a one-device model is left alone."""
+    import torch
+
+    from phyassist.train.trainer import split_head_device
+
+    class Model(torch.nn.Module):
+        def __init__(self, dmap):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(2, 3)
+            self.hf_device_map = dmap
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    cpu = torch.device("cpu")
+    assert split_head_device(Model({"model.layers.0": 0, "lm_head": 0}), cpu) is None
+    assert split_head_device(Model({}), cpu) is None
+    assert split_head_device(Model({"model.layers.0": 0, "lm_head": 1}), cpu) is None  # head already on `device`
+    assert split_head_device(Model({"model.layers.0": 0, "lm_head": 1}), torch.device("meta")) == cpu

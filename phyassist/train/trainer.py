@@ -213,6 +213,17 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
     )
 
 
+def split_head_device(model, device):
+    """The LM head's device when the model is split over several devices (``hf_device_map``, the
+    study's layer split) and the head is not on ``device`` (where the Trainer counts tokens and
+    sums losses); else None."""
+    dmap = getattr(model, "hf_device_map", None) or {}
+    if len({str(d) for d in dmap.values()}) < 2:
+        return None
+    head = model.get_output_embeddings().weight.device
+    return head if str(head) != str(device) else None
+
+
 def _trainer_class():
     from trl import SFTTrainer
 
@@ -233,6 +244,22 @@ def _trainer_class():
                 cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model if model is None else model)
                 self.optimizer = flat_optimizer(cls, opt.param_groups, **kwargs)
             return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """TRL's fused loss comes out on the LM head's device; on a model split over GPUs the
+            Trainer's token count lives on the first one, and so does its running loss: the count
+            goes to the head and the loss comes back (TRL 1.16 divides across devices and fails)."""
+            import torch
+
+            head = split_head_device(self.model, self.args.device)
+            if head is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(head)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if return_outputs:
+                return result[0].to(self.args.device), result[1]
+            return result.to(self.args.device)
 
         def log(self, logs, start_time=None):
             if self.meter is not None and "loss" in logs:
