@@ -45,7 +45,7 @@ def attention_half(layer, x, position_embeddings=None, attention_mask=None, posi
 
 
 _compiled: dict = {}  # {(memory_budget, mode): the compiled attention half}, one entry at a time
-COMPILE_MODE: str | None = None  # torch.compile's mode for the attention half (None: its default)
+COMPILE_MODE: str | None = None  # torch.compile's mode for the attention half (bench comparison; None: default)
 
 
 def compiled_attention_half(memory_budget: float | None = None):
@@ -156,4 +156,3 @@ def checkpoint_attention_only(model: nn.Module, keep_expert_activations: bool = 
         if isinstance(m, Quant4bitExperts):
             m.keep_activations = keep_expert_activations
     return len(layers)
-

@@ -45,8 +45,8 @@ class TrainConfig(Section):
         "experts recompute just their gate/up GEMM (model.quant.experts_method=grouped; faster at the "
         "same memory, bench/finetune_mixtral.md); false: none.")
     compile_attention: bool = Field(
-        False, description="With gradient_checkpointing 'attention' or false: torch.compile each layer's attention half "
-        "(one graph for all layers; on an H100 the first step took 14-23 s at one sequence length, about 70 s of "
+        False, description="With gradient_checkpointing 'attention' or false: torch.compile each layer's attention "
+        "half (one graph for all layers; on an H100 the first step took 14-23 s at one sequence length, about 70 s of "
         "compilation in all with many lengths) so its norms, rotary, LoRA dropout, "
         "casts and residual adds run fused (bench/finetune_mixtral.md).")
     attention_memory_budget: Optional[float] = Field(
