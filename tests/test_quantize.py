@@ -340,6 +340,38 @@ def test_attention_only_checkpointing_keeps_accelerate_device_hooks():
     assert all(layer._old_forward.__func__ is ck._layer_forward for layer in layers)
 
 
+def test_compiled_attention_half_traces_a_layer_split_by_accelerate():
+    """dispatch_model (the study's two-GPU split) hooks each layer and every submodule with
+    parameters; dynamo cannot trace the inner hooks (this step failed with them), so the compiled
+    path removes them and keeps each layer's own hook, which moves the layer's inputs."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_execution_device_hook
+    from torch._dynamo.utils import counters
+
+    import phyassist.train.checkpointing as ck
+    from phyassist.models.loading import load_model
+    from phyassist.train.trainer import prepare_for_training
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped",
+                                "train.gradient_checkpointing": "attention", "train.compile_attention": True})
+    model = load_model(cfg.model, for_training=True)
+    layers = ck.decoder_layers(model)
+    for layer in layers:  # what dispatch_model attaches for a device map of whole layers
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu"))
+        attach_execution_device_hook(layer, "cpu")
+    hooked = lambda: [m for m in model.modules() if getattr(m, "_hf_hook", None) is not None]  # noqa: E731
+    assert len(hooked()) > len(layers)
+    torch._dynamo.reset()
+    ck._compiled.clear()
+    counters.clear()
+    model = prepare_for_training(model, cfg)
+    assert hooked() == layers  # only the layers' own hooks are left
+    model.train()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_moe_input_is_rounded_once_to_the_experts_dtype_under_autocast():
     """QLoRA's prep leaves the norms in fp32; under bf16 autocast the MoE input is stored once in
     bf16 (the router and the experts round it to bf16 anyway), without autocast it stays as is."""

@@ -114,6 +114,24 @@ def patch_forward(module: nn.Module, fn) -> None:
         module.forward = method
 
 
+def drop_inner_device_hooks(layer: nn.Module) -> int:
+    """Remove accelerate's device hooks from the modules inside ``layer`` when the layer has its own.
+
+    ``dispatch_model`` (a model split over GPUs) hooks each device-map entry, here the layer, to move
+    its inputs to its GPU, and also every submodule with parameters; inside a layer that lives on
+    one GPU those inner moves do nothing, and dynamo cannot trace them (the compiled attention half
+    failed on the CPU, and hit its recompile limit on two H200s). The layer's own hook stays.
+    Returns how many hooks were removed."""
+    if getattr(layer, "_hf_hook", None) is None:
+        return 0  # no hook of its own: the map may split inside the layer, so keep the inner ones
+    from accelerate.hooks import remove_hook_from_module
+
+    inner = [m for m in layer.modules() if m is not layer and getattr(m, "_hf_hook", None) is not None]
+    for m in inner:
+        remove_hook_from_module(m)
+    return len(inner)
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Pre-norm decoder layers (attention then MLP, each with a residual), as Llama/Mixtral/Qwen."""
     return [m for m in model.modules() if all(hasattr(m, p) for p in LAYER_PARTS)]
@@ -152,6 +170,8 @@ def checkpoint_attention_only(model: nn.Module, keep_expert_activations: bool = 
         layer._phy_compile, layer._phy_checkpoint = compile, checkpoint_attention and memory_budget is None
         layer._phy_memory_budget = memory_budget
         patch_forward(layer, _layer_forward)
+        if compile:
+            drop_inner_device_hooks(layer)
     for m in model.modules():
         if isinstance(m, Quant4bitExperts):
             m.keep_activations = keep_expert_activations
