@@ -25,7 +25,7 @@ GIB = 2**30
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1, vocab_size=32000)
 
 
-def memory_probe(found: dict):
+def memory_probe(found: dict, t0: float):
     """A TrainerCallback recording every GPU's allocated memory when training begins (the 4-bit
     weights and the adapter, before any activation)."""
     import torch
@@ -36,7 +36,7 @@ def memory_probe(found: dict):
             found["weights_gib"] = [round(torch.cuda.memory_allocated(i) / GIB, 3)
                                     for i in range(torch.cuda.device_count())]
             found["layers_per_device"] = layers_per_device(kw["model"])
-            found["load_s"] = round(time.perf_counter() - found["t0"], 1)  # model + tokenizer + data prep
+            found["load_s"] = round(time.perf_counter() - t0, 1)  # model + tokenizer + data prep
             print("loaded:", json.dumps(found), flush=True)
 
     return Probe()
@@ -94,9 +94,9 @@ def main(argv=None) -> int:
                      "train.bf16": False, "train.optim": "adamw_torch"})
     cfg = load_config("paper", over)
     ends: list[float] = []
+    found: dict = {}
     t0 = time.perf_counter()
-    found: dict = {"t0": t0}
-    callbacks = [step_clock(ends)] + ([memory_probe(found)] if cuda else [])
+    callbacks = [step_clock(ends)] + ([memory_probe(found, t0)] if cuda else [])
     train(cfg, train_records=records(args.steps * 16), tokenizer=_mixtral_tokenizer(args.tokenizer, "right"),
           callbacks=callbacks)
     total = time.perf_counter() - t0
@@ -104,7 +104,6 @@ def main(argv=None) -> int:
     step_s = sorted(steps)[len(steps) // 2]
     run = Path(cfg.output_dir)
     state = json.loads((run / "checkpoints" / "trainer_state.json").read_text())
-    found.pop("t0")
     res.update(found, train_s=round(total, 1), first_step_s=round(ends[0] - t0, 1), step_s=round(step_s, 3),
                step_times=[round(s, 3) for s in steps], tokens_per_s=round(16 * 1024 / step_s, 1),
                losses=[h["loss"] for h in state["log_history"] if "loss" in h],

@@ -44,11 +44,12 @@ TRITON_DEQUANTIZE = True  # False: bitsandbytes' dequantization everywhere (benc
 _ROWS = 4096  # row chunk of the torch fallback (bounds its fp32 temporaries)
 
 
-def on_device_of(x: torch.Tensor):
-    """Triton launches on the current CUDA device; a model split over GPUs (the study's layer
-    split) calls these kernels with tensors on another one, so each launch runs under its
-    tensors' device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` under ``like``'s device: Triton launches on the current CUDA
+    device, and a model split over GPUs (the study's layer split) calls these kernels with
+    tensors on another one."""
+    with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, **meta)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -130,9 +131,8 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     if not use_triton(src) or tokens == 0:
         return src.index_select(0, index).view(tokens, k, width).sum(1)
     out = src.new_empty(tokens, width)
-    with on_device_of(src):
-        _gather_sum_kernel[(tokens, triton.cdiv(width, _BLOCK))](src.contiguous(), index.contiguous(), out, width,
-                                                                  K=k, BLOCK=_BLOCK)
+    _launch(_gather_sum_kernel, (tokens, triton.cdiv(width, _BLOCK)), src,
+            src.contiguous(), index.contiguous(), out, width, K=k, BLOCK=_BLOCK)
     return out
 
 
@@ -148,8 +148,7 @@ def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     nested = bool(state.nested)
     s2 = state.state2 if nested else None
-    with on_device_of(packed):
-        _dequant_nf4_kernel[(triton.cdiv(n_bytes, _DQ_BYTES),)](
+    _launch(_dequant_nf4_kernel, (triton.cdiv(n_bytes, _DQ_BYTES),), packed,
             packed, state.code, state.absmax, s2.code if nested else state.code,
             s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, out, n_bytes,
             NESTED=nested, BYTES_PER_BLOCK=state.blocksize // 2, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
@@ -164,8 +163,7 @@ def swiglu_forward(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return a
     if use_triton(h):
-        with on_device_of(h):
-            _swiglu_fwd_kernel[(n, triton.cdiv(inter, _BLOCK))](h, w, a, inter, BLOCK=_BLOCK)
+        _launch(_swiglu_fwd_kernel, (n, triton.cdiv(inter, _BLOCK)), h, h, w, a, inter, BLOCK=_BLOCK)
         return a
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()
@@ -185,8 +183,7 @@ def swiglu_backward_(h: torch.Tensor, grad_a: torch.Tensor, w: torch.Tensor) -> 
     if n == 0:
         return h, dw
     if use_triton(h):
-        with on_device_of(h):
-            _swiglu_bwd_kernel[(n, triton.cdiv(inter, _BLOCK))](h, grad_a, w, dw, inter, BLOCK=_BLOCK)
+        _launch(_swiglu_bwd_kernel, (n, triton.cdiv(inter, _BLOCK)), h, h, grad_a, w, dw, inter, BLOCK=_BLOCK)
         return h, dw
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()

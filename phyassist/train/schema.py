@@ -55,8 +55,8 @@ class TrainConfig(Section):
         "(0: about what checkpointing keeps; 1: everything). None: checkpoint it.")
     flat_optimizer: bool = Field(
         False, description="Update all LoRA tensors in one optimizer call (views of one flat buffer) instead of "
-        "one call and kernel each: the same elementwise update; optim must be one of "
-        "paged_adamw_32bit, adamw_torch, adamw_torch_fused, sgd (bench/finetune_mixtral.md).")
+        f"one call and kernel each: the same elementwise update; optim must be one of {', '.join(ELEMENTWISE)} "
+        "(bench/finetune_mixtral.md).")
     router_aux_loss_coef: Optional[float] = Field(
         0.0, ge=0, description="Weight of the MoE load-balancing loss. 0: off, the objective the study trained "
         "(Mixtral's config returns no router logits, so the TRL and transformers of early 2024 added none); "

@@ -225,6 +225,8 @@ def split_head_device(model, device):
 
 
 def _trainer_class():
+    import functools
+
     from trl import SFTTrainer
 
     class PhyAssistSFTTrainer(SFTTrainer):
@@ -245,18 +247,23 @@ def _trainer_class():
                 self.optimizer = flat_optimizer(cls, opt.param_groups, **kwargs)
             return self.optimizer
 
+        @functools.cached_property
+        def _split_head(self):
+            """The model's placement is fixed once training starts: looked up once, not per micro-batch."""
+            return split_head_device(self.model, self.args.device)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """TRL's fused loss comes out on the LM head's device; on a model split over GPUs the
             Trainer's token count lives on the first one, and so does its running loss: the count
             goes to the head and the loss comes back (TRL 1.16 divides across devices and fails)."""
             import torch
 
-            head = split_head_device(self.model, self.args.device)
-            if head is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if torch.is_tensor(num_items_in_batch):
+            head = self._split_head
+            if head is not None and torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(head)
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if head is None:
+                return result
             if return_outputs:
                 return result[0].to(self.args.device), result[1]
             return result.to(self.args.device)
