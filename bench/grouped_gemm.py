@@ -4,7 +4,9 @@ the layout the 4-bit experts are dequantized into change torch's grouped GEMM sp
 8 experts, 8,192 routed rows (4 x 1024 tokens, top-2) split evenly, hidden 4096, gate/up 2 x 14336.
 For each product of the expert MLP (forward gate/up and down, backward through both) the weight is
 given K-major (a transposed view of the stored [E, N, K] tensor, as the kit's forward does) or
-N-major ([E, K, N] contiguous), plus cuBLAS on one dense [8192 x K] @ [K x N] of the same FLOPs.
+N-major ([E, K, N] contiguous), plus cuBLAS on one dense [8192 x K] @ [K x N] of the same FLOPs,
+and one cuBLAS GEMM per expert (split sizes known on the host, as a loop over experts needs), each
+also with the routed rows of a random router (uneven, as top-2 of a random Mixtral router gives).
 
     python bench/grouped_gemm.py        # GPU only; prints JSON
 """
@@ -33,7 +35,13 @@ def main() -> None:
     dev, dt = "cuda", torch.bfloat16
     E, rows, H, I2 = 8, 8192, 4096, 2 * 14336
     offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (rows // E)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    even = [e * (rows // E) for e in range(E + 1)]
+    gen = torch.Generator().manual_seed(0)  # a random router: 4,096 tokens, each to its top 2 of 8
+    top2 = torch.randn(rows // 2, E, generator=gen).topk(2, dim=-1).indices.flatten()
+    counts = torch.bincount(top2, minlength=E)
+    routed = [0] + counts.cumsum(0).tolist()
+    routed_offs = torch.tensor(routed[1:], device=dev, dtype=torch.int32)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "routed_rows": counts.tolist(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     for name, K, N in (("gate_up (x @ W13^T)", H, I2), ("down (a @ W2^T)", I2 // 2, H),
                        ("grad through down (g @ W2)", H, I2 // 2), ("grad through gate_up (gh @ W13)", I2, H)):
@@ -42,12 +50,23 @@ def main() -> None:
         w_kn = w_nk.transpose(1, 2).contiguous()  # [E, K, N] contiguous (N-major)
         flops = 2 * rows * K * N
         dense_w = torch.randn(K, N, device=dev, dtype=dt)
+        out = torch.empty(rows, N, device=dev, dtype=dt)
+
+        def per_expert(bounds):
+            for e in range(E):
+                a, b = bounds[e], bounds[e + 1]
+                torch.mm(x[a:b], w_nk[e].T, out=out[a:b])
+
         res[name] = {
             "K-major TF/s": round(rate(lambda: F.grouped_mm(x, w_nk.transpose(1, 2), offs=offs), flops), 1),
             "N-major TF/s": round(rate(lambda: F.grouped_mm(x, w_kn, offs=offs), flops), 1),
             "dense cuBLAS TF/s": round(rate(lambda: x @ dense_w, flops), 1),
+            "per-expert cuBLAS TF/s": round(rate(lambda: per_expert(even), flops), 1),
+            "K-major, routed split TF/s": round(rate(lambda: F.grouped_mm(x, w_nk.transpose(1, 2), offs=routed_offs),
+                                                     flops), 1),
+            "per-expert cuBLAS, routed split TF/s": round(rate(lambda: per_expert(routed), flops), 1),
         }
-        del x, w_nk, w_kn, dense_w
+        del x, w_nk, w_kn, dense_w, out
         torch.cuda.empty_cache()
         print(name, res[name], flush=True)
     print(json.dumps(res))

@@ -16,6 +16,7 @@ Recipes (overrides of configs/single-gpu.yaml):
   flat-budget  flat, attention not checkpointed: train.attention_memory_budget=0.02
   fast      flat without any checkpointing (train.gradient_checkpointing=false, compile_attention):
             one 80 GB GPU's fastest recipe
+  <recipe>+sync  the same with TRL's per-micro-batch metric reads (the trainer's defer_metrics off)
 
     python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
     python bench/trainer_gpu.py ... --vary          # records of many lengths: compile and recompile times
@@ -121,10 +122,15 @@ def run(recipe: str, args, tokenizer) -> dict:
     from phyassist.config import load_config
     from phyassist.train.trainer import train
 
-    out = Path(tempfile.mkdtemp(prefix=f"trainer-{recipe}-"))
+    from phyassist.train import trainer as T
+
+    name, _, flag = recipe.partition("+")
+    if flag not in ("", "sync"):
+        raise SystemExit(f"{recipe}: unknown suffix +{flag} (only +sync)")
+    out = Path(tempfile.mkdtemp(prefix=f"trainer-{name}-"))
     over = {"output_dir": str(out), "train.max_steps": args.steps, "train.save_steps": 10_000,
             "train.logging_steps": 1, "train.check_memory": False, "wandb.mode": "disabled",
-            "model.name": args.model, **RECIPES[recipe]}
+            "model.name": args.model, **RECIPES[name]}
     if not cuda:
         over.update({"model.device_map": "cpu", "model.quant.compute_dtype": "float32", "train.bf16": False})
     cfg = load_config("single-gpu", over)
@@ -142,9 +148,15 @@ def run(recipe: str, args, tokenizer) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()
+    make = T._trainer_class
+    if flag == "sync":
+        T._trainer_class = lambda: type("SyncingTrainer", (make(),), {"defer_metrics": False})
     t0 = time.perf_counter()
-    train(cfg, train_records=records(args.steps * 16, vary=args.vary), model=model, tokenizer=tokenizer,
-          callbacks=callbacks)
+    try:
+        train(cfg, train_records=records(args.steps * 16, vary=args.vary), model=model, tokenizer=tokenizer,
+              callbacks=callbacks)
+    finally:
+        T._trainer_class = make
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]  # after compile/warm-up
@@ -153,7 +165,7 @@ def run(recipe: str, args, tokenizer) -> dict:
     step_s = sorted(steps)[len(steps) // 2]
     state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
-    row = dict(recipe=recipe, overrides=RECIPES[recipe], weights_gib=round(weights, 2), peak_gib=round(peak, 2),
+    row = dict(recipe=recipe, overrides=RECIPES[name], weights_gib=round(weights, 2), peak_gib=round(peak, 2),
                first_step_s=round(ends[0] - t0, 1), step_s=round(step_s, 3),
                step_times=[round(s, 3) for s in steps],
                all_step_times=[round(b - a, 3) for a, b in zip([t0] + ends, ends)],
@@ -162,7 +174,7 @@ def run(recipe: str, args, tokenizer) -> dict:
                train_s=round(total, 1), losses=losses, build_s=log.get("build_s"),
                adapter=(out / "adapter" / "adapter_model.safetensors").exists(), gpu_idle=found.get("gpu_idle"))
     if "table" in found:
-        (Path(args.out) / f"trainer_profile_{recipe}.txt").write_text(found["table"])
+        (Path(args.out) / f"trainer_profile_{recipe.replace('+', '_')}.txt").write_text(found["table"])
     del model
     gc.collect()
     if cuda:
@@ -201,6 +213,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("recipe") == "plain" and "error" not in r), None)
+    # each recipe against the first plain pass
     for r in rows:
         if base and "error" not in r and r["tokens_per_s"]:
             r["vs_plain"] = round(r["tokens_per_s"] / base, 3)

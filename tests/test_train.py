@@ -237,3 +237,76 @@ def test_paper_path_trains_tiny_mixtral_with_the_compiled_attention_half(tok, tm
     assert losses[4] < losses[1], losses
     assert counters["stats"]["unique_graphs"] >= 1 and ck._compiled
     assert (adapter / "adapter_model.safetensors").exists()
+
+
+def test_deferred_metrics_log_what_trl_logs(tok, tmp_path, monkeypatch):
+    """The trainer keeps TRL's per-micro-batch metrics (entropy, token accuracy, token counts, MoE
+    aux loss) and the Trainer's input-token count on the device until the next log: no host read
+    in the loss or the token count (the model's own forward aside), which on a GPU stalls every
+    micro-batch. The logs are those of TRL's own path (the same run with deferral off)."""
+    import torch
+
+    base = T._trainer_class()
+    reads = {"on": False, "n": 0}
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            reads["n"] += reads["on"]
+            return real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        counted(name)
+
+    def counting(on: bool):
+        def hook(*_):
+            reads["on"] = on
+        return hook
+
+    def run(defer: bool):
+        class Watched(base):
+            defer_metrics = defer
+
+            def compute_loss(self, model, *a, **k):
+                # the model's forward (transformers' mask creation reads the mask) is not counted
+                hooks = [model.register_forward_pre_hook(counting(False)), model.register_forward_hook(counting(True))]
+                reads["on"] = True
+                try:
+                    return super().compute_loss(model, *a, **k)
+                finally:
+                    reads["on"] = False
+                    for h in hooks:
+                        h.remove()
+
+            def _track_num_input_tokens(self, inputs):
+                reads["on"] = True
+                try:
+                    return super()._track_num_input_tokens(inputs)
+                finally:
+                    reads["on"] = False
+
+        monkeypatch.setattr(T, "_trainer_class", lambda: Watched)
+        reads["n"] = 0
+        out = tmp_path / ("deferred" if defer else "trl")
+        cfg = load_config("smoke", {"output_dir": str(out), "model.name": "tiny-mixtral",
+                                    "model.quant.load_in_4bit": False, "model.max_seq_length": 128,
+                                    "train.max_steps": 3, "train.gradient_accumulation_steps": 2,
+                                    "train.per_device_train_batch_size": 2, "train.logging_steps": 1,
+                                    "train.save_steps": 2, "train.router_aux_loss_coef": 0.02,
+                                    "train.learning_rate": 1e-3, "wandb.mode": "disabled"})
+        T.train(cfg, train_records=records(tok, 12))
+        ckpt = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+        logs = json.loads((out / "checkpoints" / "trainer_state.json").read_text())["log_history"]
+        return [h for h in logs if "loss" in h], ckpt["num_input_tokens_seen"], reads["n"]
+
+    logs, ckpt_tokens, deferred_reads = run(True)  # first: the run must not depend on what ran before
+    trl_logs, trl_ckpt_tokens, trl_reads = run(False)
+    assert deferred_reads == 0 and trl_reads >= 3 * 2 * 4, (deferred_reads, trl_reads)
+    assert ckpt_tokens == trl_ckpt_tokens > 0  # a checkpoint's state counts every token seen so far
+    assert len(logs) == len(trl_logs) == 3
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "num_input_tokens_seen", "aux_loss")
+    for ours, theirs in zip(logs, trl_logs):
+        for k in keys:
+            assert ours[k] == pytest.approx(theirs[k], rel=1e-6), (k, ours, theirs)

@@ -261,19 +261,105 @@ def _trainer_class():
             head = self._split_head
             if head is not None and torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(head)
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self._deferrable(return_outputs):
+                result = self._fused_loss_deferred(model, inputs, num_items_in_batch)
+            else:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if head is None:
                 return result
             if return_outputs:
                 return result[0].to(self.args.device), result[1]
             return result.to(self.args.device)
 
+        # Deferred metrics. TRL 1.16 reads its per-micro-batch metrics (entropy, token accuracy,
+        # token count, aux loss) back to the host as soon as the forward ends, and the Trainer its
+        # input-token count before each forward: each read waits for the GPU to drain, which then
+        # idles while the host queues the next kernels (165 ms of idle GPU in a 2.17 s optimizer
+        # step on Mixtral, bench/trainer_gpu.md). Here they stay on the device until the next log
+        # or checkpoint, and are read there in one transfer; the logged values are TRL's.
+        defer_metrics = True
+        _pending = None  # {name: [0-d device tensor per micro-batch]} until the next flush
+
+        def _deferrable(self, return_outputs) -> bool:
+            """Training through TRL's default fused-head loss, the path whose metrics can wait."""
+            pc = getattr(self.accelerator, "parallelism_config", None)
+            return (self.defer_metrics and self.model.training and not return_outputs
+                    and self.compute_loss_func is None and self.label_smoother is None
+                    and self.args.loss_type == "nll" and not getattr(pc, "sp_enabled", False))
+
+        def _fused_loss_deferred(self, model, inputs, num_items_in_batch):
+            """TRL's fused-head loss (``SFTTrainer.compute_loss``, loss type nll), its metrics kept
+            on the device; ``test_deferred_metrics_log_what_trl_logs`` holds the two equal."""
+            import torch
+
+            inputs["use_cache"] = False
+            if self.aux_loss_enabled:
+                inputs["output_router_logits"] = True
+            outputs = model(**inputs, fused_lm_head=True)
+            count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            gather = self.accelerator.gather_for_metrics
+            if self.aux_loss_enabled:
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+                self._defer("aux_loss", gather(outputs.aux_loss.detach()).mean())
+            self._defer("valid", gather(outputs.label_mask.sum()).sum())
+            self._defer("entropy", gather(outputs.entropy.detach().sum()).sum())
+            self._defer("correct", gather(outputs.is_top1.sum()).sum())
+            if "attention_mask" in inputs:
+                self._defer("train_tokens", gather(inputs["attention_mask"].sum()).sum())
+            else:  # padding-free: one packed row
+                self._defer("train_tokens", gather(torch.tensor(inputs["position_ids"].size(1),
+                                                                device=inputs["position_ids"].device)).sum())
+            return loss
+
+        def _track_num_input_tokens(self, inputs):
+            if self.defer_metrics and self.args.include_num_input_tokens_seen == "non_padding" \
+                    and "attention_mask" in inputs:
+                self._defer("input_tokens", self.accelerator.gather(inputs["attention_mask"].sum()).sum())
+            else:
+                super()._track_num_input_tokens(inputs)
+
+        def _defer(self, key, value):
+            if self._pending is None:
+                self._pending = {}
+            self._pending.setdefault(key, []).append(value.detach())
+
+        def _flush_metrics(self):
+            """Read the deferred values (one transfer) into TRL's metrics and the Trainer's state."""
+            import torch
+
+            pending, self._pending = self._pending, None
+            if not pending:
+                return
+            keys = list(pending)
+            flat = torch.cat([torch.stack([v.to(self.args.device, torch.float64) for v in pending[k]])
+                              for k in keys]).tolist()
+            got, i = {}, 0
+            for k in keys:
+                got[k], i = flat[i:i + len(pending[k])], i + len(pending[k])
+            metrics = self._metrics["train"]
+            if "valid" in got:
+                for name, num in (("entropy", "entropy"), ("mean_token_accuracy", "correct")):
+                    metrics[name].extend(n / v if v > 0 else 0.0 for n, v in zip(got[num], got["valid"]))
+            if "aux_loss" in got:
+                metrics["aux_loss"].extend(got["aux_loss"])
+            for n in got.get("train_tokens", ()):
+                self._total_train_tokens += int(n) // self._tp_size
+            if "train_tokens" in got:
+                metrics["num_tokens"] = [self._total_train_tokens]
+            self.state.num_input_tokens_seen += int(sum(got.get("input_tokens", ())))
+
         def log(self, logs, start_time=None):
+            self._flush_metrics()
             if self.meter is not None and "loss" in logs:
                 logs = {**logs, **self.meter.sample(self.state)}
             return super().log(logs, start_time)
 
         def _save_checkpoint(self, model, trial):
+            self._flush_metrics()  # the saved state counts every token seen
             super()._save_checkpoint(model, trial)
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -354,6 +440,9 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
         eval_records = read_records(cfg, "val", required=False)
     if model is None:
         check_hardware(cfg)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # before LoRA's random init, so that a run repeats (the Trainer seeds only after it)
     ckpt_dir, adapter_dir = out / "checkpoints", out / "adapter"
     resume = last_checkpoint(ckpt_dir, cfg)
 
