@@ -26,6 +26,7 @@ Variants (one process, one after the other, each model freed before the next is 
   +flat        suffix: the optimizer updates all LoRA tensors in one call (train.flat_optimizer)
   +nodrop      suffix: LoRA dropout 0 (a diagnostic: what the study's dropout costs)
   +fallbackrandom  suffix: inductor draws random numbers with aten's generator (torch._inductor.config.fallback_random)
+  +perexpert  suffix: the 4-bit experts run one cuBLAS GEMM per expert instead of torch's grouped GEMM
   +autotune    suffix: the attention half compiled with mode max-autotune-no-cudagraphs
   half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
                the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
@@ -106,6 +107,8 @@ def variant_spec(name: str) -> dict:
             spec["fallback_random"] = True
         elif extra == "autotune":
             spec["compile_mode"] = "max-autotune-no-cudagraphs"
+        elif extra == "perexpert":  # model.quant.expert_gemm=per_expert (the kit's default); without: grouped
+            spec["expert_gemm"] = "per_expert"
         else:
             raise ValueError(f"unknown variant suffix +{extra} in {name!r}")
     return spec
@@ -319,7 +322,8 @@ def run_variant(name, spec, args, dev, part="full"):
 
 def _run_variant(name, spec, args, dev, part="full"):
     cfg = mixtral_config(args.tiny, args.layers)
-    quant = QuantConfig(load_in_4bit=True, double_quant=True, compute_dtype="bfloat16" if dev.type == "cuda" else "float32")
+    quant = QuantConfig(load_in_4bit=True, double_quant=True, compute_dtype="bfloat16" if dev.type == "cuda" else "float32",
+                        expert_gemm=spec.get("expert_gemm", "grouped"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rng_layers = None
     if part != "full":

@@ -41,6 +41,14 @@ def main() -> None:
     counts = torch.bincount(top2, minlength=E)
     routed = [0] + counts.cumsum(0).tolist()
     routed_offs = torch.tensor(routed[1:], device=dev, dtype=torch.int32)
+
+    def padded_ends(pad: int) -> list[int]:
+        ends, end = [], 0
+        for c in counts.tolist():
+            end += -(-c // pad) * pad
+            ends.append(end)
+        return ends
+
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "routed_rows": counts.tolist(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     for name, K, N in (("gate_up (x @ W13^T)", H, I2), ("down (a @ W2^T)", I2 // 2, H),
@@ -66,6 +74,12 @@ def main() -> None:
                                                      flops), 1),
             "per-expert cuBLAS, routed split TF/s": round(rate(lambda: per_expert(routed), flops), 1),
         }
+        for pad in (16, 128):  # each expert's rows start on a multiple of `pad` (zero rows between)
+            offs_p = torch.tensor(padded_ends(pad), device=dev, dtype=torch.int32)
+            x_p = torch.zeros(int(offs_p[-1]), K, device=dev, dtype=dt)
+            res[name][f"K-major, routed split padded to {pad} rows TF/s"] = round(
+                rate(lambda: F.grouped_mm(x_p, w_nk.transpose(1, 2), offs=offs_p), flops), 1)  # real rows' FLOPs
+            del x_p
         del x, w_nk, w_kn, dense_w, out
         torch.cuda.empty_cache()
         print(name, res[name], flush=True)

@@ -16,6 +16,7 @@ Recipes (overrides of configs/single-gpu.yaml):
   flat-budget  flat, attention not checkpointed: train.attention_memory_budget=0.02
   fast      flat without any checkpointing (train.gradient_checkpointing=false, compile_attention):
             one 80 GB GPU's fastest recipe
+  flat-grouped, fast-grouped  with model.quant.expert_gemm=grouped (torch's grouped GEMM)
   <recipe>+sync  the same with TRL's per-micro-batch metric reads (the trainer's defer_metrics off)
 
     python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
@@ -54,6 +55,8 @@ RECIPES = {
     "fast": {"model.quant.experts_method": "grouped", "train.gradient_checkpointing": False,
              "train.compile_attention": True, "train.flat_optimizer": True},
 }
+# the same with torch's grouped GEMM for the experts instead of one cuBLAS GEMM per expert
+RECIPES.update({f"{name}-grouped": {**RECIPES[name], "model.quant.expert_gemm": "grouped"} for name in ("flat", "fast")})
 WORDS = ("feel anxious sleep work family friend therapy week talk worry tired hope stress mood help "
          "night day change thought plan better listen support small step together notice breathe").split()
 

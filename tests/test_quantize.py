@@ -60,6 +60,65 @@ def test_grouped_experts_match_dequantized_reference(keep):
     assert not torch.allclose(ex(x, idx, w), out_ref, atol=1e-7)
 
 
+def test_expert_gemm_setting_reaches_the_experts_and_both_agree():
+    """model.quant.expert_gemm picks the GPU GEMM (per expert, or torch's grouped one); off a GPU
+    both run the per-expert loop, an expert given no token included, with the same result."""
+    from phyassist.config import ConfigError
+
+    cfg, ex, x, idx, w = _experts_and_routing(tokens=6)
+    idx = idx.clamp(max=cfg.num_local_experts - 2)  # the last expert gets no row
+    outs = []
+    for gemm in ("per_expert", "grouped"):
+        quant = load_config("smoke", {"model.quant.expert_gemm": gemm}).model.quant
+        model = torch.nn.ModuleDict({"experts": copy.deepcopy(ex)})
+        quantize_moe_experts(model, quant, method="grouped")
+        assert model["experts"].gemm == gemm
+        outs.append(model["experts"](x, idx, w))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ConfigError, match="expert_gemm"):
+        load_config("smoke", {"model.quant.expert_gemm": "cutlass"})
+    with pytest.raises(ValueError, match="must be one of"):
+        Quant4bitExperts(ex, gemm="cutlass")
+
+
+def _grouped_mm_reference(x, w, offs):
+    """torch's grouped GEMM semantics on the CPU: group e is rows [offs[e-1], offs[e])."""
+    out = torch.full((x.shape[0], w.shape[-1]), float("nan"), dtype=x.dtype)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = x[start:end] @ w[e]
+        start = end
+    return out
+
+
+def test_grouped_gemm_path_matches_the_per_expert_loop(monkeypatch):
+    """expert_gemm=grouped (torch's grouped GEMM over group ends, no host read of the counts) gives
+    the per-expert loop's outputs and gradients; run on the CPU with a reference grouped GEMM."""
+    import phyassist.models.quantize as Q
+
+    cfg, ex, x, idx, w = _experts_and_routing(tokens=20)
+    idx[:, 0] = idx[:, 0].clamp(max=1)  # uneven groups, one expert with few rows
+    runs = []
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", _grouped_mm_reference, raising=False)
+    monkeypatch.setattr(Q, "uses_grouped_mm", lambda t: True)
+    reads, host_counts = [], Q._host_counts
+
+    def counted(ends):
+        reads.append(1)
+        return host_counts(ends)
+    monkeypatch.setattr(Q, "_host_counts", counted)
+    for gemm in ("per_expert", "grouped"):
+        q = Quant4bitExperts(ex, compute_dtype=torch.float32, keep_activations=False, gemm=gemm)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = q(xg, idx, wg)
+        out.backward(torch.ones_like(out))
+        runs.append((out, xg.grad, wg.grad))
+    assert len(reads) == 1  # the per-expert loop read the counts; the grouped GEMM did not
+    for a, b in zip(*runs):
+        assert torch.isfinite(b).all()
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_parametrize_experts_match_dequantized_reference():
     cfg, ex, x, idx, w = _experts_and_routing(seed=1)
     holder = torch.nn.Module()

@@ -29,6 +29,7 @@ from phyassist.models import moe_kernels
 from phyassist.models.moe_kernels import gather_sum, swiglu_backward_, swiglu_forward
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+EXPERT_GEMMS = ("per_expert", "grouped")  # model.quant.expert_gemm
 
 
 def _bnb():
@@ -72,19 +73,34 @@ def uses_grouped_mm(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm")
 
 
-def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
     """``x[rows of expert e] @ w[e]`` for every expert; x: [N, K], w: [E, K, M] -> [N, M].
 
-    One grouped GEMM where torch has one for the device and dtype (Hopper bf16), else a loop.
+    ``counts`` None: one grouped GEMM (torch's, Hopper bf16) over the groups ending at ``ends``,
+    else one GEMM per expert of ``counts[e]`` rows, written in place into the output.
     """
-    if uses_grouped_mm(x):
-        return torch.nn.functional.grouped_mm(x, w, offs=offsets)
-    outs, start = [], 0
+    if counts is None:
+        return torch.nn.functional.grouped_mm(x, w, offs=ends)
+    out, start = x.new_empty(x.shape[0], w.shape[-1]), 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(x[start:start + n] @ w[e])
+            torch.mm(x[start:start + n], w[e], out=out[start:start + n])
         start += n
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+    return out
+
+
+def _host_counts(ends: torch.Tensor):
+    """Rows per expert for the host (a loop over experts needs them). On a GPU the copy into
+    pinned memory is queued without waiting; ``wait()`` returns the list, so the work queued in
+    between (the weights' dequantization) keeps the GPU busy while the host waits for the router."""
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    if not counts.is_cuda:
+        return counts.tolist
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), host.tolist())[1]
 
 
 class _MoEExperts(torch.autograd.Function):
@@ -110,48 +126,49 @@ class _MoEExperts(torch.autograd.Function):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         # rows per expert as offsets into the sorted rows; searchsorted, unlike CUDA's bincount,
         # needs no device-to-host sync
+        expert_of_row = flat.index_select(0, order)
         experts = torch.arange(module.num_experts, device=flat.device, dtype=flat.dtype)
-        offsets = torch.searchsorted(flat.index_select(0, order), experts, right=True).to(torch.int32)
+        ends = torch.searchsorted(expert_of_row, experts, right=True).to(torch.int32)
         dtype = module.gate_up.quant_state.dtype
-        token_of_row = order // k
         x = hidden.to(dtype)
-        xs = x.index_select(0, token_of_row)
+        # The per-expert loop needs the counts on the host (one device sync a layer), the grouped
+        # GEMM does not; the copy is queued first and waited for once the dequantization is queued.
+        wait = None if module.gemm == "grouped" and uses_grouped_mm(x) else _host_counts(ends)
+        token_of_row = order // k
         w_row = weights.reshape(-1).index_select(0, order).float()
-        # The loop fallback needs host-side counts (a device sync); the grouped GEMM does not.
-        counts = ([0] * module.num_experts if uses_grouped_mm(xs)
-                  else torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist())
+        xs = x.index_select(0, token_of_row)
         w1 = module.gate_up.dequantize()  # [E, 2I, H]
-        h = _grouped_matmul(xs, w1.transpose(1, 2), offsets, counts)
+        counts = wait() if wait else None
+        h = _grouped_matmul(xs, w1.transpose(1, 2), ends, counts)
         del w1, xs
         a = swiglu_forward(h, w_row)
         if not keep_h:
             del h
         w2 = module.down.dequantize()  # [E, H, I]
-        y = _grouped_matmul(a, w2.transpose(1, 2), offsets, counts)
+        y = _grouped_matmul(a, w2.transpose(1, 2), ends, counts)
         del w2, a
         out = gather_sum(y, inverse, k)
         ctx.module, ctx.counts, ctx.keep_h, ctx.k = module, counts, keep_h, k
         ctx.hidden_dtype, ctx.weights_dtype = hidden.dtype, weights.dtype
         # Through save_for_backward (not ctx attributes) so that gradient checkpointing's
         # saved-tensor hooks manage them.
-        ctx.save_for_backward(x, order, inverse, offsets, w_row, *((h,) if keep_h else ()))
+        ctx.save_for_backward(x, token_of_row, inverse, ends, w_row, *((h,) if keep_h else ()))
         return out.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, order, inverse, offsets, w_row, *saved = ctx.saved_tensors
+        x, token_of_row, inverse, ends, w_row, *saved = ctx.saved_tensors
         module, counts, k = ctx.module, ctx.counts, ctx.k
-        token_of_row = order // k
         w2 = module.down.dequantize()
         g = grad_out.to(w2.dtype).index_select(0, token_of_row)
-        grad_a = _grouped_matmul(g, w2, offsets, counts)  # gradient of the unweighted activation
+        grad_a = _grouped_matmul(g, w2, ends, counts)  # gradient of the unweighted activation
         del w2, g
         w1 = module.gate_up.dequantize()
         h = saved[0] if saved else _grouped_matmul(x.index_select(0, token_of_row), w1.transpose(1, 2),
-                                                   offsets, counts)
+                                                   ends, counts)
         grad_h, grad_w_row = swiglu_backward_(h, grad_a, w_row)
         del grad_a
-        grad_xs = _grouped_matmul(grad_h, w1, offsets, counts)
+        grad_xs = _grouped_matmul(grad_h, w1, ends, counts)
         del w1, grad_h, h
         grad_x = gather_sum(grad_xs, inverse, k)
         grad_w = grad_w_row.index_select(0, inverse).view(x.shape[0], k)
@@ -169,7 +186,7 @@ class Quant4bitExperts(nn.Module):
     """
 
     def __init__(self, experts: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: torch.dtype | None = None, keep_activations: bool = True):
+                 compute_dtype: torch.dtype | None = None, keep_activations: bool = True, gemm: str = "per_expert"):
         super().__init__()
         w1, w2 = experts.gate_up_proj, experts.down_proj
         self.num_experts, inter2, self.hidden_dim = w1.shape
@@ -181,6 +198,9 @@ class Quant4bitExperts(nn.Module):
         if self.act_name not in ("SiLUActivation", "SiLU"):
             raise ValueError(f"Quant4bitExperts supports SiLU-gated experts only, got {self.act_name}")
         self.keep_activations = keep_activations
+        if gemm not in EXPERT_GEMMS:
+            raise ValueError(f"Quant4bitExperts: gemm must be one of {', '.join(EXPERT_GEMMS)}, got {gemm!r}")
+        self.gemm = gemm
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return _MoEExperts.apply(hidden_states, top_k_weights, top_k_index, self, self.keep_activations)
@@ -220,7 +240,8 @@ def quantize_moe_experts(model: nn.Module, quant_cfg, method: str = "parametrize
         if method == "parametrize":
             _parametrize(mod, quant_cfg.quant_type, quant_cfg.double_quant)
         elif method == "grouped":
-            new = Quant4bitExperts(mod, quant_cfg.quant_type, quant_cfg.double_quant, compute, **kwargs)
+            new = Quant4bitExperts(mod, quant_cfg.quant_type, quant_cfg.double_quant, compute,
+                                   gemm=quant_cfg.expert_gemm, **kwargs)
             _set_submodule(model, name, new)
         else:
             raise ValueError(f"unknown expert quantization method {method!r} (grouped | parametrize)")
