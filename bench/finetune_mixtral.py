@@ -107,7 +107,7 @@ def variant_spec(name: str) -> dict:
             spec["fallback_random"] = True
         elif extra == "autotune":
             spec["compile_mode"] = "max-autotune-no-cudagraphs"
-        elif extra == "perexpert":  # model.quant.expert_gemm=per_expert (the kit's default); without: grouped
+        elif extra == "perexpert":  # model.quant.expert_gemm=per_expert (configs/single-gpu.yaml); without: grouped
             spec["expert_gemm"] = "per_expert"
         else:
             raise ValueError(f"unknown variant suffix +{extra} in {name!r}")

@@ -24,6 +24,9 @@ def test_inheritance_single_gpu_from_paper():
     assert cfg.train.lora.r == 32 and cfg.train.max_steps == 660 and cfg.train.flat_optimizer
     # 80 GB keep every activation: nothing recomputed, the attention half still compiled
     assert cfg.train.gradient_checkpointing is False and cfg.train.compile_attention
+    # a nested section merges: the experts' GEMM changes, the rest of model.quant is paper's
+    assert cfg.model.quant.expert_gemm == "per_expert" and cfg.model.quant.experts_method == "grouped"
+    assert load_config("paper").model.quant.expert_gemm == "grouped"
 
 
 def test_overrides_parse_as_yaml():

@@ -29,7 +29,7 @@ from phyassist.models import moe_kernels
 from phyassist.models.moe_kernels import gather_sum, swiglu_backward_, swiglu_forward
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-EXPERT_GEMMS = ("per_expert", "grouped")  # model.quant.expert_gemm
+EXPERT_GEMMS = ("grouped", "per_expert")  # model.quant.expert_gemm
 
 
 def _bnb():
@@ -186,7 +186,7 @@ class Quant4bitExperts(nn.Module):
     """
 
     def __init__(self, experts: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: torch.dtype | None = None, keep_activations: bool = True, gemm: str = "per_expert"):
+                 compute_dtype: torch.dtype | None = None, keep_activations: bool = True, gemm: str = "grouped"):
         super().__init__()
         w1, w2 = experts.gate_up_proj, experts.down_proj
         self.num_experts, inter2, self.hidden_dim = w1.shape

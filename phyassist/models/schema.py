@@ -22,10 +22,10 @@ class QuantConfig(Section):
         "parametrize", description="How 4-bit experts run: bitsandbytes' parametrization under "
         "transformers' experts code, or the kit's grouped-GEMM module with fused SwiGLU "
         "(phyassist.models.quantize; measured in bench/finetune_mixtral.md).")
-    expert_gemm: Literal["per_expert", "grouped"] = Field(
-        "per_expert", description="GEMMs of the grouped experts on GPUs: one cuBLAS GEMM per expert (the "
-        "host waits for the router's row counts once a layer) or torch's grouped GEMM (no wait, but "
-        "slower on the uneven row counts a router gives). Measured in bench/finetune_mixtral.md.")
+    expert_gemm: Literal["grouped", "per_expert"] = Field(
+        "grouped", description="GEMMs of the grouped experts on GPUs: torch's grouped GEMM (no host "
+        "wait) or one cuBLAS GEMM per expert (faster on a router's uneven row counts, but the host "
+        "waits for them once a layer; configs/single-gpu.yaml). Measured in bench/finetune_mixtral.md.")
     storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the packed 4-bit bytes are stored as (bitsandbytes' quant_storage). "
         "FSDP shards only floating-point tensors, so 'auto' is uint8, or compute_dtype under "
