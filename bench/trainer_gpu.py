@@ -123,8 +123,6 @@ def run(recipe: str, args, tokenizer) -> dict:
 
     from bench.app_bench import random_model_factory
     from phyassist.config import load_config
-    from phyassist.train.trainer import train
-
     from phyassist.train import trainer as T
 
     name, _, flag = recipe.partition("+")
@@ -156,8 +154,8 @@ def run(recipe: str, args, tokenizer) -> dict:
         T._trainer_class = lambda: type("SyncingTrainer", (make(),), {"defer_metrics": False})
     t0 = time.perf_counter()
     try:
-        train(cfg, train_records=records(args.steps * 16, vary=args.vary), model=model, tokenizer=tokenizer,
-              callbacks=callbacks)
+        T.train(cfg, train_records=records(args.steps * 16, vary=args.vary), model=model, tokenizer=tokenizer,
+                callbacks=callbacks)
     finally:
         T._trainer_class = make
     total = time.perf_counter() - t0

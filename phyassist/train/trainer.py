@@ -310,9 +310,9 @@ def _trainer_class():
             self._defer("correct", gather(outputs.is_top1.sum()).sum())
             if "attention_mask" in inputs:
                 self._defer("train_tokens", gather(inputs["attention_mask"].sum()).sum())
-            else:  # padding-free: one packed row
-                self._defer("train_tokens", gather(torch.tensor(inputs["position_ids"].size(1),
-                                                                device=inputs["position_ids"].device)).sum())
+            else:  # padding-free: one packed row (filled on the device: a copy from the host would wait)
+                ids = inputs["position_ids"]
+                self._defer("train_tokens", gather(ids.new_full((), ids.size(1))).sum())
             return loss
 
         def _track_num_input_tokens(self, inputs):
