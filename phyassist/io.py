@@ -55,3 +55,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: line {i}: not valid JSON ({exc.msg})") from None
     return rows
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that a Trainer finished writing, or None.
+
+    transformers writes a checkpoint's ``trainer_state.json`` last, and not atomically: a run
+    killed while saving leaves a folder without it, or with half of it, which resuming would
+    fail on. Such a folder is passed over for the one before it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            print(f"[resume] {path}: unfinished checkpoint (no readable trainer_state.json), passed over", flush=True)
+            continue
+        return str(path)
+    return None

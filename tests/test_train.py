@@ -80,6 +80,21 @@ def test_checkpoint_of_another_base_model_is_refused(tmp_path):
         T.last_checkpoint(tmp_path / "checkpoints", cfg)
 
 
+def test_resume_passes_over_a_checkpoint_killed_while_it_was_written(tmp_path):
+    """A run killed while saving leaves a checkpoint folder without (or with half of) the
+    trainer_state.json transformers writes last; resuming takes the checkpoint before it."""
+    from phyassist.io import last_complete_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for step, state in ((2, "{}"), (4, '{"global_st'), (6, None)):
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        if state is not None:
+            (ckpts / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    cfg = load_config("smoke", {"output_dir": str(tmp_path)})
+    assert T.last_checkpoint(ckpts, cfg) == str(ckpts / "checkpoint-2")
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
 def _cli(out: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "phyassist", "train", "--config", "smoke", "--output-dir", str(out),
             "model.name=tiny-mixtral", f"train.max_steps={steps}", "train.save_steps=2",

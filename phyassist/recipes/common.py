@@ -51,11 +51,6 @@ def lora_config(spec, task_type: str):
                       target_modules=list(spec.target_modules), bias="none", task_type=task_type)
 
 
-def last_checkpoint(folder: Path) -> str | None:
-    """The newest ``checkpoint-N`` in ``folder`` to resume from, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
 def save_folder(target: Path, write) -> Path:

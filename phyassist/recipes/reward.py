@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phyassist.io import atomic_write_json
-from phyassist.recipes.common import (images_dir, last_checkpoint, lora_config, save_folder, step_dir,
+from phyassist.io import atomic_write_json, last_complete_checkpoint
+from phyassist.recipes.common import (images_dir, lora_config, save_folder, step_dir,
                                       trainer_common)
 
 
@@ -61,7 +61,7 @@ def train_reward(cfg, train_rows: list[dict], eval_rows: list[dict] | None = Non
                             train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                             peft_config=lora_config(cfg.recipe.reward.lora, "SEQ_CLS"))
-    trainer.train(resume_from_checkpoint=last_checkpoint(ckpt))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(ckpt))
     history = trainer.state.log_history  # restored from the checkpoint on resume, so complete
     atomic_write_json(out / "log_history.json", history)
     adapter = save_folder(out / "adapter", lambda tmp: (trainer.model.save_pretrained(tmp), tok.save_pretrained(tmp)))

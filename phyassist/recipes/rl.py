@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phyassist.io import atomic_write_json
-from phyassist.recipes.common import (images_dir, last_checkpoint, lora_config, save_folder, step_dir,
+from phyassist.io import atomic_write_json, last_complete_checkpoint
+from phyassist.recipes.common import (images_dir, lora_config, save_folder, step_dir,
                                       trainer_common)
 from phyassist.recipes.dialogues import prompt_messages, seeded_cap
 
@@ -77,7 +77,7 @@ def train_rl(cfg, records: list[dict], sft_adapter: str | Path, reward_adapter: 
     trainer = RLOOTrainer(model=policy, reward_funcs=reward_model, args=rloo_args(cfg, ckpt), train_dataset=prompts,
                           processing_class=tok, reward_processing_classes=reward_tok,
                           peft_config=lora_config(r.lora, "CAUSAL_LM"))
-    trainer.train(resume_from_checkpoint=last_checkpoint(ckpt))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(ckpt))
     history = trainer.state.log_history  # restored from the checkpoint on resume, so complete
     atomic_write_json(out / "log_history.json", history)
     adapter = save_folder(out / "adapter", lambda tmp: (trainer.model.save_pretrained(tmp), tok.save_pretrained(tmp)))

@@ -139,11 +139,11 @@ def model_identity(cfg) -> str:
 
 def last_checkpoint(ckpt_dir: Path, cfg) -> str | None:
     """The newest checkpoint to resume from, refusing one made for another base model."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from phyassist.io import last_complete_checkpoint
 
-    if not cfg.train.resume or not ckpt_dir.is_dir():
+    if not cfg.train.resume:
         return None
-    last = get_last_checkpoint(str(ckpt_dir))
+    last = last_complete_checkpoint(ckpt_dir)
     if last is None:
         return None
     meta = Path(last) / RUN_META
