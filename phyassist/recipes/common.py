@@ -51,8 +51,6 @@ def lora_config(spec, task_type: str):
                       target_modules=list(spec.target_modules), bias="none", task_type=task_type)
 
 
-
-
 def save_folder(target: Path, write) -> Path:
     """Write a folder through a temporary sibling, renamed into place only when complete."""
     tmp = target.with_name(target.name + ".tmp")
