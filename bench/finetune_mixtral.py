@@ -28,6 +28,10 @@ Variants (one process, one after the other, each model freed before the next is 
   +fallbackrandom  suffix: inductor draws random numbers with aten's generator (torch._inductor.config.fallback_random)
   +perexpert  suffix: the 4-bit experts run one cuBLAS GEMM per expert instead of torch's grouped GEMM
   +autotune    suffix: the attention half compiled with mode max-autotune-no-cudagraphs
+  +stalecounts suffix (a diagnostic, with +perexpert): each layer reuses the expert row counts its
+               router gave in the first step instead of waiting for them, so no step after the
+               first syncs with the device; the same batch every step keeps the shapes (what the
+               per-layer wait costs, not a correct training path)
   half0/half1  the 2 x 24 GB profile: each half of the layers (embeddings on the first, head on
                the second) alone under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction)
 
@@ -107,6 +111,8 @@ def variant_spec(name: str) -> dict:
             spec["fallback_random"] = True
         elif extra == "autotune":
             spec["compile_mode"] = "max-autotune-no-cudagraphs"
+        elif extra == "stalecounts":
+            spec["stale_counts"] = True
         elif extra == "perexpert":  # model.quant.expert_gemm=per_expert (configs/single-gpu.yaml); without: grouped
             spec["expert_gemm"] = "per_expert"
         else:
@@ -298,10 +304,14 @@ def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
 def run_variant(name, spec, args, dev, part="full"):
     import torch._inductor.config
 
-    from phyassist.models import moe_kernels
+    from phyassist.models import moe_kernels, quantize
     from phyassist.train import checkpointing
 
     moe_kernels.TRITON_DEQUANTIZE = spec.get("dequant", "kit") == "kit"
+    host_counts = quantize._host_counts
+    if spec.get("stale_counts"):
+        layers = mixtral_config(args.tiny, args.layers).num_hidden_layers
+        quantize._host_counts = stale_host_counts(host_counts, layers)
     checkpointing.COMPILE_MODE = spec.get("compile_mode")
     inductor = torch._inductor.config
     fallback_random = inductor.fallback_random
@@ -318,6 +328,23 @@ def run_variant(name, spec, args, dev, part="full"):
             inductor.fallback_random = fallback_random
         moe_kernels.TRITON_DEQUANTIZE = True
         checkpointing.COMPILE_MODE = None
+        quantize._host_counts = host_counts
+
+
+def stale_host_counts(real, layers: int):
+    """``+stalecounts``: the first ``layers`` calls (one forward) wait for the router's counts as
+    the kit does; every later call returns the counts of the same layer in that first forward."""
+    cache, calls = [], [0]
+
+    def host_counts(ends):
+        i = calls[0]
+        calls[0] += 1
+        if i < layers:
+            cache.append(real(ends)())
+        counts = cache[i % layers]
+        return lambda: counts
+
+    return host_counts
 
 
 def _run_variant(name, spec, args, dev, part="full"):

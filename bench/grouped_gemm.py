@@ -7,12 +7,20 @@ given K-major (a transposed view of the stored [E, N, K] tensor, as the kit's fo
 N-major ([E, K, N] contiguous), plus cuBLAS on one dense [8192 x K] @ [K x N] of the same FLOPs,
 and one cuBLAS GEMM per expert (split sizes known on the host, as a loop over experts needs), each
 also with the routed rows of a random router (uneven, as top-2 of a random Mixtral router gives).
+``--compare``: the per-expert GEMMs on the routed split as the kit runs them (one stream, torch's
+default BLAS), round-robin over 2 and 4 CUDA streams (so one expert's last, partly filled wave of
+tiles can overlap the next expert's), and through cuBLASLt (``preferred_blas_library``), interleaved
+``--rounds`` times with medians, since single measurements move by several per cent on a
+power-capped GPU.
+
+    python bench/grouped_gemm.py --compare --rounds 7 --json-out grouped_gemm_compare.json
 
     python bench/grouped_gemm.py        # GPU only; prints JSON
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -32,6 +40,11 @@ def rate(fn, flops: float, reps: int = 20) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compare", action="store_true", help="per-expert loop: streams and BLAS library")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     E, rows, H, I2 = 8, 8192, 4096, 2 * 14336
     offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (rows // E)
@@ -60,10 +73,18 @@ def main() -> None:
         dense_w = torch.randn(K, N, device=dev, dtype=dt)
         out = torch.empty(rows, N, device=dev, dtype=dt)
 
-        def per_expert(bounds):
+        side = [torch.cuda.Stream() for _ in range(4)]
+
+        def per_expert(bounds, n_streams: int = 1):
+            main = torch.cuda.current_stream()
+            for s in side[:n_streams]:
+                s.wait_stream(main)
             for e in range(E):
                 a, b = bounds[e], bounds[e + 1]
-                torch.mm(x[a:b], w_nk[e].T, out=out[a:b])
+                with torch.cuda.stream(side[e % n_streams] if n_streams > 1 else main):
+                    torch.mm(x[a:b], w_nk[e].T, out=out[a:b])
+            for s in side[:n_streams] if n_streams > 1 else ():
+                main.wait_stream(s)
 
         res[name] = {
             "K-major TF/s": round(rate(lambda: F.grouped_mm(x, w_nk.transpose(1, 2), offs=offs), flops), 1),
@@ -74,6 +95,18 @@ def main() -> None:
                                                      flops), 1),
             "per-expert cuBLAS, routed split TF/s": round(rate(lambda: per_expert(routed), flops), 1),
         }
+        if args.compare:
+            default_blas = torch.backends.cuda.preferred_blas_library()
+            ways = {"1 stream": (1, default_blas), "2 streams": (2, default_blas), "4 streams": (4, default_blas),
+                    "1 stream, cuBLASLt": (1, torch._C._BlasBackend.Cublaslt)}
+            runs = {w: [] for w in ways}
+            for _ in range(args.rounds):
+                for w, (n, blas) in ways.items():
+                    torch.backends.cuda.preferred_blas_library(blas)
+                    runs[w].append(round(rate(lambda: per_expert(routed, n), flops, reps=40), 1))
+                torch.backends.cuda.preferred_blas_library(default_blas)
+            res[name]["per-expert, routed split, interleaved rounds TF/s"] = {
+                w: {"median": sorted(v)[len(v) // 2], "all": v} for w, v in runs.items()}
         for pad in (16, 128):  # each expert's rows start on a multiple of `pad` (zero rows between)
             offs_p = torch.tensor(padded_ends(pad), device=dev, dtype=torch.int32)
             x_p = torch.zeros(int(offs_p[-1]), K, device=dev, dtype=dt)
@@ -84,6 +117,9 @@ def main() -> None:
         torch.cuda.empty_cache()
         print(name, res[name], flush=True)
     print(json.dumps(res))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
