@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import sys
@@ -334,11 +335,10 @@ def run_variant(name, spec, args, dev, part="full"):
 def stale_host_counts(real, layers: int):
     """``+stalecounts``: the first ``layers`` calls (one forward) wait for the router's counts as
     the kit does; every later call returns the counts of the same layer in that first forward."""
-    cache, calls = [], [0]
+    cache, calls = [], itertools.count()
 
     def host_counts(ends):
-        i = calls[0]
-        calls[0] += 1
+        i = next(calls)
         if i < layers:
             cache.append(real(ends)())
         counts = cache[i % layers]

@@ -75,15 +75,16 @@ def main() -> None:
 
         side = [torch.cuda.Stream() for _ in range(4)]
 
-        def per_expert(bounds, n_streams: int = 1):
+        def per_expert(bounds, streams=()):
+            """One GEMM per expert on the current stream, or round-robin over ``streams``."""
             main = torch.cuda.current_stream()
-            for s in side[:n_streams]:
+            for s in streams:
                 s.wait_stream(main)
             for e in range(E):
                 a, b = bounds[e], bounds[e + 1]
-                with torch.cuda.stream(side[e % n_streams] if n_streams > 1 else main):
+                with torch.cuda.stream(streams[e % len(streams)] if streams else main):
                     torch.mm(x[a:b], w_nk[e].T, out=out[a:b])
-            for s in side[:n_streams] if n_streams > 1 else ():
+            for s in streams:
                 main.wait_stream(s)
 
         res[name] = {
@@ -97,13 +98,13 @@ def main() -> None:
         }
         if args.compare:
             default_blas = torch.backends.cuda.preferred_blas_library()
-            ways = {"1 stream": (1, default_blas), "2 streams": (2, default_blas), "4 streams": (4, default_blas),
-                    "1 stream, cuBLASLt": (1, torch._C._BlasBackend.Cublaslt)}
+            ways = {"1 stream": ((), default_blas), "2 streams": (side[:2], default_blas),
+                    "4 streams": (side, default_blas), "1 stream, cuBLASLt": ((), "cublaslt")}
             runs = {w: [] for w in ways}
             for _ in range(args.rounds):
-                for w, (n, blas) in ways.items():
+                for w, (streams, blas) in ways.items():
                     torch.backends.cuda.preferred_blas_library(blas)
-                    runs[w].append(round(rate(lambda: per_expert(routed, n), flops, reps=40), 1))
+                    runs[w].append(round(rate(lambda: per_expert(routed, streams), flops, reps=40), 1))
                 torch.backends.cuda.preferred_blas_library(default_blas)
             res[name]["per-expert, routed split, interleaved rounds TF/s"] = {
                 w: {"median": sorted(v)[len(v) // 2], "all": v} for w, v in runs.items()}
