@@ -23,6 +23,8 @@ Variants (one process, one after the other, each model freed before the next is 
   fused-cexperts-bf16lora / fused-cnockpt-bf16lora  compiled, attention not checkpointed (experts
                recompute gate/up, or keep them too)
   +keepN       suffix: N layers keep their attention activations, the others are checkpointed
+  +keepwN      suffix: the last N layers' experts save their dequantized weights for the backward
+               instead of dequantizing them again (model.quant.keep_dequantized_layers)
   +flat        suffix: the optimizer updates all LoRA tensors in one call (train.flat_optimizer)
   +nodrop      suffix: LoRA dropout 0 (a diagnostic: what the study's dropout costs)
   +fallbackrandom  suffix: inductor draws random numbers with aten's generator (torch._inductor.config.fallback_random)
@@ -64,7 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phyassist.models.quantize import build_quantized_model  # noqa: E402
+from phyassist.models.quantize import build_quantized_model, keep_dequantized_weights  # noqa: E402
 from phyassist.models.schema import QuantConfig  # noqa: E402
 from phyassist.train.fused_loss import fused_linear_cross_entropy  # noqa: E402
 from phyassist.train.lora import apply_lora, trainable_parameters  # noqa: E402
@@ -100,7 +102,9 @@ def variant_spec(name: str) -> dict:
     base, *extras = name.split("+")
     spec = dict(VARIANTS[base])
     for extra in extras:
-        if extra.startswith("keep"):
+        if extra.startswith("keepw"):  # model.quant.keep_dequantized_layers=N
+            spec["keep_weights"] = int(extra[5:])
+        elif extra.startswith("keep"):
             spec["attn_keep"] = int(extra[4:])
         elif extra.startswith("budget"):
             spec["memory_budget"] = float(extra[6:])
@@ -371,6 +375,8 @@ def _run_variant(name, spec, args, dev, part="full"):
     lora = LoraConfig(r=32, alpha=32, dropout=spec.get("lora_dropout", 0.05), target_router=True)
     peft_model = prepare(model, spec["ckpt"], lora, spec.get("compile", False), spec.get("attn_keep", 0),
                          spec.get("memory_budget"))
+    if spec.get("keep_weights"):
+        keep_dequantized_weights(peft_model, spec["keep_weights"])
     if spec.get("lora_dtype"):
         for p in peft_model.parameters():
             if p.requires_grad:

@@ -180,6 +180,24 @@ def test_full_mixtral_dry_run_counts_study_parameters():
     assert proj.fits() and len(proj.per_gpu) == 2 and sum(proj.layers_per_gpu) == 32
 
 
+def test_single_gpu_projection_counts_the_kept_dequantized_experts():
+    """configs/single-gpu.yaml keeps 8 layers' dequantized experts (2.625 GiB each in bf16) on top
+    of every layer's saved activations; the projection is within 1 GiB of the H100 bench's peaks
+    (50.47 and 70.99 GiB, bench/finetune_mixtral.md) and under an 80 GB GPU."""
+    from phyassist.train.dryrun import project, report
+
+    cfg = load_config("single-gpu")
+    kept, none = project(cfg), project(load_config("single-gpu", {"model.quant.keep_dequantized_layers": 0}))
+    assert cfg.model.quant.keep_dequantized_layers == 8 and kept.checkpointing is False
+    assert kept.kept_weights_gib == pytest.approx(8 * 2.625) and none.kept_weights_gib == 0
+    assert kept.per_gpu[0] - none.per_gpu[0] == pytest.approx(21.0)
+    assert abs(none.per_gpu[0] - 50.47) < 1 and abs(kept.per_gpu[0] - 70.99) < 1 and kept.per_gpu[0] < 79
+    assert "kept dequantized experts (8 layers)      21.00" in report(cfg, kept)
+    # under whole-layer checkpointing they live only during a layer's recompute
+    full = project(load_config("single-gpu", {"train.gradient_checkpointing": True, "train.compile_attention": False}))
+    assert full.kept_weights_gib == 0
+
+
 def test_layer_split_and_device_map():
     from phyassist.train.dryrun import balance_layers, layer_device_map
 
@@ -241,6 +259,46 @@ def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
         for n in g0:
             assert torch.allclose(g[n], g0[n], atol=1e-6, rtol=1e-4), n
     assert len(calls) == architecture_config("tiny-mixtral").num_hidden_layers  # one per layer, "attention" only
+
+
+@pytest.mark.parametrize("mode", [False, True, "attention"])
+def test_kept_dequantized_weights_give_the_same_gradients_without_dequantizing_again(monkeypatch, mode):
+    """model.quant.keep_dequantized_layers: the backward reuses the forward's dequantized weights
+    (the same values, so bit-equal gradients) and dequantizes only where they were not kept."""
+    from phyassist.models.quantize import Packed4bit
+
+    calls = []
+    real = Packed4bit.dequantize
+    monkeypatch.setattr(Packed4bit, "dequantize", lambda self: calls.append(1) or real(self))
+    layers = architecture_config("tiny-mixtral").num_hidden_layers
+    loss0, g0 = _grads_with(mode)
+    per_layer = len(calls) // layers  # 4 (forward + backward), 6 with whole-layer recompute
+    for keep in range(1, layers + 1):
+        calls.clear()
+        loss, g = _grads_with(mode, {"model.quant.keep_dequantized_layers": keep})
+        assert loss == loss0 and g.keys() == g0.keys()
+        for n in g0:
+            assert torch.equal(g[n], g0[n]), (keep, n)
+        assert len(calls) == layers * per_layer - 2 * keep, (keep, len(calls))
+
+
+def test_keep_dequantized_layers_is_validated_and_reaches_the_last_layers():
+    from phyassist.config import ConfigError
+    from phyassist.models.loading import load_model
+    from phyassist.models.quantize import keep_dequantized_weights
+    from phyassist.train.trainer import prepare_for_training
+
+    with pytest.raises(ConfigError, match="keep_dequantized_layers=2 needs experts_method: grouped"):
+        load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.keep_dequantized_layers": 2})
+    with pytest.raises(ConfigError, match="keep_dequantized_layers"):
+        load_config("smoke", {"model.quant.keep_dequantized_layers": -1})
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped",
+                                "model.quant.keep_dequantized_layers": 1})
+    model = prepare_for_training(load_model(cfg.model, for_training=True), cfg)
+    kept = [m.keep_weights for m in model.modules() if isinstance(m, Quant4bitExperts)]
+    assert kept == [False] * (len(kept) - 1) + [True]
+    with pytest.raises(ValueError, match=f"has {len(kept)} 4-bit expert blocks"):
+        keep_dequantized_weights(model, len(kept) + 1)
 
 
 def _compiled_grads(over, mode="attention"):

@@ -27,6 +27,14 @@ def test_too_little_gpu_memory_says_how_much_is_needed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: types.SimpleNamespace(total_memory=24 * 2**30, name="RTX 3090"))
     check_hardware(cfg)
+    # single-gpu on a 64 GiB card: about 71 GiB, 21 of them kept dequantized experts; says so
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(total_memory=64 * 2**30, name="64 GiB GPU"))
+    with pytest.raises(TrainSetupError, match=r"needs about 70\.\d GiB per GPU on 1 GPU.*keep_dequantized_layers=8 "
+                                              r"holds 21\.0 GiB"):
+        check_hardware(load_config("single-gpu"))
+    check_hardware(load_config("single-gpu", {"model.quant.keep_dequantized_layers": 0}))
 
 
 def test_packed_examples_do_not_attend_to_each_other():

@@ -114,7 +114,9 @@ class _MoEExperts(torch.autograd.Function):
 
     ``keep_h`` saves the gate/up activations (470 MB per Mixtral layer at 4 x 1024 tokens);
     otherwise the backward recomputes them with one grouped GEMM and the layer keeps only its
-    input. Dequantized weights are never saved.
+    input. The dequantized weights are saved only where ``module.keep_weights`` is set (2.6 GiB a
+    Mixtral-8x7B layer): the backward then reuses the forward's bf16 values, bit for bit the same,
+    instead of dequantizing both tensors again.
     """
 
     @staticmethod
@@ -137,35 +139,41 @@ class _MoEExperts(torch.autograd.Function):
         token_of_row = order // k
         w_row = weights.reshape(-1).index_select(0, order).float()
         xs = x.index_select(0, token_of_row)
+        kept = []  # the dequantized weights, where the backward reuses them
         w1 = module.gate_up.dequantize()  # [E, 2I, H]
         counts = wait() if wait else None
         h = _grouped_matmul(xs, w1.transpose(1, 2), ends, counts)
+        if module.keep_weights:
+            kept.append(w1)
         del w1, xs
         a = swiglu_forward(h, w_row)
         if not keep_h:
             del h
         w2 = module.down.dequantize()  # [E, H, I]
         y = _grouped_matmul(a, w2.transpose(1, 2), ends, counts)
+        if module.keep_weights:
+            kept.append(w2)
         del w2, a
         out = gather_sum(y, inverse, k)
-        ctx.module, ctx.counts, ctx.keep_h, ctx.k = module, counts, keep_h, k
+        ctx.module, ctx.counts, ctx.k = module, counts, k
         ctx.hidden_dtype, ctx.weights_dtype = hidden.dtype, weights.dtype
+        kept = kept or [None, None]
         # Through save_for_backward (not ctx attributes) so that gradient checkpointing's
         # saved-tensor hooks manage them.
-        ctx.save_for_backward(x, token_of_row, inverse, ends, w_row, *((h,) if keep_h else ()))
+        ctx.save_for_backward(x, token_of_row, inverse, ends, w_row, h if keep_h else None, *kept)
         return out.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, token_of_row, inverse, ends, w_row, *saved = ctx.saved_tensors
+        x, token_of_row, inverse, ends, w_row, h, w1, w2 = ctx.saved_tensors
         module, counts, k = ctx.module, ctx.counts, ctx.k
-        w2 = module.down.dequantize()
+        w2 = module.down.dequantize() if w2 is None else w2
         g = grad_out.to(w2.dtype).index_select(0, token_of_row)
         grad_a = _grouped_matmul(g, w2, ends, counts)  # gradient of the unweighted activation
         del w2, g
-        w1 = module.gate_up.dequantize()
-        h = saved[0] if saved else _grouped_matmul(x.index_select(0, token_of_row), w1.transpose(1, 2),
-                                                   ends, counts)
+        w1 = module.gate_up.dequantize() if w1 is None else w1
+        if h is None:
+            h = _grouped_matmul(x.index_select(0, token_of_row), w1.transpose(1, 2), ends, counts)
         grad_h, grad_w_row = swiglu_backward_(h, grad_a, w_row)
         del grad_a
         grad_xs = _grouped_matmul(grad_h, w1, ends, counts)
@@ -198,6 +206,7 @@ class Quant4bitExperts(nn.Module):
         if self.act_name not in ("SiLUActivation", "SiLU"):
             raise ValueError(f"Quant4bitExperts supports SiLU-gated experts only, got {self.act_name}")
         self.keep_activations = keep_activations
+        self.keep_weights = False  # see keep_dequantized_weights
         if gemm not in EXPERT_GEMMS:
             raise ValueError(f"Quant4bitExperts: gemm must be one of {', '.join(EXPERT_GEMMS)}, got {gemm!r}")
         self.gemm = gemm
@@ -207,6 +216,26 @@ class Quant4bitExperts(nn.Module):
 
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()
+
+
+def keep_dequantized_weights(model: nn.Module, layers: int) -> int:
+    """Let the last ``layers`` expert blocks save their dequantized weights for the backward
+    (``model.quant.keep_dequantized_layers``); returns how many do.
+
+    Memory for time: the frozen 4-bit weights are otherwise dequantized twice a step, once in the
+    forward and once in the backward (1.2 ms and 2.6 GiB of bf16 per Mixtral-8x7B layer on an H100,
+    bench/finetune_mixtral.md). Right where memory is left over, e.g. one 80 GB GPU without
+    checkpointing; under whole-layer checkpointing the saved weights live only during a layer's
+    recompute. Which layers keep them does not change the peak, all being held at the end of the
+    forward.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, Quant4bitExperts)]
+    if layers > len(blocks):
+        raise ValueError(f"model.quant.keep_dequantized_layers={layers}, but the model has "
+                         f"{len(blocks)} 4-bit expert blocks (experts_method: grouped)")
+    for i, m in enumerate(blocks):
+        m.keep_weights = i >= len(blocks) - layers
+    return layers
 
 
 def iter_fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from phyassist.schema_base import Section
 
@@ -26,10 +26,22 @@ class QuantConfig(Section):
         "grouped", description="GEMMs of the grouped experts on GPUs: torch's grouped GEMM (no host "
         "wait) or one cuBLAS GEMM per expert (faster on a router's uneven row counts, but the host "
         "waits for them once a layer; configs/single-gpu.yaml). Measured in bench/finetune_mixtral.md.")
+    keep_dequantized_layers: int = Field(
+        0, ge=0, description="Expert blocks (the last N layers) whose dequantized bf16 weights the "
+        "forward saves for the backward instead of dequantizing them again: 2.6 GiB more per "
+        "Mixtral-8x7B layer for about 1.2 ms less per micro-batch on an H100 (experts_method: grouped; "
+        "configs/single-gpu.yaml). Measured in bench/finetune_mixtral.md.")
     storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the packed 4-bit bytes are stored as (bitsandbytes' quant_storage). "
         "FSDP shards only floating-point tensors, so 'auto' is uint8, or compute_dtype under "
         "`accelerate launch` with FSDP (configs/accelerate/fsdp_qlora.yaml).")
+
+    @model_validator(mode="after")
+    def _kept_weights_need_grouped(self):
+        if self.keep_dequantized_layers and self.experts_method != "grouped":
+            raise ValueError(f"keep_dequantized_layers={self.keep_dequantized_layers} needs experts_method: grouped "
+                             f"(the kit's 4-bit experts), got {self.experts_method!r}")
+        return self
 
 
 class ModelConfig(Section):

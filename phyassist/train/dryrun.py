@@ -13,7 +13,8 @@ compares it with measured peaks):
 * activations at the micro-batch: with gradient checkpointing, one bf16 hidden state per layer
   boundary plus one layer's full working set (for MoE: the dequantized experts of a layer too),
   plus the logits (bf16 + fp32 loss copies + gradient); without, every layer's activations and
-  one layer's dequantized experts.
+  one layer's dequantized experts; plus the dequantized experts of the layers that keep them for
+  the backward (``model.quant.keep_dequantized_layers``, the last layers, so on the last GPU).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Projection:
     per_gpu: list[float] = field(default_factory=list)
     layers_per_gpu: list[int] = field(default_factory=list)
     checkpointing: bool | str = True  # effective mode (``attention`` falls back to whole layers on dense models)
+    kept_weights_gib: float = 0.0  # dequantized experts saved for the backward (keep_dequantized_layers)
 
     @property
     def weights_gib(self) -> float:
@@ -60,7 +62,7 @@ class Projection:
         per_layer = self.layer_weight_gib + self.boundary_gib_per_layer
         fixed = [CUDA_OVERHEAD_GIB + self.layer_work_gib + self.lora_opt_gib / n for _ in range(n)]
         fixed[0] += self.embed_gib
-        fixed[-1] += self.head_gib + self.logits_gib
+        fixed[-1] += self.head_gib + self.logits_gib + self.kept_weights_gib
         counts = balance_layers(self.layers, fixed, per_layer)
         return counts, [f + c * per_layer for f, c in zip(fixed, counts)]
 
@@ -172,12 +174,16 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
     mlp_work = tokens * top_k * (2 * hidden + 3 * inter) * act
     dequant_work = (experts * 3 * hidden * inter * act) if (experts and q4) else 0
     layer_work = attn_work + mlp_work + dequant_work
+    kit_experts = experts and q4 and m.quant.quantize_experts and m.quant.experts_method == "grouped"
+    # the kit's 4-bit experts save only their input and the gate/up activations (SwiGLU's output
+    # is recomputed from them, the down projection's output is not needed)
+    mlp_saved = tokens * (hidden + top_k * 2 * inter) * act if kit_experts else mlp_work
     ckpt = t.gradient_checkpointing
-    if ckpt == "attention" and not (experts and q4 and m.quant.quantize_experts and m.quant.experts_method == "grouped"):
+    if ckpt == "attention" and not kit_experts:
         ckpt = True  # as the trainer does (phyassist.train.checkpointing.resolve_mode)
     # whole-layer checkpointing keeps each layer's input; attention-only also the MoE input; none
     # all of a layer's activations, with one layer's dequantized experts as the working set
-    boundary = tokens * hidden * act * (2 if ckpt == "attention" else 1) if ckpt else attn_work + mlp_work
+    boundary = tokens * hidden * act * (2 if ckpt == "attention" else 1) if ckpt else attn_work + mlp_saved
     bytes_w = lambda n, dq: four_bit_bytes(n, dq) if q4 else n * dense_bytes  # noqa: E731
     embed = config.vocab_size * hidden * dense_bytes
     head = 0 if getattr(config, "tie_word_embeddings", False) else embed
@@ -191,7 +197,9 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
         boundary_gib_per_layer=boundary / GIB, layer_work_gib=(layer_work if ckpt else dequant_work) / GIB,
         logits_gib=tokens * vocab * (2 + 4 + 4) / GIB, embed_gib=embed / GIB, head_gib=head / GIB,
         micro_batch=bsz, seq_len=seq, cap_gib=parse_gib(m.max_memory_per_gpu),
-        num_gpus=num_gpus or m.num_gpus or 1, checkpointing=ckpt)
+        num_gpus=num_gpus or m.num_gpus or 1, checkpointing=ckpt,
+        # under whole-layer checkpointing they live only during one layer's recompute (working set)
+        kept_weights_gib=0.0 if ckpt is True else m.quant.keep_dequantized_layers * dequant_work / GIB)
     proj.layers_per_gpu, proj.per_gpu = proj.split(proj.num_gpus)
     return proj
 
@@ -235,6 +243,8 @@ def report(cfg, proj: Projection) -> str:
         f"  activations: layer boundaries         {proj.boundary_gib_per_layer * proj.layers:8.2f}",
         f"  activations: one layer's working set  {proj.layer_work_gib:8.2f}",
         f"  activations: logits + loss            {proj.logits_gib:8.2f}",
+        *([f"  kept dequantized experts ({cfg.model.quant.keep_dequantized_layers} layers)".ljust(40)
+           + f"{proj.kept_weights_gib:8.2f}"] if proj.kept_weights_gib else []),
         f"  CUDA context + workspace (per GPU)    {CUDA_OVERHEAD_GIB:8.2f}",
     ]
     for i, (c, g) in enumerate(zip(proj.layers_per_gpu, proj.per_gpu)):

@@ -127,10 +127,12 @@ def check_hardware(cfg) -> None:
     have = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 2**30
     need = proj.per_gpu_gib(n)
     if need > have:
+        kept = (f", or with fewer kept dequantized experts (model.quant.keep_dequantized_layers="
+                f"{m.quant.keep_dequantized_layers} holds {proj.kept_weights_gib:.1f} GiB)") if proj.kept_weights_gib else ""
         raise TrainSetupError(
             f"{m.name} needs about {need:.1f} GiB per GPU on {n} GPU(s) (projection: "
             f"{proj.summary_line()}), but the smallest GPU here has {have:.1f} GiB. "
-            f"It would fit on {proj.gpus_needed(have)} such GPU(s), or with a smaller micro-batch.")
+            f"It would fit on {proj.gpus_needed(have)} such GPU(s), or with a smaller micro-batch{kept}.")
 
 
 def model_identity(cfg) -> str:
@@ -422,6 +424,10 @@ def prepare_for_training(model, cfg):
         # without checkpointing (ckpt false) the experts keep their gate/up activations too
         checkpoint_attention_only(model, keep_expert_activations=ckpt is False, compile=t.compile_attention,
                                   checkpoint_attention=ckpt == "attention", memory_budget=t.attention_memory_budget)
+    if cfg.model.quant.keep_dequantized_layers:
+        from phyassist.models.quantize import keep_dequantized_weights
+
+        keep_dequantized_weights(model, cfg.model.quant.keep_dequantized_layers)
     return model
 
 
