@@ -64,6 +64,7 @@ def main() -> None:
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "routed_rows": counts.tolist(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    side = [torch.cuda.Stream() for _ in range(4)]  # for --compare
     for name, K, N in (("gate_up (x @ W13^T)", H, I2), ("down (a @ W2^T)", I2 // 2, H),
                        ("grad through down (g @ W2)", H, I2 // 2), ("grad through gate_up (gh @ W13)", I2, H)):
         x = torch.randn(rows, K, device=dev, dtype=dt)
@@ -72,8 +73,6 @@ def main() -> None:
         flops = 2 * rows * K * N
         dense_w = torch.randn(K, N, device=dev, dtype=dt)
         out = torch.empty(rows, N, device=dev, dtype=dt)
-
-        side = [torch.cuda.Stream() for _ in range(4)]
 
         def per_expert(bounds, streams=()):
             """One GEMM per expert on the current stream, or round-robin over ``streams``."""

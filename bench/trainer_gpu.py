@@ -59,10 +59,9 @@ RECIPES = {
 RECIPES.update({f"{name}-grouped": {**RECIPES[name], "model.quant.expert_gemm": "grouped"} for name in ("flat", "fast")})
 # configs/single-gpu.yaml saves 8 layers' dequantized experts for the backward; only the fast
 # recipes (nothing recomputed, 80 GB) keep that, "fast-keep0" is fast without it
+RECIPES = {name: over if name.startswith("fast") else {**over, "model.quant.keep_dequantized_layers": 0}
+           for name, over in RECIPES.items()}
 RECIPES["fast-keep0"] = {**RECIPES["fast"], "model.quant.keep_dequantized_layers": 0}
-for _name, _over in RECIPES.items():
-    if not _name.startswith("fast"):
-        _over["model.quant.keep_dequantized_layers"] = 0
 WORDS = ("feel anxious sleep work family friend therapy week talk worry tired hope stress mood help "
          "night day change thought plan better listen support small step together notice breathe").split()
 

@@ -139,28 +139,25 @@ class _MoEExperts(torch.autograd.Function):
         token_of_row = order // k
         w_row = weights.reshape(-1).index_select(0, order).float()
         xs = x.index_select(0, token_of_row)
-        kept = []  # the dequantized weights, where the backward reuses them
+        keep_w = module.keep_weights  # the backward reuses the dequantized weights
         w1 = module.gate_up.dequantize()  # [E, 2I, H]
         counts = wait() if wait else None
         h = _grouped_matmul(xs, w1.transpose(1, 2), ends, counts)
-        if module.keep_weights:
-            kept.append(w1)
+        kept_w1 = w1 if keep_w else None
         del w1, xs
         a = swiglu_forward(h, w_row)
         if not keep_h:
             del h
         w2 = module.down.dequantize()  # [E, H, I]
         y = _grouped_matmul(a, w2.transpose(1, 2), ends, counts)
-        if module.keep_weights:
-            kept.append(w2)
+        kept_w2 = w2 if keep_w else None
         del w2, a
         out = gather_sum(y, inverse, k)
         ctx.module, ctx.counts, ctx.k = module, counts, k
         ctx.hidden_dtype, ctx.weights_dtype = hidden.dtype, weights.dtype
-        kept = kept or [None, None]
         # Through save_for_backward (not ctx attributes) so that gradient checkpointing's
         # saved-tensor hooks manage them.
-        ctx.save_for_backward(x, token_of_row, inverse, ends, w_row, h if keep_h else None, *kept)
+        ctx.save_for_backward(x, token_of_row, inverse, ends, w_row, h if keep_h else None, kept_w1, kept_w2)
         return out.to(hidden.dtype)
 
     @staticmethod

@@ -127,8 +127,9 @@ def check_hardware(cfg) -> None:
     have = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 2**30
     need = proj.per_gpu_gib(n)
     if need > have:
-        kept = (f", or with fewer kept dequantized experts (model.quant.keep_dequantized_layers="
-                f"{m.quant.keep_dequantized_layers} holds {proj.kept_weights_gib:.1f} GiB)") if proj.kept_weights_gib else ""
+        kept = "" if not proj.kept_weights_gib else (
+            f", or with fewer kept dequantized experts (model.quant.keep_dequantized_layers="
+            f"{m.quant.keep_dequantized_layers} holds {proj.kept_weights_gib:.1f} GiB)")
         raise TrainSetupError(
             f"{m.name} needs about {need:.1f} GiB per GPU on {n} GPU(s) (projection: "
             f"{proj.summary_line()}), but the smallest GPU here has {have:.1f} GiB. "
