@@ -8,6 +8,13 @@ halves as the study did, one model over two devices, through the whole loader an
 
     python bench/study_2gpu.py --workdir /root/mixtral --tokenizer .whl_app/mistral-v1-tokenizer --out $OUT
     python bench/study_2gpu.py --tiny --workdir /tmp/tiny --tokenizer .whl_app/mistral-v1-tokenizer  # CPU check
+    python bench/study_2gpu.py --split-cpu --workdir /tmp/split --tokenizer .whl_app/mistral-v1-tokenizer --out $OUT
+
+``--split-cpu`` is for a machine with one GPU: a small Mixtral's layers split between the GPU and the
+CPU, the head on the second device as in the study's split. It runs the code paths a layer split
+adds (accelerate's device hooks under the checkpointed, compiled layers, the loss and token count on
+two devices, the optimizer's per-device buffers, gradient clipping over devices) through backward
+and optimizer steps; it measures nothing of the study's speed or memory.
 """
 
 from __future__ import annotations
@@ -52,6 +59,19 @@ def layers_per_device(model) -> dict:
     return counts
 
 
+def split_with_cpu() -> None:
+    """The kit's loader places the first half of the layers (and the embeddings) on GPU 0 and the
+    second half, the final norm and the head on the CPU: the study's split with the CPU as GPU 1."""
+    from phyassist.models import loader4bit
+    from phyassist.train.dryrun import layer_device_map
+
+    def plan(mcfg, model, quant_cfg):
+        n = model.config.num_hidden_layers
+        return layer_device_map(model.config, [n - n // 2, n // 2], devices=[0, "cpu"])
+
+    loader4bit.plan_device_map = plan
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -69,15 +89,20 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=int, default=2, help="first steps not timed (compilation, warm-up)")
     ap.add_argument("--cap-gib", type=float, default=24.0)
     ap.add_argument("--tiny", action="store_true", help="small checkpoint on the CPU (script check)")
+    ap.add_argument("--split-cpu", action="store_true",
+                    help="small checkpoint split between the one GPU and the CPU (the split's code paths)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
+    if args.split_cpu and not cuda:
+        ap.error("--split-cpu needs a GPU (its first half runs there)")
+    small = args.tiny or args.split_cpu
     folder = Path(args.workdir) / "checkpoint"
     res: dict = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                      argv=sys.argv[1:], gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
     t0 = time.perf_counter()
     if not (folder / "model.safetensors.index.json").exists():
-        make_checkpoint(folder, args.layers, **(TINY if args.tiny else {}))
+        make_checkpoint(folder, args.layers, **(TINY if small else {}))
     res["checkpoint_s"] = round(time.perf_counter() - t0, 1)
     res["checkpoint_gib"] = round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GIB, 2)
     print(json.dumps(res), flush=True)
@@ -93,6 +118,8 @@ def main(argv=None) -> int:
         over.update({"model.device_map": "cpu", "model.num_gpus": 1, "model.quant.compute_dtype": "float32",
                      "train.bf16": False, "train.optim": "adamw_torch"})
     cfg = load_config("paper", over)
+    if args.split_cpu:
+        split_with_cpu()
     ends: list[float] = []
     found: dict = {}
     t0 = time.perf_counter()
