@@ -9,12 +9,14 @@ halves as the study did, one model over two devices, through the whole loader an
     python bench/study_2gpu.py --workdir /root/mixtral --tokenizer .whl_app/mistral-v1-tokenizer --out $OUT
     python bench/study_2gpu.py --tiny --workdir /tmp/tiny --tokenizer .whl_app/mistral-v1-tokenizer  # CPU check
     python bench/study_2gpu.py --split-cpu --workdir /tmp/split --tokenizer .whl_app/mistral-v1-tokenizer --out $OUT
+    python bench/study_2gpu.py --small-gpu --workdir /tmp/split --tokenizer .whl_app/mistral-v1-tokenizer --out $OUT
 
 ``--split-cpu`` is for a machine with one GPU: a small Mixtral's layers split between the GPU and the
 CPU, the head on the second device as in the study's split. It runs the code paths a layer split
 adds (accelerate's device hooks under the checkpointed, compiled layers, the loss and token count on
 two devices, the optimizer's per-device buffers, gradient clipping over devices) through backward
-and optimizer steps; it measures nothing of the study's speed or memory.
+and optimizer steps; it measures nothing of the study's speed or memory. ``--small-gpu`` trains the
+same checkpoint on the GPU alone: the reference its losses are compared with.
 """
 
 from __future__ import annotations
@@ -61,7 +63,17 @@ def layers_per_device(model) -> dict:
 
 def split_with_cpu() -> None:
     """The kit's loader places the first half of the layers (and the embeddings) on GPU 0 and the
-    second half, the final norm and the head on the CPU: the study's split with the CPU as GPU 1."""
+    second half, the final norm and the head on the CPU: the study's split with the CPU as GPU 1.
+
+    accelerate reads "cpu" in a device map as offload (weights parked on the meta device, run on
+    the GPU); with the CPU as the main device its modules run where they are, as a second GPU's do.
+    The Trainer's bf16 autocast covers every CUDA device but not the CPU: it is added for the CPU."""
+    import functools
+
+    import accelerate
+    import torch
+    import transformers
+
     from phyassist.models import loader4bit
     from phyassist.train.dryrun import layer_device_map
 
@@ -70,6 +82,9 @@ def split_with_cpu() -> None:
         return layer_device_map(model.config, [n - n // 2, n // 2], devices=[0, "cpu"])
 
     loader4bit.plan_device_map = plan
+    accelerate.dispatch_model = functools.partial(accelerate.dispatch_model, main_device="cpu")
+    transformers.Trainer.autocast_smart_context_manager = (
+        lambda self, cache_enabled=True: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled))
 
 
 def main(argv=None) -> int:
@@ -91,12 +106,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="small checkpoint on the CPU (script check)")
     ap.add_argument("--split-cpu", action="store_true",
                     help="small checkpoint split between the one GPU and the CPU (the split's code paths)")
+    ap.add_argument("--small-gpu", action="store_true", help="small checkpoint on one GPU (--split-cpu's reference)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
-    if args.split_cpu and not cuda:
-        ap.error("--split-cpu needs a GPU (its first half runs there)")
-    small = args.tiny or args.split_cpu
+    if (args.split_cpu or args.small_gpu) and not cuda:
+        ap.error("--split-cpu and --small-gpu need a GPU")
+    small = args.tiny or args.split_cpu or args.small_gpu
     folder = Path(args.workdir) / "checkpoint"
     res: dict = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                      argv=sys.argv[1:], gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
@@ -114,6 +130,8 @@ def main(argv=None) -> int:
     over = {"output_dir": str(Path(args.workdir) / "run"), "model.name": str(folder), "model.local_files_only": True,
             "train.max_steps": args.steps, "train.save_steps": 10_000, "train.logging_steps": 1,
             "wandb.mode": "disabled"}
+    if args.small_gpu:
+        over.update({"model.device_map": "single", "model.num_gpus": 1})
     if not cuda:
         over.update({"model.device_map": "cpu", "model.num_gpus": 1, "model.quant.compute_dtype": "float32",
                      "train.bf16": False, "train.optim": "adamw_torch"})
