@@ -215,9 +215,9 @@ class Quant4bitExperts(nn.Module):
         return self.gate_up.nbytes() + self.down.nbytes()
 
 
-def keep_dequantized_weights(model: nn.Module, layers: int) -> int:
+def keep_dequantized_weights(model: nn.Module, layers: int) -> None:
     """Let the last ``layers`` expert blocks save their dequantized weights for the backward
-    (``model.quant.keep_dequantized_layers``); returns how many do.
+    (``model.quant.keep_dequantized_layers``).
 
     Memory for time: the frozen 4-bit weights are otherwise dequantized twice a step, once in the
     forward and once in the backward (1.2 ms and 2.6 GiB of bf16 per Mixtral-8x7B layer on an H100,
@@ -232,7 +232,6 @@ def keep_dequantized_weights(model: nn.Module, layers: int) -> int:
                          f"{len(blocks)} 4-bit expert blocks (experts_method: grouped)")
     for i, m in enumerate(blocks):
         m.keep_weights = i >= len(blocks) - layers
-    return layers
 
 
 def iter_fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
