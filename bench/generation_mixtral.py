@@ -1,0 +1,296 @@
+"""Generation speed of the 4-bit Mixtral-8x7B with the study's LoRA attached: the kit's generation path
+(static KV cache, CUDA-graph decode, routed NF4 experts) side by side with today's paths, in one run.
+
+Random weights of the full architecture, built layer by layer straight into NF4 on the GPU
+(speed and memory do not depend on the values). Variants:
+
+* ``kit-hf``: transformers ``generate`` over the kit's 4-bit experts as the training path runs them
+  (every expert dequantized each step): the generation the kit had before.
+* ``routed-hf``: the same ``generate``, experts reading only the routed experts' NF4 bytes.
+* ``kit``: :func:`phyassist.models.generation.generate` (static cache, CUDA graphs, routed experts).
+* ``plain-hf``: bitsandbytes' ``replace_parameter_4bit`` on the fused experts, ``generate``.
+
+Random routers spread tokens almost evenly; a trained Mixtral does not. ``--skew A`` adds a fixed
+per-expert logit bias ``-A * log(rank)`` (a Zipf-like load, reported as measured shares).
+
+    python3 bench/generation_mixtral.py --tokenizer .gpu/mistral-v1-tokenizer --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", default=None, help="Mixtral tokenizer folder (default: the kit's v1 copy)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--variants", default="kit,kit-nosplit,routed-hf,kit-hf,plain-hf")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128, help="new tokens per sequence (kit path)")
+    ap.add_argument("--new-slow", type=int, default=32, help="new tokens for the slow baselines")
+    ap.add_argument("--long-prompt", type=int, default=1500, help="first-token latency prompt (batch 1)")
+    ap.add_argument("--skews", default="0,1.2", help="router skews to measure (0 = the random router)")
+    ap.add_argument("--skew-variants", default="kit,kit-nosplit,kit-hf",
+                    help="variants also measured at the other skews")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--queries", default=None, help="JSON list of IMHI queries: evaluation projection")
+    ap.add_argument("--eval-n", type=int, default=64)
+    ap.add_argument("--eval-batch", type=int, default=64)
+    ap.add_argument("--eval-new", type=int, default=160)
+    ap.add_argument("--crossover", action="store_true", help="routed vs dequantized experts by token count")
+    ap.add_argument("--out", required=True)
+    return ap.parse_args(argv)
+
+
+def sync():
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def build(method: str, layers: int, vocab: int):
+    import torch
+
+    from phyassist.config import load_config
+    from phyassist.models.quantize import build_quantized_model
+    from phyassist.models.registry import architecture_config
+    from phyassist.train.lora import apply_lora
+
+    cfg = load_config("paper")
+    config = architecture_config(cfg.model.name)
+    config.num_hidden_layers = layers
+    config.vocab_size = vocab
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = build_quantized_model(config, cfg.model.quant, "cuda", method=method, progress=False).eval()
+    peft = apply_lora(model, cfg.train.lora).eval()  # the study's adapter: q/k/v/o + router
+    for n, p in peft.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, 0, 0.01)  # a trained adapter is not zero: its work is real
+        p.requires_grad_(False)
+    sync()
+    return peft, round(time.perf_counter() - t0, 1)
+
+
+def set_skew(model, alpha: float) -> None:
+    """Fixed per-expert router logit bias ``-alpha * log(rank)`` (0 removes it)."""
+    import torch
+
+    for m in model.modules():
+        if type(m).__name__ == "MixtralTopKRouter":
+            e = m.weight.shape[0]
+            bias = -alpha * torch.log(torch.arange(1, e + 1, device=m.weight.device, dtype=torch.float32))
+            if getattr(m, "skew", None) is None:
+                m.skew = bias
+            else:  # in place: captured CUDA graphs read this very tensor
+                m.skew.copy_(bias)
+            if not hasattr(type(m), "_phy_plain_forward"):
+                cls = type(m)
+                cls._phy_plain_forward = cls.forward
+
+                def forward(self, hidden_states):
+                    import torch.nn.functional as F
+
+                    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+                    logits = F.linear(hidden_states, self.weight)
+                    if getattr(self, "skew", None) is not None:
+                        logits = logits + self.skew.to(logits.dtype)
+                    probs = torch.softmax(logits.float(), dim=-1)
+                    top, idx = torch.topk(probs, self.top_k, dim=-1)
+                    top /= top.sum(dim=-1, keepdim=True)
+                    self.last_index = idx
+                    return logits, top, idx
+
+                cls.forward = forward
+
+
+def expert_shares(model) -> list[float]:
+    import torch
+
+    counts = None
+    for m in model.modules():
+        if type(m).__name__ == "MixtralTopKRouter" and getattr(m, "last_index", None) is not None:
+            c = torch.bincount(m.last_index.flatten(), minlength=m.weight.shape[0]).float()
+            counts = c if counts is None else counts + c
+    return [round(float(x), 3) for x in (counts / counts.sum()).tolist()] if counts is not None else []
+
+
+def set_routed(model, variant: str) -> None:
+    """kit-hf: the training path's experts; kit-nosplit: the GEMV over all of K in one program."""
+    for m in model.modules():
+        if hasattr(m, "decode_max_tokens"):
+            m.decode_max_tokens = 0 if variant == "kit-hf" else 8
+            m.decode_split_bytes = 0 if variant == "kit-nosplit" else 512
+
+
+def timed_generate(variant, model, ids, mask, new, repeats):
+    import torch
+
+    from phyassist.models.generation import generate
+
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2)
+    static = variant in ("kit", "kit-nosplit")
+    call = ((lambda: generate(model, ids, mask, **kw)) if static
+            else (lambda: model.generate(input_ids=ids, attention_mask=mask, **kw)))
+    with torch.inference_mode():
+        warm = dict(kw, max_new_tokens=min(new, 4), min_new_tokens=min(new, 4))
+        # warm-up (graphs captured, kernels tuned): same cache-length bucket, fewer tokens
+        generate(model, ids, mask, **warm) if static else model.generate(input_ids=ids, attention_mask=mask, **warm)
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = call()
+            sync()
+            times.append(time.perf_counter() - t0)
+    assert out.shape[1] == ids.shape[1] + new, out.shape
+    return times
+
+
+def prompts(tok, n, length, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, tok.vocab_size - 1, (n, length), generator=g).cuda()
+
+
+def save(res, rows=()):
+    """The results so far (a run cut short by its time limit still leaves them)."""
+    Path(res["out"]).write_text(json.dumps(dict(res, rows=res["rows"] + list(rows)), indent=1))
+
+
+def run_variant(variant, model, tok, args, skew, res):
+    import torch
+
+    repeats = args.repeats if variant in ("kit", "kit-nosplit", "routed-hf") else max(1, args.repeats - 1)
+    set_routed(model, variant)
+    set_skew(model, skew)
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        new = args.new if variant in ("kit", "kit-nosplit", "routed-hf") else args.new_slow
+        ids = prompts(tok, b, args.prompt_len)
+        mask = torch.ones_like(ids)
+        times = timed_generate(variant, model, ids, mask, new, repeats)
+        med = statistics.median(times)
+        rows.append(dict(variant=variant, skew=skew, batch=b, prompt=args.prompt_len, new_tokens=new,
+                         seconds=[round(t, 4) for t in times], median_s=round(med, 4),
+                         tokens_per_s=round(b * new / med, 1), expert_share=expert_shares(model)))
+        print(json.dumps(rows[-1]), flush=True)
+        save(res, rows)
+        torch.cuda.empty_cache()
+    ids = prompts(tok, 1, args.long_prompt, seed=1)
+    ttft = timed_generate(variant, model, ids, torch.ones_like(ids), 1, repeats)
+    rows.append(dict(variant=variant, skew=skew, batch=1, prompt=args.long_prompt, new_tokens=1,
+                     seconds=[round(t, 4) for t in ttft], first_token_s=round(statistics.median(ttft), 4)))
+    print(json.dumps(rows[-1]), flush=True)
+    res["rows"].extend(rows)
+
+
+def crossover(model, res):
+    """Experts alone: routed NF4 kernel vs the dequantize-all path, by token count."""
+    import torch
+
+    ex = next(m for m in model.modules() if hasattr(m, "decode_max_tokens"))
+    out = []
+    for t in (1, 4, 16, 32, 64, 128, 256, 512):
+        x = torch.randn(t, ex.hidden_dim, device="cuda", dtype=torch.bfloat16)
+        idx = torch.stack([torch.randperm(ex.num_experts, device="cuda")[:2] for _ in range(t)])
+        w = torch.full((t, 2), 0.5, device="cuda")
+        row = {"tokens": t}
+        for name, lim, gemv, split in (("gemv", 10 ** 9, 10 ** 9, 512), ("gemv_whole_k", 10 ** 9, 10 ** 9, 0),
+                                       ("tiles", 10 ** 9, 0, 512), ("dequantized", 0, 0, 512)):
+            if name.startswith("gemv") and t > 16:
+                continue  # one program per row rereads the weights per row: known slow past a few rows
+            ex.decode_max_tokens, ex.decode_gemv_rows, ex.decode_split_bytes = lim, gemv, split
+            with torch.inference_mode():
+                for _ in range(3):
+                    ex(x, idx, w)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    ex(x, idx, w)
+                sync()
+            row[f"{name}_ms"] = round((time.perf_counter() - t0) / 20 * 1e3, 3)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        res["crossover"] = out
+        save(res)
+    ex.decode_max_tokens, ex.decode_gemv_rows, ex.decode_split_bytes = 8, 16, 512
+    res["crossover"] = out
+
+
+def eval_projection(model, tok, args, res):
+    """The evaluation stage's generation on real IMHI queries, old path vs new, projected to 6,057."""
+    import torch
+
+    from phyassist.evaluate.generate import chat_prompts, generate_batched
+
+    queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
+    ps = chat_prompts(tok, queries)
+    out = {}
+    for variant in ("kit", "kit-hf"):
+        set_routed(model, variant)
+        set_skew(model, 0.0)
+        static = variant == "kit"
+        t0 = time.perf_counter()
+        texts = generate_batched(model, tok, ps, max_new_tokens=args.eval_new, batch_size=args.eval_batch,
+                                 progress=False, static=static, min_new_tokens=args.eval_new)
+        sync()
+        s = time.perf_counter() - t0
+        out[variant] = dict(queries=len(ps), seconds=round(s, 2), projected_6057_s=round(s / len(ps) * 6057, 0))
+        print(variant, json.dumps(out[variant]), flush=True)
+        res["eval_projection"] = out
+        save(res)
+        torch.cuda.empty_cache()
+    res["eval_projection"] = out
+
+
+def main(argv=None) -> int:
+    import torch
+
+    args = parse(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from app_bench import _mixtral_tokenizer
+
+    tok = _mixtral_tokenizer(args.tokenizer, "left")
+    res = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0),
+           "out": str(out / "generation_mixtral.json"),
+           "torch": torch.__version__, "rows": [], "build_s": {}}
+    variants = args.variants.split(",")
+    kit = [v for v in variants if v != "plain-hf"]
+    if kit:
+        model, res["build_s"]["grouped"] = build("grouped", args.layers, tok.vocab_size)
+        res["weights_gib"] = round(torch.cuda.memory_allocated() / 2 ** 30, 2)
+        if args.crossover:
+            crossover(model, res)
+        for skew in [float(s) for s in args.skews.split(",")]:
+            for v in [v for v in kit if skew == 0 or v in args.skew_variants.split(",")]:
+                torch.cuda.reset_peak_memory_stats()
+                run_variant(v, model, tok, args, skew, res)
+                res.setdefault("peak_gib", {})[f"{v}@{skew}"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        if args.queries:
+            eval_projection(model, tok, args, res)
+        del model
+        torch.cuda.empty_cache()
+    if "plain-hf" in variants:
+        model, res["build_s"]["parametrize"] = build("parametrize", args.layers, tok.vocab_size)
+        run_variant("plain-hf", model, tok, args, 0.0, res)
+    save(res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The kit's generation path (phyassist.models.generation) against transformers' ``generate`` over the
+training path's experts, and the routed NF4 expert kernel against the dequantized reference.
+CPU tests run in ``make test``; ``gpu`` tests run on a CUDA machine (bench/gpu_tests.md)."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from phyassist.config import load_config
+from phyassist.models.generation import _adapter_state, generate
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral_lora():
+    """The tiny random Mixtral in 4 bit (the kit's fused experts) with the study's LoRA incl. the router,
+    adapter weights non-zero so that they change the output."""
+    from phyassist.models.loading import load_model
+    from phyassist.train.lora import apply_lora
+
+    cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped"})
+    model = load_model(cfg.model, for_training=False)
+    lcfg = cfg.train.lora.model_copy(update={"target_router": True, "dropout": 0.0})
+    peft = apply_lora(model, lcfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+    return peft.eval()
+
+
+def _experts(model):
+    return [m for m in model.modules() if hasattr(m, "decode_max_tokens")]
+
+
+def _left_padded_prompts(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def test_static_path_gives_the_reference_greedy_tokens(tiny_mixtral_lora):
+    """64 greedy tokens, left-padded batch, adapter on: the static-cache path with routed experts
+    equals transformers' generate with every expert dequantized (the kit's path before)."""
+    model = tiny_mixtral_lora
+    experts = _experts(model)
+    assert experts, "the tiny Mixtral should carry the kit's 4-bit experts"
+    ids, mask = _left_padded_prompts(model.config.vocab_size)
+    for m in experts:
+        m.decode_max_tokens = 0  # reference: the training path's experts
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    for m in experts:
+        m.decode_max_tokens = 8
+    out = generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, static=True)
+    assert ref.shape == out.shape == (2, 74)
+    assert torch.equal(out, ref)
+
+
+def test_static_path_follows_generate_with_penalty_stop_and_streamer(tiny_mixtral_lora):
+    """The app's call: repetition penalty, a logits processor, a stopping criterion and a streamer."""
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    model = tiny_mixtral_lora
+    ids, _ = _left_padded_prompts(model.config.vocab_size, seed=3)
+    ids = ids[:1]
+
+    class Ban(LogitsProcessor):  # forbids one token, as the app's format guard forbids some
+        def __call__(self, input_ids, scores):
+            scores[:, 7] = -float("inf")
+            return scores
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 10 + 20, dtype=torch.bool)
+
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    kw = dict(max_new_tokens=40, do_sample=False, repetition_penalty=1.3, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, logits_processor=[Ban()], stopping_criteria=[StopAfter()], **kw)
+    stream = Collect()
+    out = generate(model, ids, logits_processor=[Ban()], stopping_criteria=[StopAfter()], streamer=stream,
+                   static=True, **kw)
+    assert torch.equal(out, ref) and out.shape[1] == 30
+    assert stream.ended and torch.equal(stream.puts[0], ids)  # the prompt first, as generate does
+    assert torch.equal(torch.cat([p.view(-1) for p in stream.puts[1:]]), out[0, 10:])
+
+
+def test_eos_ends_rows_and_trims_like_generate(tiny_mixtral_lora):
+    model = tiny_mixtral_lora
+    ids, mask = _left_padded_prompts(model.config.vocab_size, seed=5)
+    with torch.inference_mode():
+        probe = generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, static=True)
+    eos = int(probe[0, 10 + 3])  # a token row 0 emits early: treat it as end of sequence
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = generate(model, ids, mask, static=True, **kw)
+    assert torch.equal(out, ref)
+
+
+def test_graph_key_follows_adapter_state(tiny_mixtral_lora):
+    """A captured graph must never replay another adapter: the key sees switches and disabling."""
+    model = tiny_mixtral_lora
+    before = _adapter_state(model)
+    with model.disable_adapter():
+        disabled = _adapter_state(model)
+    assert disabled != before and _adapter_state(model) == before
+    other = copy.deepcopy(model)
+    assert _adapter_state(other) != before  # other storage: another graph
+    experts = _experts(model)
+    experts[0].decode_split_bytes += 1  # other kernels: another graph
+    assert _adapter_state(model) != before
+    experts[0].decode_split_bytes -= 1
+
+
+def test_cpu_default_keeps_transformers_generate(tiny_mixtral_lora, monkeypatch):
+    """On a CPU the default is transformers' generate (the dynamic cache attends over fewer keys)."""
+    model = tiny_mixtral_lora
+    called = []
+    monkeypatch.setattr(type(model), "generate", lambda self, **kw: called.append(kw) or kw["input_ids"])
+    ids, mask = _left_padded_prompts(model.config.vocab_size)
+    generate(model, ids, mask, max_new_tokens=2)
+    assert called and called[0]["max_new_tokens"] == 2
+
+
+def check_routed(device="cpu", dtype=torch.float32, hidden=256, inter=1024, experts=4, atol=1e-5, split=128):
+    """Routed NF4 experts == the training path's experts (dequantize all, grouped GEMM)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from phyassist.models.mixtral4bit.decode import routed_experts
+    from phyassist.models.quantize import Quant4bitExperts
+
+    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
+                        num_experts_per_tok=2)
+    torch.manual_seed(0)
+    ex = MixtralExperts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.05)
+        ex.down_proj.normal_(0, 0.05)
+    for nested in (True, False):
+        q = Quant4bitExperts(ex.to(device), compute_dtype=dtype, double_quant=nested)
+        for tokens in (1, 40):  # 1: one program per row (GEMV); 40: tensor-core tiles
+            x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+            w, idx = torch.softmax(torch.randn(tokens, experts, device=device), -1).topk(2, -1)
+            w = w / w.sum(-1, keepdim=True)
+            with torch.inference_mode():
+                q.decode_max_tokens = 0
+                ref = q(x, idx, w)
+                q.decode_gemv_rows, q.decode_split_bytes = 16, split  # 128: K split in 4 (down), 1 (gate/up)
+                out = routed_experts(q, x, idx, w)
+                q.decode_split_bytes = 0  # the GEMV over all of K in one program
+                whole = routed_experts(q, x, idx, w)
+                q.decode_split_bytes = split
+            for got in (out, whole):
+                err = (got.float() - ref.float()).abs().max().item()
+                assert err <= atol * max(1.0, ref.abs().max().item()), (nested, tokens, err)
+
+
+def test_routed_experts_match_the_training_path():
+    check_routed()
+
+
+def test_routed_kernel_matches_in_triton_interpreter():
+    pytest.importorskip("triton")
+    code = ("import tests.test_generation as t, phyassist.models.moe_kernels as k, torch; "
+            "assert k.use_triton(torch.zeros(1)); t.check_routed(); print('ok')")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_gpu_routed_kernel_matches_at_mixtral_width(has_gpu):
+    """Mixtral-8x7B's expert shapes (4,096 -> 2 x 14,336 -> 4,096, 8 experts) in bf16."""
+    check_routed("cuda", torch.bfloat16, hidden=4096, inter=14336, experts=8, atol=2e-2)
+    check_routed("cuda", torch.bfloat16, hidden=4096, inter=14336, experts=8, atol=2e-2, split=512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", ["tiny", "mixtral"])
+def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width):
+    """Each generated step's logits (static cache, CUDA graph, routed experts) against one forward over
+    the whole generated sequence with the training path's experts, within bf16 tolerance; the study's
+    LoRA attached (router included). ``mixtral``: 2 layers of Mixtral-8x7B's full width."""
+    from transformers import LogitsProcessor
+
+    from phyassist.models.quantize import build_quantized_model
+    from phyassist.models.registry import architecture_config
+    from phyassist.train.lora import apply_lora
+
+    cfg = load_config("paper")
+    config = architecture_config("tiny-mixtral" if width == "tiny" else cfg.model.name)
+    config.num_hidden_layers = 2
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = build_quantized_model(config, cfg.model.quant, "cuda", method="grouped", progress=False)
+    model = apply_lora(base, cfg.train.lora.model_copy(update={"dropout": 0.0})).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.02)
+    ids, mask = _left_padded_prompts(model.config.vocab_size)
+    ids, mask = ids.cuda(), mask.cuda()
+    seen = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(scores.clone())
+            return scores
+
+    out = generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, eos_token_id=None,
+                   logits_processor=[Record()])
+    assert model.__dict__["_phyassist_decoders"], "the CUDA path captured no graph"
+    full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1]:])], 1)
+    for m in _experts(model):
+        m.decode_max_tokens = 0
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # as generate: left padding shifts positions
+    with torch.inference_mode():
+        ref = model(input_ids=out, attention_mask=full_mask, position_ids=positions).logits.float()
+    got = torch.stack(seen, 1)  # [batch, 64, vocab]
+    want = ref[:, ids.shape[1] - 1:-1]
+    scale = want.abs().amax()
+    assert (got - want).abs().amax() <= 0.05 * scale
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
