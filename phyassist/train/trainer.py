@@ -442,6 +442,10 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
     out = Path(output_dir) if output_dir else cfg.out
     if output_dir:
         cfg = cfg.model_copy(update={"output_dir": str(out)})
+    if train_records is None:
+        from phyassist.data.records import check_run_records
+
+        check_run_records(cfg)  # records formatted for another model's chat template are refused
     records = train_records if train_records is not None else read_records(cfg, "train")
     if eval_records is None and cfg.train.eval_steps:
         eval_records = read_records(cfg, "val", required=False)
