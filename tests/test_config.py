@@ -82,7 +82,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_cli_reports_config_error():
-    r = subprocess.run([sys.executable, "-m", "phyassist", "models", "--config", "smoke", "train.nope=1"],
+    r = subprocess.run([sys.executable, "-m", "phyassist", "data", "--config", "smoke", "train.nope=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "train.nope: unknown key" in r.stderr
 

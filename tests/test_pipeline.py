@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import nbformat
+from pathlib import Path
 
 from phyassist.pipeline import execute_notebook, notebook_config, strip_gpu_cells
 
@@ -57,3 +58,47 @@ def test_committed_notebooks_have_no_outputs():
     for nb in list((REPO_ROOT / "notebooks").glob("*.ipynb")) + list(REPO_ROOT.glob("*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
         assert not any(c.get("outputs") for c in cells if c["cell_type"] == "code"), nb
+
+
+def test_progress_names_each_cell_and_streams_its_output(tmp_path, capsys):
+    nb = _nb(tmp_path)
+    execute_notebook(nb, tmp_path / "out", {"config": "smoke", "overrides": {"train.max_steps": 3},
+                                            "output_dir": str(tmp_path / "o")},
+                     progress=True, verbose=False, label="train ·")
+    out = capsys.readouterr()
+    # parameters, injected parameters, gpu (or its notice), body: four code cells
+    assert "[run] train · t.ipynb cell 1/4: config = \"smoke\"" in out.out
+    assert "[run] train · t.ipynb cell 4/4: from phyassist.pipeline import notebook_config" in out.out
+    assert "steps 3" in out.out  # the cell's own print, streamed as it ran
+    assert "without encryption" not in out.err
+
+
+def test_failed_notebook_is_one_line_with_the_executed_copy(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    from phyassist.pipeline import failure_line
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("raise FileNotFoundError('runs/x/data/train.jsonl: not found\\nmore')")]
+    path = tmp_path / "bad.ipynb"
+    nbformat.write(nb, path)
+    try:
+        execute_notebook(path, tmp_path / "out", {"x": 2})
+    except PapermillExecutionError as exc:
+        line = failure_line("bad.ipynb", exc, tmp_path / "out" / "bad.ipynb")
+    assert "\n" not in line and "\x1b" not in line
+    assert line.startswith("[run] bad.ipynb failed at cell [3]: FileNotFoundError: runs/x/data/train.jsonl: not found")
+    assert line.endswith(f"(executed notebook with the traceback: {tmp_path / 'out' / 'bad.ipynb'})")
+    assert "FileNotFoundError" in (tmp_path / "out" / "bad.ipynb").read_text()
+
+
+def test_notebook_config_works_from_any_folder(tmp_path, monkeypatch):
+    import os
+
+    from phyassist.paths import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)  # as Jupyter started from notebooks/ or elsewhere
+    cfg = notebook_config("smoke")
+    assert os.getcwd() == str(REPO_ROOT) and (Path.cwd() / cfg.out).resolve() == REPO_ROOT / "runs" / "smoke"
