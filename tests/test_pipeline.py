@@ -102,3 +102,42 @@ def test_notebook_config_works_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # as Jupyter started from notebooks/ or elsewhere
     cfg = notebook_config("smoke")
     assert os.getcwd() == str(REPO_ROOT) and (Path.cwd() / cfg.out).resolve() == REPO_ROOT / "runs" / "smoke"
+
+
+def _tracked_changes() -> str:
+    from phyassist.paths import REPO_ROOT
+
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_main_job_reports_progress_and_leaves_the_tracked_tree_alone(tmp_path):
+    """`phyassist run` on notebooks 01 and 02 (one training step): progress by stage and cell,
+    the trainer's steps, no third-party banners; outputs readable by others, a run summary, cards
+    that name the base model; and no tracked file of the checkout modified (plots go to the run)."""
+    import os
+    import stat
+
+    from phyassist.paths import REPO_ROOT
+
+    before = _tracked_changes()
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "phyassist", "run", "--only", "01_data.ipynb", "02_finetune.ipynb",
+                        "-o", str(out), "train.max_steps=1", "train.logging_steps=1", "train.save_steps=1",
+                        "model.max_seq_length=128", "data.cleaning.max_tokens=128", "wandb.mode=offline"],
+                       capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200,
+                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[run] stage 1/2: data (01_data.ipynb)" in r.stdout and "[run] stage 2/2: train (02_finetune.ipynb)" in r.stdout
+    assert "[run] train · 02_finetune.ipynb cell 6/" in r.stdout and "[train] step 1/1 · loss " in r.stdout
+    both = r.stdout + r.stderr
+    assert "wandb: " not in both and "Running in WANDB offline mode" not in both and "without encryption" not in both
+    assert _tracked_changes() == before
+    summary = (out / "run_summary.md").read_text()
+    assert "## Final metrics" in summary and "images/train_loss.png" in summary
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "adapter" / "README.md").read_text()
+    assert "[None]" not in (out / "checkpoints" / "README.md").read_text()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in (out / "data" / "train.jsonl", out / "images" / "train_loss.png", out / "run_summary.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
