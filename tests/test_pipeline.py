@@ -104,11 +104,17 @@ def test_notebook_config_works_from_any_folder(tmp_path, monkeypatch):
     assert os.getcwd() == str(REPO_ROOT) and (Path.cwd() / cfg.out).resolve() == REPO_ROOT / "runs" / "smoke"
 
 
-def _tracked_changes() -> str:
+def _tracked_contents() -> dict[str, str]:
+    """Each tracked file of the checkout and a hash of its content on disk (commits made meanwhile
+    change nothing here; a file a run rewrites does)."""
+    import hashlib
+
     from phyassist.paths import REPO_ROOT
 
-    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, check=True).stdout
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    return {f: hashlib.sha1((REPO_ROOT / f).read_bytes()).hexdigest() if (REPO_ROOT / f).is_file() else "absent"
+            for f in files if f}
 
 
 def test_main_job_reports_progress_and_leaves_the_tracked_tree_alone(tmp_path):
@@ -120,7 +126,7 @@ def test_main_job_reports_progress_and_leaves_the_tracked_tree_alone(tmp_path):
 
     from phyassist.paths import REPO_ROOT
 
-    before = _tracked_changes()
+    before = _tracked_contents()
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "phyassist", "run", "--only", "01_data.ipynb", "02_finetune.ipynb",
                         "-o", str(out), "train.max_steps=1", "train.logging_steps=1", "train.save_steps=1",
@@ -132,7 +138,8 @@ def test_main_job_reports_progress_and_leaves_the_tracked_tree_alone(tmp_path):
     assert "[run] train · 02_finetune.ipynb cell 6/" in r.stdout and "[train] step 1/1 · loss " in r.stdout
     both = r.stdout + r.stderr
     assert "wandb: " not in both and "Running in WANDB offline mode" not in both and "without encryption" not in both
-    assert _tracked_changes() == before
+    after = _tracked_contents()
+    assert [f for f in before if after.get(f) != before[f]] == []
     summary = (out / "run_summary.md").read_text()
     assert "## Final metrics" in summary and "images/train_loss.png" in summary
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "adapter" / "README.md").read_text()
