@@ -54,3 +54,23 @@ def test_every_third_party_import_of_the_kit_is_declared():
                 if not providers & runtime and top != "triton":  # triton comes with torch on Linux
                     missing.setdefault(top, []).append(path.name)
     assert not missing, missing
+
+
+def test_make_run_needs_no_root_and_make_test_installs_the_system_packages():
+    """`make -n -B` prints every recipe the target would run (setup included) without running any."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+
+    def recipe(target: str) -> str:
+        return subprocess.run(["make", "-n", "-B", target], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout
+
+    run, test = recipe("run"), recipe("test")
+    assert "pip install -q -r requirements.txt" in run and "phyassist run" in run
+    assert "setup_system.sh" not in run and "sudo" not in run and "requirements-test.txt" not in run
+    assert "setup_system.sh" in test and "requirements-test.txt" in test and "pytest" in test
