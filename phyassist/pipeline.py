@@ -2,7 +2,9 @@
 papermill, so that ``make run`` exercises exactly what a researcher runs cell by cell.
 
 Executed copies land in ``<output_dir>/notebooks/``; committed notebooks carry no outputs.
-Cells tagged ``gpu`` are replaced by a notice on machines without CUDA (nbdev-style).
+Cells tagged ``gpu`` are replaced by a notice on machines without CUDA (nbdev-style). While it runs,
+``phyassist run`` names each stage and cell and streams what the cells print (the stage's own
+progress); a failed notebook ends in one line naming the cell, the error and the executed copy.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def failure_line(name: str, exc, executed: Path) -> str:
     evalue = _ANSI.sub("", str(getattr(exc, "evalue", "") or exc)).strip().splitlines()
     ename = _ANSI.sub("", str(getattr(exc, "ename", "") or type(exc).__name__))
     count = getattr(exc, "exec_count", None)
-    where = f" at cell [{count}]" if count is not None else ""
+    where = f" at cell {count}" if count is not None else ""  # = n of the progress line's "cell n/N"
     return (f"[run] {name} failed{where}: {ename}: {evalue[0] if evalue else ''}"
             f" (executed notebook with the traceback: {executed})")
 

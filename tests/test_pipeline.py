@@ -89,7 +89,7 @@ def test_failed_notebook_is_one_line_with_the_executed_copy(tmp_path):
     except PapermillExecutionError as exc:
         line = failure_line("bad.ipynb", exc, tmp_path / "out" / "bad.ipynb")
     assert "\n" not in line and "\x1b" not in line
-    assert line.startswith("[run] bad.ipynb failed at cell [3]: FileNotFoundError: runs/x/data/train.jsonl: not found")
+    assert line.startswith("[run] bad.ipynb failed at cell 3: FileNotFoundError: runs/x/data/train.jsonl: not found")
     assert line.endswith(f"(executed notebook with the traceback: {tmp_path / 'out' / 'bad.ipynb'})")
     assert "FileNotFoundError" in (tmp_path / "out" / "bad.ipynb").read_text()
 
