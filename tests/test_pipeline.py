@@ -148,3 +148,28 @@ def test_main_job_reports_progress_and_leaves_the_tracked_tree_alone(tmp_path):
     os.umask(mask)
     for f in (out / "data" / "train.jsonl", out / "images" / "train_loss.png", out / "run_summary.json"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_run_stops_at_a_failed_notebook_with_one_line(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import phyassist.pipeline as pipeline
+    from phyassist.config import load_config
+
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('config = "smoke"\noverrides = {}\noutput_dir = None')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("print('working')\nraise ValueError('data.sources is empty')")]
+    nbformat.write(nb, nbs / "01_data.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", nbs)
+    cfg = load_config("smoke", {"output_dir": str(tmp_path / "run")})
+    args = argparse.Namespace(only=["01_data.ipynb", "02_finetune.ipynb"], verbose=False)
+    assert pipeline.main(cfg, args) == 1
+    out = capsys.readouterr()
+    assert "[run] stage 1/2: data (01_data.ipynb)" in out.out and "working" in out.out
+    assert "02_finetune" not in out.out  # stopped at the failure
+    executed = tmp_path / "run" / "notebooks" / "01_data.ipynb"
+    assert out.err.strip() == (f"[run] 01_data.ipynb failed at cell 3: ValueError: data.sources is empty "
+                               f"(executed notebook with the traceback: {executed})")
