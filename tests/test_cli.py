@@ -78,8 +78,10 @@ def test_noise_filtered_and_progress_bars_kept():
     f = NoiseFilter(out)
     f.write("[data] DR: 10 rows\n" + BANNER[:30])
     f.write(BANNER[30:] + " 50%|█████     | 1/2\r")
-    assert out.getvalue() == "[data] DR: 10 rows\n 50%|█████     | 1/2\r"  # the bar shows before its line ends
-    f.write("100%|██████████| 2/2\n[IPKernelApp] WARNING | Kernel is running over TCP without encryption. x\nend")
+    # the bar shows before its line ends
+    assert out.getvalue() == "[data] DR: 10 rows\n 50%|█████     | 1/2\r"
+    f.write("100%|██████████| 2/2\n"
+            "[IPKernelApp] WARNING | Kernel is running over TCP without encryption. x\nend")
     f.close_line()
     assert out.getvalue().endswith("100%|██████████| 2/2\nend")
 

@@ -81,7 +81,8 @@ def test_failed_notebook_is_one_line_with_the_executed_copy(tmp_path):
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell("x = 1")
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("raise FileNotFoundError('runs/x/data/train.jsonl: not found\\nmore')")]
+    fail = nbformat.v4.new_code_cell("raise FileNotFoundError('runs/x/data/train.jsonl: not found\\nmore')")
+    nb.cells = [params, fail]
     path = tmp_path / "bad.ipynb"
     nbformat.write(nb, path)
     try:
@@ -134,7 +135,8 @@ def test_main_job_reports_progress_and_leaves_the_tracked_tree_alone(tmp_path):
                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=1200,
                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[run] stage 1/2: data (01_data.ipynb)" in r.stdout and "[run] stage 2/2: train (02_finetune.ipynb)" in r.stdout
+    assert "[run] stage 1/2: data (01_data.ipynb)" in r.stdout
+    assert "[run] stage 2/2: train (02_finetune.ipynb)" in r.stdout
     assert "[run] train · 02_finetune.ipynb cell 6/" in r.stdout and "[train] step 1/1 · loss " in r.stdout
     both = r.stdout + r.stderr
     assert "wandb: " not in both and "Running in WANDB offline mode" not in both and "without encryption" not in both
