@@ -234,3 +234,14 @@ def test_records_carry_their_template_and_another_model_is_refused(smoke, capsys
                  "wandb.mode=disabled"]) == 1
     err = capsys.readouterr().err
     assert "rerun the data stage" in err and not (cfg.out / "checkpoints").exists()
+    # evaluate and the app refuse them too, before loading a model
+    import argparse
+
+    from phyassist.app.stage import main as app_main
+    from phyassist.evaluate.stage import run_evaluation
+
+    with pytest.raises(DataError, match="rerun the data stage"):
+        run_evaluation(swapped, progress=False)
+    assert not (cfg.out / "eval").exists()
+    with pytest.raises(DataError, match="rerun the data stage"):
+        app_main(swapped, argparse.Namespace(data_dir=None, port=None, host=None))
