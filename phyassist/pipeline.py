@@ -171,8 +171,17 @@ def run_notebooks(cfg: RunConfig, names: list[str] | None = None, verbose: bool 
     return done
 
 
+def notebook_name(text: str) -> str:
+    """``--only`` values: notebook file names. A ``key=value`` here is an override that ``--only``
+    swallowed (it takes every word after it); said so, instead of skipping a notebook of that name."""
+    if "=" in text or not text.endswith(".ipynb"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a notebook (NN_name.ipynb); put key=value overrides "
+                                          "before --only")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", nargs="*", default=None, metavar="NOTEBOOK",
+    parser.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK", type=notebook_name,
                         help=f"notebooks to run, in order (default: all: {' '.join(NOTEBOOKS)})")
 
 

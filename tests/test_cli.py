@@ -95,3 +95,8 @@ def test_quiet_output_restores_streams_and_verbose_keeps_all(capsys):
     with quiet_output(verbose=True):
         print("[INFO] Running in WANDB offline mode")
     assert capsys.readouterr().out == "[INFO] Running in WANDB offline mode\n"
+
+
+def test_run_only_refuses_an_override_it_swallowed():
+    r = _run("run", "--only", "01_data.ipynb", "train.max_steps=1")
+    assert r.returncode == 2 and "'train.max_steps=1' is not a notebook" in r.stderr
