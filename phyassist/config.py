@@ -80,8 +80,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _step(node: Any, part: str, where: str, create: bool) -> Any:
+    """The child ``part`` of a section (key) or a list (index); ``create`` makes a missing section."""
+    if isinstance(node, list):
+        if not part.isdigit():
+            raise ConfigError(f"override {where}: {part!r} is not an index of a list (use 0..{len(node) - 1})")
+        i = int(part)
+        if i >= len(node):
+            raise ConfigError(f"override {where}: index {i} is past the end of a list of {len(node)} item(s)")
+        return node[i]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {where}: not a section or a list")
+    if node.get(part) is None and create:
+        node[part] = {}
+    return node.get(part)
+
+
 def apply_overrides(raw: dict, overrides: Iterable[str] | dict | None) -> dict:
-    """Return a copy of ``raw`` with dotted overrides applied (list of ``k=v`` or a dict)."""
+    """Return a copy of ``raw`` with dotted overrides applied (list of ``k=v`` or a dict).
+
+    A numeric part indexes a list: ``data.sources.0.path=my.csv`` sets the first source's path."""
     out = copy.deepcopy(raw)
     if not overrides:
         return out
@@ -89,14 +107,18 @@ def apply_overrides(raw: dict, overrides: Iterable[str] | dict | None) -> dict:
     for key, value in items:
         parts = key.split(".") if isinstance(key, str) else list(key)
         node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {'.'.join(parts)}: {p} is not a section")
+        for n, p in enumerate(parts[:-1]):
+            where = ".".join(parts[: n + 1])
+            nxt = _step(node, p, ".".join(parts), create=True)
+            if not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"override {'.'.join(parts)}: {where} is not a section or a list")
             node = nxt
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(node, list):
+            _step(node, last, ".".join(parts), create=False)
+            node[int(last)] = value
+        else:
+            node[last] = value
     return out
 
 

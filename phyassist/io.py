@@ -1,4 +1,9 @@
-"""Atomic writes: a killed job never leaves a half-written output file behind."""
+"""Atomic writes: a killed job never leaves a half-written output file behind.
+
+Files get the permissions any program's files get (``0o666`` less the umask), so teammates can
+read a run's adapters, tables and plots; ``private=True`` keeps a file to its owner (``0o600``)
+for patient data and keys.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,28 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def _read_umask() -> int:
+    """The process umask (reading it means setting it; done once, at import, before threads)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+PRIVATE_MODE = 0o600
+
+
+def file_mode(private: bool = False) -> int:
+    """``0o600`` for private files, else what ``open()`` would give: ``0o666`` less the umask."""
+    return PRIVATE_MODE if private else 0o666 & ~_UMASK
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only on success."""
+def atomic_path(path: str | Path, private: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
+
+    The temporary file is created ``0o600`` (``mkstemp``) and gets its final mode just before the
+    rename, so a private file is never readable by others, not even half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -20,14 +44,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, file_mode(private))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
+def atomic_write_text(path: str | Path, text: str, private: bool = False) -> Path:
+    with atomic_path(path, private) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -35,12 +60,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, private: bool = False) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", private)
 
 
-def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def atomic_write_jsonl(path: str | Path, rows: Iterable[dict], private: bool = False) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), private)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -11,6 +11,14 @@ IMAGES_DIR = REPO_ROOT / "images"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
 
+def screenshots_dir() -> Path:
+    """Where the browser tests save their screenshots: ``PHYASSIST_SCREENSHOTS`` (``make screenshots``
+    sets it to the tracked ``images/``), else ``runs/screenshots`` (ignored by git), so that
+    ``make test`` leaves the committed screenshots as they are."""
+    env = os.environ.get("PHYASSIST_SCREENSHOTS")
+    return Path(env) if env else REPO_ROOT / "runs" / "screenshots"
+
+
 def cache_dir() -> Path:
     """Model cache (dequantized GGUF, tiny models); ``PHYASSIST_CACHE`` overrides."""
     d = Path(os.environ.get("PHYASSIST_CACHE", Path.home() / ".cache" / "phyassist"))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages the tests need beyond Python (Debian): installed only when missing.
+# System packages the tests need beyond Python (Debian): installed only when missing, by
+# `make test`, `make screenshots` and .ci/run (never by `make setup` or `make run`: they need no root).
 # Stages that need one add it here; every step is a no-op when already satisfied.
 #   chromium   - the real browser the app's Playwright tests drive (/usr/bin/chromium);
 #                Playwright's own browser download needs internet, Debian's package does not.

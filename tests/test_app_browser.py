@@ -1,7 +1,8 @@
 """The counselor assistant driven in a real browser (Debian chromium + Playwright): login,
 create a patient, analyze with the embedded default model (streamed), edit, reload (the draft
 survives), regenerate, save, find the note, chat, train a tiny patient adapter, audit log.
-One app process serves the whole module; screenshots go to images/app_*.png."""
+One app process serves the whole module; screenshots go to runs/screenshots/app_*.png
+(`make screenshots` puts them in the tracked images/)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from phyassist.paths import IMAGES_DIR, REPO_ROOT
+from phyassist.paths import REPO_ROOT, screenshots_dir
 
 CHROMIUM = "/usr/bin/chromium"
 PLANTED = "Zed Quokkason"  # a name that must never appear in plaintext on disk or in logs
@@ -92,8 +93,8 @@ def status_has(page, text: str, timeout: float = 30_000):
 
 
 def shot(page, name: str) -> None:
-    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMAGES_DIR / f"app_{name}.png"), full_page=True)
+    screenshots_dir().mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screenshots_dir() / f"app_{name}.png"), full_page=True)
 
 
 def pick_item(page, ref: str) -> None:

@@ -82,7 +82,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_cli_reports_config_error():
-    r = subprocess.run([sys.executable, "-m", "phyassist", "models", "--config", "smoke", "train.nope=1"],
+    r = subprocess.run([sys.executable, "-m", "phyassist", "data", "--config", "smoke", "train.nope=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "train.nope: unknown key" in r.stderr
 
@@ -90,3 +90,25 @@ def test_cli_reports_config_error():
 def test_cli_lists_models():
     r = subprocess.run([sys.executable, "-m", "phyassist", "models"], capture_output=True, text=True)
     assert r.returncode == 0 and "mixtral-8x7b-instruct" in r.stdout and "smollm2-135m-instruct" in r.stdout
+
+
+def test_overrides_reach_list_items():
+    cfg = load_config("smoke", ["data.sources.0.path=my/dr.csv", "data.sources.5.n_rows=7"])
+    assert cfg.data.sources[0].path == "my/dr.csv" and cfg.data.sources[5].n_rows == 7
+    assert cfg.data.sources[1].path is None  # the other items are untouched
+    cfg = load_config("smoke", {"data.sources.1.name": "dreaddit2"})  # the notebooks' dict form
+    assert cfg.data.sources[1].name == "dreaddit2"
+    with pytest.raises(ConfigError, match=r"data\.sources\.9\.path: index 9 is past the end of a list of 6"):
+        load_config("smoke", ["data.sources.9.path=x.csv"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.first\.path: 'first' is not an index"):
+        load_config("smoke", ["data.sources.first.path=x.csv"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.nope: unknown key"):
+        load_config("smoke", ["data.sources.0.nope=1"])
+
+
+def test_missing_file_named_as_the_user_wrote_it(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "phyassist", "data", "--config", "smoke", "-o", str(tmp_path),
+                        "data.sources.0.path=my_data/dr.csv"], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert "error: my_data/dr.csv: file not found (source 'DR') (looked in " in r.stderr, r.stderr
+    assert "data/sample/my_data" in r.stderr  # where it looked is said after the path as written

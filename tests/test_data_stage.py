@@ -212,3 +212,36 @@ def test_paper_mix_on_real_data(shared_data, tmp_path, tok):
     assert rep["repaired"]["mojibake"]["MultiWD"] > 100  # MultiWD's val file is Mac-Roman mojibake
     assert rep["removed"]["test_overlap"]["MultiWD"] > 100 and rep["removed"]["links"]["counsel-chat"] > 50
     assert all(v["normalised_post"] == 0 for v in rep["leakage"]["train_vs_test"].values())
+
+
+# --- the chat template the records were formatted for ------------------------------------------
+
+def test_records_carry_their_template_and_another_model_is_refused(smoke, capsys):
+    from phyassist.cli import main
+    from phyassist.data.records import MANIFEST, check_run_records
+
+    cfg, _ = smoke
+    manifest = json.loads((cfg.out / "data" / MANIFEST).read_text())
+    assert manifest["model"] == "smollm2-135m-instruct" and "<|im_start|>" in manifest["probe"]
+    assert check_run_records(cfg) == manifest
+    # tiny-mixtral keeps SmolLM2's tokenizer and its ChatML template: the same text, accepted
+    assert check_run_records(load_config("smoke", {"output_dir": str(cfg.out), "model.name": "tiny-mixtral"}))
+    swapped = load_config("smoke", {"output_dir": str(cfg.out), "model.chat_template": "mixtral"})
+    with pytest.raises(DataError, match=r"formatted for model 'smollm2-135m-instruct'.*rerun the data stage"):
+        check_run_records(swapped)
+    # the train stage refuses before loading any model (exit 1, one line naming the fix)
+    assert main(["train", "--config", "smoke", "--output-dir", str(cfg.out), "model.chat_template=mixtral",
+                 "wandb.mode=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "rerun the data stage" in err and not (cfg.out / "checkpoints").exists()
+    # evaluate and the app refuse them too, before loading a model
+    import argparse
+
+    from phyassist.app.stage import main as app_main
+    from phyassist.evaluate.stage import run_evaluation
+
+    with pytest.raises(DataError, match="rerun the data stage"):
+        run_evaluation(swapped, progress=False)
+    assert not (cfg.out / "eval").exists()
+    with pytest.raises(DataError, match="rerun the data stage"):
+        app_main(swapped, argparse.Namespace(data_dir=None, port=None, host=None))

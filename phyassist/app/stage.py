@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(cfg, args: argparse.Namespace) -> int:
     from phyassist.app.service import CounselorService, open_store
     from phyassist.app.ui import launch, load_users
+    from phyassist.data.records import check_run_records
 
+    check_run_records(cfg)  # the run's adapter was trained on records for this model's chat template
     try:
         load_users(cfg.app)
         open_store(cfg, args.data_dir).close()  # key check first: fail fast, before the model loads

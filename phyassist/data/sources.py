@@ -97,8 +97,10 @@ def locate(src: SourceConfig, dcfg: DataConfig, fetch=None) -> Located:
         cands = [p] if p.is_absolute() else [root / p, Path.cwd() / p, REPO_ROOT / p]
         found = next((c for c in cands if c.is_file()), None)
         if found is None:
-            raise MissingDataError(f"{cands[0]}: file not found (source {src.name!r}); "
-                                   f"{where_to_get(src, dcfg, str(p))}")
+            looked = "" if p.is_absolute() else " (looked in " + ", ".join(
+                dict.fromkeys(str(c.parent) for c in cands)) + ")"
+            raise MissingDataError(f"{src.path}: file not found (source {src.name!r}){looked}; check the "
+                                   "source's path, or leave it out to read the kit's usual location")
         return Located(found, src.split)
     if src.kind == "counsel_chat":
         rels = {s: [COUNSEL_CHAT_FILE] for s in ("train", "val", "test")}

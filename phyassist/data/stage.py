@@ -7,6 +7,8 @@ against the test sets, and write ``<out>/data/``:
 - ``train.csv`` / ``val.csv``: the study's single ``text`` column
 - ``cleaning_report.json`` / ``.md``, ``removed.jsonl`` (every removed row and why),
   ``token_lengths.png``
+- ``records.json``: the model and chat template the records were formatted for; train, evaluate
+  and the app refuse records made for another template (:func:`phyassist.data.records.check_run_records`)
 
 ``python -m phyassist data --config smoke [--figure images/token_lengths.png]``
 """
@@ -21,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from phyassist.data import clean, dedup
-from phyassist.data.records import DataError, Row
+from phyassist.data.records import MANIFEST, DataError, Row, records_manifest
 from phyassist.data.report import Ledger, print_counts, to_markdown
 from phyassist.data.schema import CleaningConfig, DataConfig, SourceConfig
 from phyassist.data.sources import (MENTALLLAMA, group_of, imhi_set, load_rows, locate, map_rows, resolve_dir,
@@ -186,6 +188,9 @@ def prepare(cfg, tokenizer=None, out_dir: str | Path | None = None) -> dict:
                              **token_stats(dict(lengths))}
 
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest goes last and the old one first: records a killed run left half-rewritten carry
+    # none, and train refuses them rather than trust another model's manifest.
+    (out / MANIFEST).unlink(missing_ok=True)
     files = {
         "train_jsonl": atomic_write_jsonl(out / "train.jsonl", train),
         "val_jsonl": atomic_write_jsonl(out / "val.jsonl", val),
@@ -200,6 +205,8 @@ def prepare(cfg, tokenizer=None, out_dir: str | Path | None = None) -> dict:
         "report_json": atomic_write_json(out / "cleaning_report.json", report),
         "report_md": atomic_write_text(out / "cleaning_report.md", to_markdown(report)),
     }
+    files["manifest"] = atomic_write_json(out / MANIFEST, records_manifest(cfg.model.name, tokenizer,
+                                                                           dcfg.system_prompt))
     return {"out_dir": out, "report": report, "files": {k: str(v) for k, v in files.items()},
             "train": len(train), "val": len(val)}
 

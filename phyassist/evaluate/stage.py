@@ -127,11 +127,13 @@ def table_note(cfg) -> str:
 
 def run_evaluation(cfg, progress: bool = True) -> dict:
     """Generate, score and tabulate; returns paths and rows (also in ``results.json``)."""
+    from phyassist.data.records import check_run_records
     from phyassist.evaluate.results import comparison_frame, plot_comparison, save_table
     from phyassist.evaluate.testsets import load_test_sets
     from phyassist.runinfo import write_run_info
 
     sets = load_test_sets(cfg)  # validates every file before any model work
+    check_run_records(cfg)  # the run's adapter was trained on records for this model's chat template
     write_run_info(cfg)
     tags = generate_all(cfg, sets, progress)
     rows = score_all(cfg, sets, tags)

@@ -8,7 +8,9 @@ no weights, no network) can count parameters and project memory for any of them.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +55,17 @@ REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
               "Tiny random Mixtral (2 layers, 4 experts, SmolLM2's tokenizer) for CPU tests of the "
               "Mixtral code path.", _TINY_MIXTRAL, "apache-2.0"),
     ModelSpec("mistral-7b-instruct", "hub", "mistralai/Mistral-7B-Instruct-v0.2", "mixtral",
-              "Candidate of the study's model selection (§2.1).",
+              "Candidate of the study's base-model selection (section 2.1 of its documentation).",
               dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                    max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False), "apache-2.0"),
     ModelSpec("llama-2-13b-chat", "hub", "meta-llama/Llama-2-13b-chat-hf", "llama3",
-              "Candidate of the study's model selection (§2.1).",
+              "Candidate of the study's base-model selection (section 2.1 of its documentation).",
               dict(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
                    num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                    max_position_embeddings=4096, tie_word_embeddings=False), "llama2"),
     ModelSpec("llama-2-70b-chat", "hub", "meta-llama/Llama-2-70b-chat-hf", "llama3",
-              "Candidate of the study's model selection (§2.1).",
+              "Candidate of the study's base-model selection (section 2.1 of its documentation).",
               dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
                    num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                    max_position_embeddings=4096, tie_word_embeddings=False), "llama2"),
@@ -86,6 +88,15 @@ def get_spec(name: str) -> ModelSpec | None:
     if name in REGISTRY:
         return REGISTRY[name]
     return next((s for s in REGISTRY.values() if s.hub_id == name), None)
+
+
+def hub_id_of(name: str) -> str | None:
+    """The Hub id a reader can look ``name`` up under: the registry's, or ``name`` itself when it is
+    Hub-shaped and not a local folder; None for the tiny test models and local folders."""
+    spec = get_spec(name)
+    if spec is not None:
+        return spec.hub_id
+    return name if name.count("/") == 1 and not Path(name).expanduser().exists() else None
 
 
 def smollm2_gguf_path() -> Path:
@@ -153,16 +164,72 @@ def _cache_tiny(spec: ModelSpec, seed: int = 0) -> Path:
     return target
 
 
+class ModelNotFound(FileNotFoundError):
+    """A model name the kit cannot use: not in the registry, no such folder, or not reachable
+    offline. An ``OSError``, like transformers' own "cannot find" errors, so callers that fall back
+    on one (the data stage's offline Mixtral tokenizer) fall back on this too."""
+
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` set (as ``make``, the tests and air-gapped machines do)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def close_names(name: str, n: int = 3) -> list[str]:
+    """Registry keys and Hub ids that look like ``name`` (a misspelt key, a Hub id without its owner)."""
+    choices = {c.lower(): c for s in REGISTRY.values() for c in (s.key, s.hub_id) if c}
+    tail = name.rsplit("/", 1)[-1].lower()
+    hits = [c for c in choices if len(tail) >= 4 and tail in c]
+    hits += difflib.get_close_matches(name.lower(), list(choices), n=n, cutoff=0.6)
+    hits += difflib.get_close_matches(tail, list(choices), n=n, cutoff=0.6)
+    return list(dict.fromkeys(choices[h] for h in hits))[:n]
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a snapshot of ``repo_id`` (no network)."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def check_model_name(name: str) -> str | None:
+    """Refuse, before any network call, a name that is neither a registry entry, a local folder
+    nor a usable Hub id; returns the Hub id to load, or None for a local folder.
+
+    A name without ``owner/`` that is not in the registry is a misspelling far more often than one
+    of the Hub's few legacy ids, so it is refused with the closest registry names. Offline, a Hub
+    id must already be in the local cache."""
+    spec = get_spec(name)
+    if spec is None and Path(name).expanduser().exists():
+        return None
+    hint = "; `python -m phyassist models` lists the registry"
+    if spec is None and (name.count("/") != 1 or name.startswith((".", "/", "~")) or not all(name.split("/"))):
+        close = close_names(name)
+        did = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ModelNotFound(f"model.name {name!r}: not in the registry, not a local folder and not a Hub id "
+                            f"(owner/name){did}{hint}")
+    hub_id = spec.hub_id if spec is not None else name
+    if offline() and not hub_cached(hub_id):
+        close = [] if spec is not None else close_names(name)
+        did = f"; registry names like it: {', '.join(repr(c) for c in close)}" if close else ""
+        raise ModelNotFound(f"model.name {name!r}: offline (HF_HUB_OFFLINE=1) and {hub_id} is not in the local "
+                            f"Hugging Face cache; unset HF_HUB_OFFLINE to download it once, or set model.name to "
+                            f"a local folder{did}{hint}")
+    return hub_id
+
+
 def resolve_model_path(name: str) -> str:
-    """A local folder for embedded/tiny models, the path for local folders, the id for the Hub."""
+    """A local folder for embedded/tiny models, the path for local folders, the id for the Hub
+    (refused first by :func:`check_model_name` when it cannot be loaded)."""
     spec = get_spec(name)
     if spec is not None and spec.source == "gguf-package":
         return str(_cache_smollm2())
     if spec is not None and spec.source == "tiny":
         return str(_cache_tiny(spec))
-    if Path(name).expanduser().exists():
+    if spec is None and Path(name).expanduser().exists():
         return str(Path(name).expanduser())
-    return spec.hub_id if spec is not None else name
+    return check_model_name(name)
 
 
 def architecture_config(name: str):

@@ -77,15 +77,9 @@ class CardError(PublishError):
 
 def base_model_id(cfg: RunConfig) -> str | None:
     """The Hub id of the base model: configured, else the registry's, else model.name when Hub-shaped."""
-    from phyassist.models.registry import get_spec
+    from phyassist.models.registry import hub_id_of
 
-    if cfg.publish.base_model:
-        return cfg.publish.base_model
-    spec = get_spec(cfg.model.name)
-    if spec is not None:
-        return spec.hub_id
-    name = cfg.model.name
-    return name if name.count("/") == 1 and not Path(name).expanduser().exists() else None
+    return cfg.publish.base_model or hub_id_of(cfg.model.name)
 
 
 def hardware_text(cfg: RunConfig) -> str:

@@ -124,3 +124,77 @@ def layout_callback(out: Path):
                           flush=True)
 
     return LayoutReport()
+
+
+# ---------------------------------------------------------------- model cards of checkpoints
+
+_NONE_LINK = "[None](https://huggingface.co/None)"
+
+
+def name_base_model(folder: str | Path, model_name: str) -> list[Path]:
+    """Name the base model in the cards TRL and PEFT write into ``folder`` (a checkpoint, the
+    checkpoints folder, the adapter).
+
+    The kit loads its models from a local cache folder, so TRL writes "fine-tuned version of
+    [None]" and PEFT ``base_model: /home/…/.cache/…``. Both become the registry's Hub id (or the
+    configured name when the model has none). Returns the cards changed."""
+    import re
+
+    from phyassist.models.registry import hub_id_of
+
+    hub = hub_id_of(model_name)
+    link = f"[{hub}](https://huggingface.co/{hub})" if hub else f"`{model_name}`"
+    changed = []
+    for card in sorted(Path(folder).glob("README.md")):
+        text = card.read_text(encoding="utf-8")
+        new = text.replace(_NONE_LINK, link)
+        if hub:
+            head, sep, body = new.partition("\n---\n") if new.startswith("---\n") else ("", "", new)
+            if sep:
+                head = re.sub(r"(?m)^base_model: (/|~|\.).*$", f"base_model: {hub}", head)
+                head = re.sub(r"(?m)^- base_model:adapter:(/|~|\.).*$", f"- base_model:adapter:{hub}", head)
+                new = head + sep + body
+        if new != text:
+            atomic_write_text(card, new)
+            changed.append(card)
+    return changed
+
+
+def card_callback(model_name: str):
+    """A TrainerCallback that names the base model in the cards of each saved checkpoint."""
+    from transformers import TrainerCallback
+
+    class CardNamer(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                name_base_model(args.output_dir, model_name)
+                name_base_model(Path(args.output_dir) / f"checkpoint-{state.global_step}", model_name)
+
+    return CardNamer()
+
+
+# ---------------------------------------------------------------- progress inside a notebook
+
+def step_line(state, logs: dict) -> str:
+    """One line per logging step: ``[train] step 10/30 · loss 3.350 · lr 2.0e-04 · 2.5 tokens/s``."""
+    parts = [f"[train] step {state.global_step}/{state.max_steps}"]
+    for key, fmt in (("loss", "loss {:.3f}"), ("eval_loss", "eval loss {:.3f}"), ("learning_rate", "lr {:.1e}"),
+                     ("tokens_per_s", "{:.1f} tokens/s")):
+        if isinstance(logs.get(key), (int, float)):
+            parts.append(fmt.format(logs[key]))
+    return " · ".join(parts)
+
+
+def progress_callback():
+    """Prints :func:`step_line` when the Trainer runs in a notebook kernel: there transformers draws
+    its progress as an HTML table that ``phyassist run`` (papermill) cannot show in a terminal.
+    In a terminal the Trainer prints its own bar and log lines, so this prints nothing."""
+    from transformers import TrainerCallback
+    from transformers.utils import is_in_notebook
+
+    class StepPrinter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs and is_in_notebook():
+                print(step_line(state, logs), flush=True)
+
+    return StepPrinter()

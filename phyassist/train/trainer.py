@@ -436,12 +436,18 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
           callbacks=None) -> Path:
     """Fine-tune; returns the adapter folder (``<out>/adapter`` by default, PEFT format)."""
     from phyassist.models.loading import under_fsdp
-    from phyassist.train.callbacks import SystemMeter, init_wandb, layout_callback
+    from phyassist.runinfo import write_run_summary
+    from phyassist.train.callbacks import (SystemMeter, card_callback, init_wandb, layout_callback,
+                                           progress_callback)
     from phyassist.train.plots import plot_training
 
     out = Path(output_dir) if output_dir else cfg.out
     if output_dir:
         cfg = cfg.model_copy(update={"output_dir": str(out)})
+    if train_records is None:
+        from phyassist.data.records import check_run_records
+
+        check_run_records(cfg)  # records formatted for another model's chat template are refused
     records = train_records if train_records is not None else read_records(cfg, "train")
     if eval_records is None and cfg.train.eval_steps:
         eval_records = read_records(cfg, "val", required=False)
@@ -468,7 +474,8 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
     meter = SystemMeter(enabled=cfg.wandb.log_system)
     trainer = _trainer_class()(model=model, args=sft_config(cfg, ckpt_dir, eval_ds is not None),
                                train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                               callbacks=[layout_callback(out), *(callbacks or [])])
+                               callbacks=[layout_callback(out), card_callback(cfg.model.name), progress_callback(),
+                                          *(callbacks or [])])
     trainer.meter = meter
     trainer.flat_optimizer = cfg.train.flat_optimizer and not under_fsdp()  # FSDP shards the weights itself
     trainer._phyassist_meta = {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump()}
@@ -477,7 +484,7 @@ def train(cfg, train_records=None, eval_records=None, output_dir=None, model=Non
     if trainer.args.should_save:
         state = ckpt_dir / "trainer_state.json"
         trainer.state.save_to_json(str(state))
-        plot_training(state, out / "images")
+        write_run_summary(cfg, out, state, plot_training(state, out / "images"))
     _finish_wandb()
     return adapter_dir
 
@@ -487,6 +494,8 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, cfg) -> Path:
     Under ``accelerate launch`` every process takes part (FSDP gathers the sharded LoRA weights)
     and only the main one writes."""
     import shutil
+
+    from phyassist.train.callbacks import name_base_model
 
     acc, main = trainer.accelerator, trainer.args.should_save
     if trainer.is_fsdp_enabled:  # one full adapter file, not a folder of shards
@@ -501,6 +510,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, cfg) -> Path:
         return adapter_dir
     (tmp / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(str(tmp))
+    name_base_model(tmp, cfg.model.name)  # PEFT's card names the local cache folder, not the base model
     st = trainer.state
     atomic_write_json(tmp / RUN_META, {"base_model": model_identity(cfg), "lora": cfg.train.lora.model_dump(),
                                        "global_step": st.global_step,
