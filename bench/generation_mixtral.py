@@ -129,8 +129,8 @@ def expert_shares(model) -> list[float]:
 def set_routed(model, variant: str) -> None:
     """kit-hf: the training path's experts; kit-nosplit: the GEMV over all of K in one program."""
     for m in model.modules():
-        if hasattr(m, "decode_max_tokens"):
-            m.decode_max_tokens = 0 if variant == "kit-hf" else 8
+        if hasattr(m, "decode_max_rows"):
+            m.decode_max_rows = 0 if variant == "kit-hf" else 16
             m.decode_split_bytes = 0 if variant == "kit-nosplit" else 512
 
 
@@ -201,18 +201,17 @@ def crossover(model, res):
     """Experts alone: routed NF4 kernel vs the dequantize-all path, by token count."""
     import torch
 
-    ex = next(m for m in model.modules() if hasattr(m, "decode_max_tokens"))
+    ex = next(m for m in model.modules() if hasattr(m, "decode_max_rows"))
     out = []
-    for t in (1, 4, 16, 32, 64, 128, 256, 512):
+    for t in (1, 2, 4, 8, 16, 32, 64):
         x = torch.randn(t, ex.hidden_dim, device="cuda", dtype=torch.bfloat16)
         idx = torch.stack([torch.randperm(ex.num_experts, device="cuda")[:2] for _ in range(t)])
         w = torch.full((t, 2), 0.5, device="cuda")
         row = {"tokens": t}
-        for name, lim, gemv, split in (("gemv", 10 ** 9, 10 ** 9, 512), ("gemv_whole_k", 10 ** 9, 10 ** 9, 0),
-                                       ("tiles", 10 ** 9, 0, 512), ("dequantized", 0, 0, 512)):
-            if name.startswith("gemv") and t > 16:
+        for name, rows, split in (("gemv", 10 ** 9, 512), ("gemv_whole_k", 10 ** 9, 0), ("dequantized", 0, 512)):
+            if name.startswith("gemv") and t > 32:
                 continue  # one program per row rereads the weights per row: known slow past a few rows
-            ex.decode_max_tokens, ex.decode_gemv_rows, ex.decode_split_bytes = lim, gemv, split
+            ex.decode_max_rows, ex.decode_split_bytes = rows, split
             with torch.inference_mode():
                 for _ in range(3):
                     ex(x, idx, w)
@@ -226,7 +225,7 @@ def crossover(model, res):
         out.append(row)
         res["crossover"] = out
         save(res)
-    ex.decode_max_tokens, ex.decode_gemv_rows, ex.decode_split_bytes = 8, 16, 512
+    ex.decode_max_rows, ex.decode_split_bytes = 16, 512
     res["crossover"] = out
 
 

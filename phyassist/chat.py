@@ -35,6 +35,7 @@ def stream_reply(model, tok, messages: list[dict], max_new_tokens: int, temperat
     from transformers import TextIteratorStreamer
 
     from phyassist.evaluate.generate import generation_kwargs
+    from phyassist.models.generation import generate
 
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
@@ -45,7 +46,7 @@ def stream_reply(model, tok, messages: list[dict], max_new_tokens: int, temperat
 
     def work():
         try:
-            model.generate(**enc, **kw, streamer=streamer)
+            generate(model, **enc, **kw, streamer=streamer)
         except BaseException as exc:  # surfaced in the caller's thread below
             errors.append(exc)
             streamer.end()

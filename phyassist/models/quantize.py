@@ -207,15 +207,14 @@ class Quant4bitExperts(nn.Module):
         if gemm not in EXPERT_GEMMS:
             raise ValueError(f"Quant4bitExperts: gemm must be one of {', '.join(EXPERT_GEMMS)}, got {gemm!r}")
         self.gemm = gemm
-        # Generation (no autograd) with at most this many tokens reads only the routed experts' NF4
-        # bytes (phyassist.models.mixtral4bit.decode); more tokens share one dequantization per
-        # layer instead. The crossover was measured in bench/generation_mixtral.md.
-        self.decode_max_tokens = 8
-        self.decode_gemv_rows = 16  # rows up to which each routed row reads its expert's NF4 bytes itself
-        self.decode_split_bytes = 512  # packed bytes of K per GEMV program (0: the whole row)
+        # Generation (no autograd) with at most this many (token, expert) rows reads only the routed
+        # experts' NF4 bytes (phyassist.models.mixtral4bit.decode), each row its own; more rows share one
+        # dequantization of the layer instead. Crossover and split measured in bench/generation_mixtral.md.
+        self.decode_max_rows = 16
+        self.decode_split_bytes = 512  # packed bytes of K per program of that kernel (0: the whole row)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if not torch.is_grad_enabled() and hidden_states.shape[0] <= self.decode_max_tokens:
+        if not torch.is_grad_enabled() and top_k_index.numel() <= self.decode_max_rows:
             from phyassist.models.mixtral4bit.decode import routed_experts
 
             return routed_experts(self, hidden_states, top_k_index, top_k_weights)

@@ -1,20 +1,22 @@
 """Generation-time expert MLP: read only the routed experts' NF4 bytes, never dequantize a whole layer.
 
-Why: the training path (:class:`Quant4bitExperts`' autograd node) dequantizes all eight experts of a
-layer to bf16 before its grouped GEMM: 2.8 GB written and read again per Mixtral-8x7B layer. For a
-training batch of thousands of tokens that cost is shared by every token; when generating one token
-per sequence it is the whole cost, and a decode step spent ~90 % of its time there (bench/generation_mixtral.md).
+Why: the training path (:class:`~phyassist.models.quantize.Quant4bitExperts`' autograd node)
+dequantizes all eight experts of a layer to bf16 before its grouped GEMM: 2.8 GB written and read
+again per Mixtral-8x7B layer. For a training batch of thousands of tokens that cost is shared by every
+token; for one token per sequence it is the whole cost of the step (bench/generation_mixtral.md).
 
-What: :func:`nf4_moe_matmul` is a grouped GEMM whose weights stay packed: each program takes one
-expert's tile of output columns, loads the NF4 bytes of exactly that tile (and the double-quantized
-block scales beside them), dequantizes in registers and multiplies with the rows routed to that
-expert. Experts that received no row exit at once, so a batch-1 step reads 2 of 8 experts. The rows'
-expert boundaries are read on the GPU (``ends``): nothing waits for the host, so a whole decode step
-can be captured in a CUDA graph (:mod:`phyassist.models.generation`).
+What: :func:`nf4_moe_matmul` multiplies each routed row by its expert's weights straight from the
+packed NF4 bytes: one program per row, tile of output columns and chunk of K loads exactly those bytes
+(and the double-quantized block scales beside them), dequantizes them in registers and accumulates
+with CUDA-core FMAs. A batch-1 step thus reads 2 of 8 experts. The expert of each row is found on
+the GPU: nothing waits for the host, so a whole decode step can be captured in a CUDA graph
+(:mod:`phyassist.models.generation`). A tensor-core variant (rows of one expert sharing a tile) was
+measured too and lost to dequantizing the layer once at every row count (bench/generation_mixtral.md),
+so past a few rows the training path's dequantization serves.
 
-:func:`routed_experts` is the MLP built on it: gather + gate/up GEMM, fused SwiGLU with the routing
-weight, down GEMM, gather-sum back to token order. Without Triton (CPU builds of torch) the same
-maths runs with the kit's dequantization on the routed experts only.
+:func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
+gather-sum back to token order. Without Triton (CPU builds of torch) the same maths runs on the
+dequantized experts.
 
 The packed layout is bitsandbytes' (``quantize_4bit`` of the whole ``[E, N, K]`` tensor, blocks of
 64 consecutive values along ``K``, the first value of a byte in its high nibble), so these kernels
@@ -29,52 +31,6 @@ from phyassist.models.moe_kernels import _launch, gather_sum, swiglu_forward, tr
 
 if triton is not None:
     import triton.language as tl
-
-    _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bn, bk, w, s in [(64, 256, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3),
-                                     (32, 512, 4, 3), (16, 512, 4, 3)]]
-
-    @triton.jit
-    def _nf4_moe_kernel(x_ptr, tok_ptr, ends_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
-                        offset_ptr, y_ptr, N, K, NESTED: tl.constexpr, GATHER: tl.constexpr,
-                        BLOCKS_PER_BLOCK2: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m, pid_n, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        end = tl.load(ends_ptr + e).to(tl.int64)
-        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0).to(tl.int64)
-        row0 = start + pid_m * BLOCK_M
-        if row0 >= end:  # no (more) rows routed to this expert: its weights are never read
-            return
-        rows = row0 + tl.arange(0, BLOCK_M)
-        rmask = rows < end
-        src = rows
-        if GATHER:
-            src = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        cmask = cols < N
-        w_row = e.to(tl.int64) * N * K + cols * K  # flat index of each output column's first weight
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + src[:, None] * K + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
-            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            wmask = cmask[:, None] & (kb < K // 2)[None, :]  # a tile past K (K a multiple of 64 only)
-            byte = tl.load(packed_ptr + w_row[:, None] // 2 + kb[None, :], mask=wmask, other=0).to(tl.int32)
-            hi = tl.load(code_ptr + (byte >> 4))  # high nibble first, as bitsandbytes packs
-            lo = tl.load(code_ptr + (byte & 15))
-            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K // QBLOCK, QBLOCK))
-            blk = w_row[:, None] // QBLOCK + k0 // QBLOCK + tl.arange(0, BLOCK_K // QBLOCK)[None, :]
-            if NESTED:  # absmax = code2[absmax_q] * absmax2[block // 256] + offset, as bitsandbytes
-                q = tl.load(absmax_ptr + blk, mask=cmask[:, None], other=0).to(tl.int32)
-                scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKS_PER_BLOCK2,
-                                                         mask=cmask[:, None], other=0.0)
-                scale = scale + tl.load(offset_ptr)
-            else:
-                scale = tl.load(absmax_ptr + blk, mask=cmask[:, None], other=0.0)
-            w = tl.reshape(w * scale[:, :, None], (BLOCK_N, BLOCK_K)).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc)
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
     def _nf4_moe_gemv_kernel(x_ptr, tok_ptr, row_expert_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr,
@@ -115,73 +71,52 @@ if triton is not None:
             acc += hi * x_even[None, :] + lo * x_odd[None, :]
         tl.store(y_ptr + (split * ROWS + r) * N + cols, tl.sum(acc, axis=1), mask=cmask)
 
-    _nf4_moe_tuned = triton.autotune(_CONFIGS, key=["N", "K", "BLOCK_M"], restore_value=[])(_nf4_moe_kernel)
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_B": bb}, num_warps=w)
                      for bn, bb, w in [(16, 64, 4), (32, 64, 4), (16, 128, 4), (8, 128, 2), (32, 128, 8), (64, 64, 8)]]
     _nf4_moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"], restore_value=[])(_nf4_moe_gemv_kernel)
 
 
-GEMV_MAX_ROWS = 8  # default of Quant4bitExperts.decode_gemv_rows (bench/generation_mixtral.md)
-SPLIT_BYTES = 512  # default of Quant4bitExperts.decode_split_bytes
-
-
-def _block_m(rows: int) -> int:
-    """Row tile: tl.dot needs at least 16; larger tiles reread each expert's weights fewer times."""
-    return 16 if rows <= 32 else 32 if rows <= 256 else 64
+SPLIT_BYTES = 512  # default of Quant4bitExperts.decode_split_bytes (bench/generation_mixtral.md)
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
-                   token_of_row: torch.Tensor | None = None, gemv_rows: int = GEMV_MAX_ROWS,
-                   split_bytes: int = SPLIT_BYTES) -> torch.Tensor:
+                   token_of_row: torch.Tensor | None = None, split_bytes: int = SPLIT_BYTES) -> torch.Tensor:
     """``y[r] = x[src(r)] @ W[e(r)].T`` for ``rows`` rows sorted by expert; ``W`` stays NF4.
 
     ``packed`` is a :class:`~phyassist.models.quantize.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
     the end (exclusive) of expert ``e``'s rows; ``src(r) = token_of_row[r]`` (a gather) or ``r``.
-    Up to ``gemv_rows`` rows run one program per row (CUDA-core FMAs), each over ``split_bytes`` packed
-    bytes of K (0: all of K), more share tensor-core tiles.
+    Each program covers ``split_bytes`` packed bytes of K (0: all of K); the partial sums are added
+    in fp32 in a fixed order (deterministic, unlike atomics).
     """
     E, N, K = packed.shape
     state = packed.quant_state
-    y = x.new_empty(rows, N)
     if rows == 0:
-        return y
-    if not use_triton(x) or K % 64 or state.blocksize != 64:
-        return _torch_moe_matmul(x, packed, ends, rows, token_of_row, y)
+        return x.new_empty(0, N)
+    if not use_triton(x) or K % 256 or state.blocksize != 64:
+        return _torch_moe_matmul(x, packed, ends, rows, token_of_row)
     packed._sync_state_device()
     nested = bool(state.nested)
     s2 = state.state2 if nested else None
-    common = (packed.packed, state.code, state.absmax, s2.code if nested else state.code,
-              s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, y, N, K)
-    meta = dict(NESTED=nested, GATHER=token_of_row is not None, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
-                QBLOCK=64)
-    if rows <= gemv_rows and K % 256 == 0:
-        # few rows (batch-1 decode): one program per row, column tile and K chunk; each routed expert read once
-        row_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device, dtype=ends.dtype), right=True)
-        splits = (K // 2) // split_bytes if split_bytes and (K // 2) % split_bytes == 0 else 1
-        partial = torch.empty(splits, rows, N, dtype=torch.float32, device=x.device)
-        kernel, fixed = ((_nf4_moe_gemv_tuned, {}) if x.is_cuda
-                         else (_nf4_moe_gemv_kernel, {"BLOCK_N": 16, "BLOCK_B": 64}))
-        grid = lambda m: (rows, triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
-        _launch(kernel, grid, x, x.contiguous(), token_of_row if token_of_row is not None else ends,
-                row_expert, *common[:-3], partial, N, K, rows, (K // 2) // splits, **meta, **fixed)
-        return partial[0].to(y.dtype) if splits == 1 else partial.sum(0).to(y.dtype)
-    bm = _block_m(rows)
-    grid = lambda meta: (triton.cdiv(rows, bm), triton.cdiv(N, meta["BLOCK_N"]), E)  # noqa: E731
+    row_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device, dtype=ends.dtype), right=True)
+    splits = (K // 2) // split_bytes if split_bytes and (K // 2) % split_bytes == 0 else 1
+    partial = torch.empty(splits, rows, N, dtype=torch.float32, device=x.device)
     # the interpreter (CPU tests) runs one fixed tile; GPUs pick theirs by measurement, once per shape
-    kernel, fixed = (_nf4_moe_tuned, {}) if x.is_cuda else (_nf4_moe_kernel, {"BLOCK_N": 16, "BLOCK_K": 128})
-    _launch(kernel, grid, x, x.contiguous(), token_of_row if token_of_row is not None else ends,
-            ends, packed.packed, state.code, state.absmax, s2.code if nested else state.code,
-            s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, y, N, K,
-            NESTED=nested, GATHER=token_of_row is not None, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
-            QBLOCK=64, BLOCK_M=bm, **fixed)
-    return y
+    kernel, fixed = ((_nf4_moe_gemv_tuned, {}) if x.is_cuda
+                     else (_nf4_moe_gemv_kernel, {"BLOCK_N": 16, "BLOCK_B": 64}))
+    grid = lambda m: (rows, triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
+    _launch(kernel, grid, x, x.contiguous(), token_of_row if token_of_row is not None else ends, row_expert,
+            packed.packed, state.code, state.absmax, s2.code if nested else state.code,
+            s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, partial,
+            N, K, rows, (K // 2) // splits, NESTED=nested, GATHER=token_of_row is not None,
+            BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1, QBLOCK=64, **fixed)
+    return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
 
 
-def _torch_moe_matmul(x, packed, ends, rows, token_of_row, y):
-    """Reference and CPU path: dequantize the experts that have rows (host loop; not graph-safe)."""
+def _torch_moe_matmul(x, packed, ends, rows, token_of_row):
+    """Reference and CPU path: the dequantized experts, one matmul per expert with rows (host loop)."""
     w = packed.dequantize()  # [E, N, K]
     xs = x if token_of_row is None else x.index_select(0, token_of_row)
-    start = 0
+    y, start = x.new_empty(rows, w.shape[1]), 0
     for e, end in enumerate(ends.tolist()):
         if end > start:
             y[start:end] = (xs[start:end].to(w.dtype) @ w[e].T).to(y.dtype)
@@ -207,9 +142,8 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     k = index.shape[1]
     token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts)
     x = hidden.to(module.gate_up.quant_state.dtype)
-    gemv = getattr(module, "decode_gemv_rows", GEMV_MAX_ROWS)
-    split = getattr(module, "decode_split_bytes", SPLIT_BYTES)
-    h = nf4_moe_matmul(x, module.gate_up, ends, index.numel(), token_of_row, gemv, split)
+    split = module.decode_split_bytes
+    h = nf4_moe_matmul(x, module.gate_up, ends, index.numel(), token_of_row, split)
     a = swiglu_forward(h, w_row)
-    y = nf4_moe_matmul(a, module.down, ends, index.numel(), None, gemv, split)
+    y = nf4_moe_matmul(a, module.down, ends, index.numel(), None, split)
     return gather_sum(y, inverse, k).to(hidden.dtype)
