@@ -340,7 +340,7 @@ def _export(notes: list, **patient) -> str:
 
 
 def test_imports_obey_the_ui_limits():
-    limits = N.ImportLimits(max_chars=4000, max_notes=500, max_items=20)
+    limits = N.ImportLimits(max_chars=4000, max_notes=500, max_items=20)  # a lower item limit than the default
     cases = {
         "too long": _export([dict(NOTE, reasons=["x" * 2_000_000])]),
         "5000 notes": _export([NOTE] * 5000),

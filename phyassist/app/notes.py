@@ -66,17 +66,23 @@ def clean_patient_fields(values: dict[str, Any], max_chars: int) -> dict[str, st
 
 
 # --- rendering: patient text is shown as typed, never as HTML or Markdown ---------------------------
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~=$])")
+_MD_INLINE = re.compile(r"([\\`*_\[\]!|~$])")
+_MD_LINE_START = re.compile(r"^([ \t]*)(#|[-+=]|\d+(?=[.)]))", re.M)
+
+
+def _escape_line_start(m: re.Match) -> str:
+    lead, mark = m.group(1), m.group(2)
+    return f"{lead}{mark}\\" if mark[0].isdigit() else f"{lead}\\{mark}"
 
 
 def md_escape(text: Any) -> str:
     """``text`` for a Markdown component, shown exactly as typed: HTML characters become entities
-    (no tag, form, image or style from a patient field, note or model output reaches the page) and
-    Markdown punctuation is backslash-escaped (no image, link, heading or list made from it); line
-    breaks stay line breaks."""
+    (no tag, form, image or style from a patient field, note or model output reaches the page),
+    the inline Markdown punctuation (images, links, emphasis, code, tables) is backslash-escaped,
+    and so is what would start a heading or list at a line's start; line breaks stay line breaks."""
     t = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    t = _MD_SPECIAL.sub(r"\\\1", t)
-    return t.replace("\r\n", "\n").replace("\n", "  \n")
+    t = _MD_LINE_START.sub(_escape_line_start, _MD_INLINE.sub(r"\\\1", t.replace("\r\n", "\n")))
+    return t.replace("\n", "  \n")
 
 
 def patient_summary_markdown(p: dict[str, Any]) -> str:
@@ -445,7 +451,7 @@ class ImportLimits:
 
     max_chars: int
     max_notes: int = 500
-    max_items: int = 20
+    max_items: int = 50
     max_depth: int = 8
 
 

@@ -32,7 +32,7 @@ class AppConfig(Section):
     context_notes: int = Field(5, ge=0, description="Most recent notes offered as context (budget permitting).")
     max_input_chars: int = Field(4000, gt=0, description="Longest accepted text from the counselor.")
     max_import_notes: int = Field(500, gt=0, description="Most notes one imported patient file may hold.")
-    max_note_items: int = Field(20, gt=0, description="Most reasons (and most advice items) in one note or draft, "
+    max_note_items: int = Field(50, gt=0, description="Most reasons (and most advice items) in one note or draft, "
                                                       "typed or imported.")
     max_import_mb: float = Field(8.0, gt=0, description="Largest accepted upload (the import file), in MB.")
     login_max_failures: int = Field(5, gt=0, description="Wrong passwords in a row, per user and address (and "

@@ -269,7 +269,9 @@ def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks
                                             elem_id="use-notes", scale=1)
                 send_btn = gr.Button("Send", variant="primary", elem_id="send")
             with gr.Tab("Audit", id="audit"):
-                audit_btn = gr.Button("Refresh audit log", elem_id="audit-btn")
+                with gr.Row():
+                    audit_btn = gr.Button("Refresh audit log", elem_id="audit-btn")
+                    verify_btn = gr.Button("Verify the log's MAC chain", elem_id="audit-verify")
                 audit_df = gr.Dataframe(headers=["at", "user", "action", "target"], elem_id="audit",
                                         interactive=False)
 
@@ -486,7 +488,13 @@ def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks
             svc.store.audit(_user(request), "read_audit_log", "audit")
             return [[r["at"], r["user"], r["action"], r["target"]] for r in svc.store.audit_log()]
 
+        def do_verify(request: gr.Request):
+            report = svc.store.verify_audit()
+            svc.store.audit(_user(request), "verify_audit_log", "audit")
+            return _status(report.text(), ok=report.ok)
+
         audit_btn.click(do_audit, None, [audit_df], **quick)
+        verify_btn.click(do_verify, None, [status], **quick)
     demo.queue(default_concurrency_limit=a.concurrency_limit, max_size=a.queue_size)
     return demo
 
@@ -500,12 +508,14 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def private_gradio_cache(data_dir: Path) -> tuple[Path, int]:
+def private_gradio_cache(data_dir: Path) -> tuple[Path, int, str | None]:
     """Gradio's upload and file cache in a private working folder under the data folder (0700,
-    removed at exit, and at the next start after a crash), instead of the shared /tmp/gradio."""
+    removed at exit, and at the next start after a crash), instead of the shared /tmp/gradio.
+    Returns the folder, its lock and the ``GRADIO_TEMP_DIR`` it replaced."""
     folder, fd = open_workdir(data_dir, "gradio-")
+    before = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
-    return folder, fd
+    return folder, fd, before
 
 
 def launch(svc: CounselorService, *, host: str | None = None, port: int | None = None,
@@ -517,12 +527,12 @@ def launch(svc: CounselorService, *, host: str | None = None, port: int | None =
     host = host or a.host
     users = load_users(a) if users is None else users
     check_bind(host, users, a.users_env)
-    cache, cache_fd = private_gradio_cache(svc.store.data_dir)
+    cache = private_gradio_cache(svc.store.data_dir)
     desk = ExportDesk()
     throttle = LoginThrottle(max_failures=a.login_max_failures, lockout_s=a.login_lockout_s)
     demo = build_ui(svc, desk)
     port = a.port if port is None else port
-    demo._phyassist_cache = (cache, cache_fd)
+    demo._phyassist_cache = cache
     try:
         demo.launch(server_name=host, server_port=port or free_port(host),
                     auth=make_auth(users, throttle, svc.store.audit), prevent_thread_lock=not block, share=False,
@@ -543,5 +553,10 @@ def shutdown(demo: gr.Blocks) -> None:
     finally:
         cache = getattr(demo, "_phyassist_cache", None)
         if cache is not None:
-            close_workdir(*cache)
+            folder, fd, before = cache
+            close_workdir(folder, fd)
+            if before is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = before
             demo._phyassist_cache = None
