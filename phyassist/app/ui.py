@@ -537,7 +537,7 @@ def launch(svc: CounselorService, *, host: str | None = None, port: int | None =
         demo.launch(server_name=host, server_port=port or free_port(host),
                     auth=make_auth(users, throttle, svc.store.audit), prevent_thread_lock=not block, share=False,
                     show_error=False, theme=local_theme(), ssr_mode=False, quiet=True, footer_links=[],
-                    run_history=False, max_file_size=f"{a.max_import_mb}mb",
+                    run_history=False, max_file_size=int(a.max_import_mb * 1024 * 1024),
                     app_kwargs={"middleware": [Middleware(GuardMiddleware, desk=desk, local_user=LOCAL_USER)]},
                     **kwargs)
     finally:
