@@ -68,20 +68,26 @@ def app_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app_server):
+def pw():
+    """One Playwright for the module (a second sync Playwright cannot start while one runs)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-dev-shm-usage"])
-        pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        pg.set_default_timeout(30_000)
-        pg.goto(app_server["url"])
-        pg.get_by_label("username").fill("alice")
-        pg.get_by_label("password").fill("pw-alice")
-        pg.get_by_role("button", name="Login").click()
-        pg.wait_for_selector("#create-btn")
-        yield pg
-        browser.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def page(app_server, pw):
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-dev-shm-usage"])
+    pg = browser.new_page(viewport={"width": 1280, "height": 900})
+    pg.set_default_timeout(30_000)
+    pg.goto(app_server["url"])
+    pg.get_by_label("username").fill("alice")
+    pg.get_by_label("password").fill("pw-alice")
+    pg.get_by_role("button", name="Login").click()
+    pg.wait_for_selector("#create-btn")
+    yield pg
+    browser.close()
 
 
 def box(page, elem_id: str):
@@ -105,18 +111,18 @@ def pick_item(page, ref: str) -> None:
     status_has(page, f"Editing {ref}")
 
 
-def test_login_refuses_wrong_password(app_server):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        pg = browser.new_page()
-        pg.goto(app_server["url"])
-        pg.get_by_label("username").fill("alice")
-        pg.get_by_label("password").fill("wrong")
-        pg.get_by_role("button", name="Login").click()
-        sync_api.expect(pg.get_by_text("Incorrect Credentials")).to_be_visible(timeout=15_000)
-        assert pg.locator("#create-btn").count() == 0
-        browser.close()
+def test_login_refuses_wrong_password(app_server, pw):
+    from playwright.sync_api import expect
+
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    pg = browser.new_page()
+    pg.goto(app_server["url"])
+    pg.get_by_label("username").fill("alice")
+    pg.get_by_label("password").fill("wrong")
+    pg.get_by_role("button", name="Login").click()
+    expect(pg.get_by_text("Incorrect Credentials")).to_be_visible(timeout=15_000)
+    assert pg.locator("#create-btn").count() == 0
+    browser.close()
 
 
 def test_counselor_workflow(page, app_server):
@@ -319,73 +325,75 @@ def test_security_headers_on_every_response(app_server):
         assert "default-src 'self'" in csp and "img-src 'self' data: blob:" in csp and "form-action 'self'" in csp
 
 
-def test_browser_keeps_no_patient_text_and_renders_no_patient_html(app_server, tmp_path):
+def test_browser_keeps_no_patient_text_and_renders_no_patient_html(app_server, pw, tmp_path):
     """A persistent chromium profile: create a patient whose field holds HTML, open, reload, chat,
     export, import. The page shows the HTML as text, requests nothing outside the machine, and the
     profile (localStorage, HTTP cache, everything) holds the planted name nowhere."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     profile = tmp_path / "profile"
     url = app_server["url"]
-    with sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"], accept_downloads=True)
-        requests: list[str] = []
-        ctx.on("request", lambda r: requests.append(r.url))
-        pg = _login(ctx, url, "alice", "pw-alice")
-        box(pg, "f-name").fill(BROWSER_PLANTED)
-        box(pg, "f-mental_state").fill(INJECTED)
-        pg.click("#create-btn")
-        status_has(pg, "Created and opened patient")
-        head = pg.locator("#patient-head")
-        expect(head).to_contain_text(BROWSER_PLANTED)
-        expect(head).to_contain_text('<form action="http://10.9.9.9/steal">')  # shown as text
-        assert pg.locator("form, #stolen, #overlay, #pixel").count() == 0
-        assert pg.locator("img[src*='10.9.9.9']").count() == 0
-        pg.reload()  # the open patient reopens: still text
-        pg.wait_for_selector("#create-btn")
-        status_has(pg, "Opened patient")
-        assert pg.locator("form, #stolen, #overlay, #pixel").count() == 0
+    ctx = pw.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"], accept_downloads=True)
+    requests: list[str] = []
+    ctx.on("request", lambda r: requests.append(r.url))
+    pg = _login(ctx, url, "alice", "pw-alice")
+    box(pg, "f-name").fill(BROWSER_PLANTED)
+    box(pg, "f-mental_state").fill(INJECTED)
+    pg.click("#create-btn")
+    status_has(pg, "Created and opened patient")
+    head = pg.locator("#patient-head")
+    expect(head).to_contain_text(BROWSER_PLANTED)
+    expect(head).to_contain_text('<form action="http://10.9.9.9/steal">')  # shown as text
+    assert pg.locator("form, #stolen, #overlay, #pixel").count() == 0
+    assert pg.locator("img[src*='10.9.9.9']").count() == 0
+    pg.reload()  # the open patient reopens: still text
+    pg.wait_for_selector("#create-btn")
+    status_has(pg, "Opened patient")
+    assert pg.locator("form, #stolen, #overlay, #pixel").count() == 0
 
-        # chat through the streamed /queue/data route
-        pg.get_by_role("tab", name="Chat").click()
-        box(pg, "chat-in").fill(f"How should I pace the next session with {BROWSER_PLANTED}? {INJECTED}")
-        pg.click("#send")
-        status_has(pg, "Reply complete", timeout=180_000)
-        expect(pg.locator("#chatbot")).to_contain_text(BROWSER_PLANTED)
-        assert pg.locator("form, #stolen, #overlay, #pixel").count() == 0
+    # chat through the streamed /queue/data route
+    pg.get_by_role("tab", name="Chat").click()
+    box(pg, "chat-in").fill(f"How should I pace the next session with {BROWSER_PLANTED}? {INJECTED}")
+    pg.click("#send")
+    status_has(pg, "Reply complete", timeout=180_000)
+    expect(pg.locator("#chatbot")).to_contain_text(BROWSER_PLANTED)
+    assert pg.locator("form, #stolen, #overlay, #pixel").count() == 0
 
-        # export: a one-time link for this counselor; another counselor gets nothing
-        pg.get_by_role("tab", name="Notes").click()
-        pg.click("#export-json")
-        status_has(pg, "use the download link")
-        link = pg.locator("#export-link a")
-        href = link.get_attribute("href")
-        browser2 = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        bob = _login(browser2, url, "bob", "pw-bob")
-        assert bob.request.get(url.rstrip("/") + href).status == 404
-        browser2.close()
-        got = pg.request.get(url.rstrip("/") + href)  # with this browser's login cookie
-        assert got.status == 200 and BROWSER_PLANTED in got.text()
-        assert "attachment" in got.headers["content-disposition"] and got.headers["cache-control"] == "no-store"
-        assert pg.request.get(url.rstrip("/") + href).status == 404  # once
+    # export: a one-time link for this counselor; another counselor gets nothing
+    pg.get_by_role("tab", name="Notes").click()
+    pg.click("#export-json")
+    status_has(pg, "use the download link")
+    link = pg.locator("#export-link a")
+    href = link.get_attribute("href")
+    browser2 = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    bob = _login(browser2, url, "bob", "pw-bob")
+    assert bob.request.get(url.rstrip("/") + href).status == 404
+    browser2.close()
+    got = pg.request.get(url.rstrip("/") + href)  # with this browser's login cookie
+    assert got.status == 200 and BROWSER_PLANTED in got.text()
+    assert "attachment" in got.headers["content-disposition"] and got.headers["cache-control"] == "no-store"
+    assert pg.request.get(url.rstrip("/") + href).status == 404  # once
 
-        # import: the upload is removed once read (and a rejected one too)
-        export = json.dumps({"format": "phyassist-patient-v1", "patient": {"name": BROWSER_PLANTED + " Two"},
-                             "notes": [{"date": "2024-01-02", "question": f"{BROWSER_PLANTED} felt low",
-                                        "symptom_type": "low mood", "reasons": ["a"], "advice": ["b"]}]})
-        bad = export.replace('"2024-01-02"', '"yesterday"')
-        pg.get_by_role("tab", name="Patients").click()
-        pg.get_by_text("Import a patient (JSON export)").click()
-        for text, expected in ((bad, "expected YYYY-MM-DD"), (export, "Imported as patient")):
-            upload = tmp_path / "import.json"
-            upload.write_text(text, encoding="utf-8")
-            pg.locator("#import-file input[type=file]").set_input_files(str(upload))
-            pg.wait_for_timeout(1500)
-            pg.click("#import-btn")
-            status_has(pg, expected)
-            upload.unlink()
-        ctx.close()  # flushes localStorage and the HTTP cache to the profile
+    # import: the upload is removed once read (and a rejected one too)
+    export = json.dumps({"format": "phyassist-patient-v1", "patient": {"name": BROWSER_PLANTED + " Two"},
+                         "notes": [{"date": "2024-01-02", "question": f"{BROWSER_PLANTED} felt low",
+                                    "symptom_type": "low mood", "reasons": ["a"], "advice": ["b"]}]})
+    bad = export.replace('"2024-01-02"', '"yesterday"')
+    pg.get_by_role("tab", name="Patients").click()
+    pg.get_by_text("Import a patient (JSON export)").click()
+    expect(pg.locator("#import-file")).to_be_visible()
+    for text, expected in ((bad, "expected YYYY-MM-DD"), (export, "Imported as patient")):
+        upload = tmp_path / "import.json"
+        upload.write_text(text, encoding="utf-8")
+        with pg.expect_file_chooser() as chooser:
+            pg.locator("#import-file").get_by_text("Click to Upload", exact=False).first.click()
+        chooser.value.set_files(str(upload))
+        expect(pg.locator("#import-file").get_by_role("button", name="Clear")).to_be_visible()  # uploaded
+        pg.click("#import-btn")
+        status_has(pg, expected)
+        upload.unlink()
+    ctx.close()  # flushes localStorage and the HTTP cache to the profile
 
     outside = [u for u in requests if not u.startswith(url) and not u.startswith(("data:", "blob:"))]
     assert not outside, f"the page requested {outside[:3]}"

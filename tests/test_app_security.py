@@ -455,4 +455,7 @@ def test_guard_middleware_headers_and_exports():
     assert r.status_code == 200 and PLANTED in r.text and r.headers["cache-control"] == "no-store"
     assert "attachment" in r.headers["content-disposition"]
     assert client.get(url, headers={"cookie": "access-token-abc=tok-a"}).status_code == 404  # once
+    url = desk.put("alice", "patient_1.md", PLANTED)
+    odd = 'theme="dark mode; x=1; access-token-unsecure-abc=tok-a'  # an odd cookie does not hide the login
+    assert client.get(url, headers={"cookie": odd}).status_code == 200
     assert len(desk) == 0

@@ -130,6 +130,12 @@ def _md(value: str = "", **kwargs) -> gr.Markdown:
     return gr.Markdown(value, sanitize_html=True, latex_delimiters=[], **kwargs)
 
 
+def _textbox(**kwargs) -> gr.Textbox:
+    """A text field the browser does not keep: with autocomplete off, chromium neither offers its
+    text as a suggestion nor saves it in the session's form state (its Sessions files on disk)."""
+    return gr.Textbox(html_attributes=gr.InputHTMLAttributes(autocomplete="off", spellcheck=False), **kwargs)
+
+
 def _chat_view(history: list[dict[str, str]]) -> list[dict[str, str]]:
     """The chat as shown: every message escaped (the raw history stays on the server)."""
     return [{"role": m["role"], "content": N.md_escape(m["content"])} for m in history]
@@ -161,7 +167,7 @@ def remove_upload(path: Path) -> None:
 
 def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks:
     a = svc.a
-    desk = desk or ExportDesk()
+    desk = desk if desk is not None else ExportDesk()  # (an empty desk is falsy: it has a length)
 
     def guarded(fn: Callable, n_out: int):
         """Run ``fn``; on an expected problem show it in the status line and change nothing else."""
@@ -207,13 +213,13 @@ def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks
         with gr.Tabs():
             with gr.Tab("Patients", id="patients"):
                 with gr.Row():
-                    query = gr.Textbox(label="Search patients", placeholder="name, age, any field",
+                    query = _textbox(label="Search patients", placeholder="name, age, any field",
                                        elem_id="search", scale=4)
                     search_btn = gr.Button("Search", elem_id="search-btn", scale=1)
                 results = gr.Radio(label="Patients", choices=[], elem_id="results")
                 open_btn = gr.Button("Open patient", variant="primary", elem_id="open-btn")
                 with gr.Accordion("New patient", open=True):
-                    field_boxes = {k: gr.Textbox(label=label, elem_id=f"f-{k}",
+                    field_boxes = {k: _textbox(label=label, elem_id=f"f-{k}",
                                                  lines=1 if k in ("name", "age", "gender", "occupation") else 2)
                                    for k, label in N.PATIENT_FIELDS}
                     create_btn = gr.Button("Create patient", variant="primary", elem_id="create-btn")
@@ -228,17 +234,17 @@ def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks
                     export_json_btn = gr.Button("Export JSON", elem_id="export-json")
                 export_link = _md("", elem_id="export-link")
             with gr.Tab("Analysis", id="analysis"):
-                said = gr.Textbox(label="What the patient said", lines=4, elem_id="said",
+                said = _textbox(label="What the patient said", lines=4, elem_id="said",
                                   max_length=a.max_input_chars)
                 analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze")
-                stream_box = gr.Textbox(label="Model output (streaming)", lines=8, interactive=False,
+                stream_box = _textbox(label="Model output (streaming)", lines=8, interactive=False,
                                         elem_id="stream")
                 gr.Markdown(f"⚠️ **{N.NOTICE}**", elem_id="notice")
                 gr.Markdown("### Draft")
                 draft_md = _md(N.draft_markdown(None), elem_id="draft")
                 item_pick = gr.Radio(label="Item", choices=[], elem_id="item-pick")
-                item_text = gr.Textbox(label="Item text", lines=2, elem_id="item-text")
-                item_comment = gr.Textbox(label="Comment for regeneration", lines=1, elem_id="item-comment")
+                item_text = _textbox(label="Item text", lines=2, elem_id="item-text")
+                item_comment = _textbox(label="Comment for regeneration", lines=1, elem_id="item-comment")
                 with gr.Row():
                     apply_btn = gr.Button("Apply edit", elem_id="apply-edit")
                     delete_btn = gr.Button("Delete item", elem_id="delete-item")
@@ -264,7 +270,7 @@ def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks
                 chatbot = gr.Chatbot(label="Chat with the model", elem_id="chatbot", height=360, sanitize_html=True,
                                      latex_delimiters=[], allow_tags=False)
                 with gr.Row():
-                    chat_in = gr.Textbox(label="Message", elem_id="chat-in", scale=4)
+                    chat_in = _textbox(label="Message", elem_id="chat-in", scale=4)
                     use_notes = gr.Checkbox(label="Use the open patient's notes", value=False,
                                             elem_id="use-notes", scale=1)
                 send_btn = gr.Button("Send", variant="primary", elem_id="send")
@@ -308,16 +314,19 @@ def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks
                 return None, NO_PATIENT, "", *draft_view(None), [], [], _status("The patient open before is gone", False)
 
         def do_import(file, request: gr.Request):
+            """Imported or rejected, the upload is deleted and the file picker emptied."""
             if file is None:
                 raise N.InputProblem("choose a JSON file to import")
             path = Path(file if isinstance(file, str) else file.name)
             try:
                 text = path.read_text(encoding="utf-8")
+                pid = svc.import_patient(_user(request), text)
             except UnicodeDecodeError:
-                raise N.InputProblem(f"import file {path.name}: not UTF-8 text") from None
+                return gr.update(), None, _status(f"import file {path.name}: not UTF-8 text", ok=False)
+            except EXPECTED as exc:
+                return gr.update(), None, _status(str(exc), ok=False)
             finally:
                 remove_upload(path)  # read or rejected: the plaintext upload goes now
-            pid = svc.import_patient(_user(request), text)
             return gr.update(choices=_patient_choices(svc.search(_user(request))), value=pid), None, \
                 _status(f"Imported as patient #{pid}")
 

@@ -10,7 +10,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -126,15 +125,15 @@ def _cookie_user(scope: dict[str, Any]) -> str | None:
     app = scope.get("app")
     tokens = getattr(app, "tokens", None) or {}
     cookie_id = getattr(app, "cookie_id", None)
-    raw = b"; ".join(v for k, v in scope.get("headers", []) if k == b"cookie").decode("latin-1")
-    jar = SimpleCookie()
-    try:
-        jar.load(raw)
-    except Exception:  # a malformed cookie header: not logged in
-        return None
+    raw = "; ".join(v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"cookie")
+    jar = {}
+    for part in raw.split(";"):  # plain split: one odd cookie must not hide the others (SimpleCookie stops)
+        name, sep, value = part.strip().partition("=")
+        if sep:
+            jar.setdefault(name, value)
     for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
-        if name in jar and jar[name].value in tokens:
-            return tokens[jar[name].value]
+        if jar.get(name) in tokens:
+            return tokens[jar[name]]
     return None
 
 
