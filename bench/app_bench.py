@@ -185,7 +185,7 @@ def adapter_switch(svc, cfg, switches: int) -> dict:
     """Two sealed patient adapters on the loaded model; time activate() between them and the base."""
     from peft import LoraConfig, get_peft_model
 
-    from phyassist.app.adapters import adapter_folder, seal_adapter
+    from phyassist.app.adapters import install_adapter
     from phyassist.models.loading import load_model
 
     plain_cfg = cfg.model.model_copy(update={"quant": cfg.model.quant.model_copy(update={"load_in_4bit": False})})
@@ -196,8 +196,7 @@ def adapter_switch(svc, cfg, switches: int) -> dict:
         donor.save_pretrained(tmp)
         for name in ("Bench A", "Bench B"):
             pid = svc.create_patient("bench", {"name": name})
-            seal_adapter(Path(tmp), adapter_folder(svc.store.data_dir, pid), svc.store.cipher, pid)
-            svc.store.record_adapter("bench", pid, str(adapter_folder(svc.store.data_dir, pid)), 0)
+            install_adapter(svc.store, "bench", pid, Path(tmp), 0)
             pids.append(pid)
     del donor
     return time_switches(svc.bank, pids, switches)
@@ -444,15 +443,15 @@ def clone_adapter(svc, src_pid: int, dst_pid: int) -> None:
     """Patient B gets a copy of patient A's trained adapter (decrypted in memory, sealed for B)."""
     from safetensors.torch import save_file
 
-    from phyassist.app.adapters import CONFIG, WEIGHTS, adapter_folder, open_sealed, seal_adapter
+    from phyassist.app.adapters import CONFIG, WEIGHTS, install_adapter, open_sealed
+    from phyassist.app.private import private_workdir
 
-    src = adapter_folder(svc.store.data_dir, src_pid)
-    _cfg, state = open_sealed(src, svc.store.cipher, src_pid)
-    with tempfile.TemporaryDirectory(dir=svc.store.data_dir) as tmp:
+    src, version = svc.store.adapter_location(src_pid)
+    _cfg, state = open_sealed(src, svc.store.cipher, src_pid, version)
+    with private_workdir(svc.store.data_dir, "bench-") as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / WEIGHTS))
         (Path(tmp) / CONFIG).write_text((src / CONFIG).read_text(encoding="utf-8"), encoding="utf-8")
-        seal_adapter(Path(tmp), adapter_folder(svc.store.data_dir, dst_pid), svc.store.cipher, dst_pid)
-    svc.store.record_adapter("bench", dst_pid, str(adapter_folder(svc.store.data_dir, dst_pid)), 0)
+        install_adapter(svc.store, "bench", dst_pid, Path(tmp), 0)
 
 
 def train_through_app(svc, pid: int, timeout_s: float) -> dict:

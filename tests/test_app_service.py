@@ -269,7 +269,7 @@ def test_ui_shows_and_takes_the_waiting_analysis(two_sessions):
     """Through the UI's API: Analyze with an edit from another session meanwhile, then the buttons."""
     from gradio_client import Client
 
-    from phyassist.app.ui import launch
+    from phyassist.app.ui import launch, shutdown
 
     svc, other, model, pid = two_sessions
     model.text, model.during = SECOND, lambda: other.edit_item("bob", pid, "reason 2", "Wakes at four", None)
@@ -286,8 +286,9 @@ def test_ui_shows_and_takes_the_waiting_analysis(two_sessions):
         _md, _pick, status = client.predict(pid, api_name="/do_dismiss_alternative")
         assert status.startswith("⚠") and "no other analysis" in status
     finally:
-        ui.close()
+        shutdown(ui)
     assert svc.get_draft(USER, pid)["question"] == SAID2
+    assert not list((svc.store.data_dir / ".tmp").glob("gradio-*")), "the private Gradio cache outlived the UI"
 
 
 @pytest.mark.parametrize("max_new", [24, 64, 160])

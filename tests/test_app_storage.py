@@ -269,8 +269,9 @@ def test_sealed_adapter_roundtrip_and_switch(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from phyassist.app.adapters import (MARKER, SEALED_WEIGHTS, AdapterBank, adapter_folder, is_patient_adapter,
-                                        open_sealed, seal_adapter)
+    from phyassist.app.adapters import (CONFIG, MARKER, SEALED_WEIGHTS, AdapterBank, adapter_folder,
+                                        is_patient_adapter, open_sealed, seal_adapter)
+    from phyassist.app.crypto import DamagedRecord
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -283,8 +284,9 @@ def test_sealed_adapter_roundtrip_and_switch(tmp_path):
     lora.save_pretrained(plain)
     cipher = Cipher(new_key())
     data = tmp_path / "data"
-    folder = seal_adapter(plain, adapter_folder(data, 7), cipher, 7)
-    assert (folder / MARKER).exists() and is_patient_adapter(folder)
+    folder = seal_adapter(plain, data, cipher, 7, 1)
+    assert folder == adapter_folder(data, 7) / "v1"
+    assert (folder / MARKER).exists() and is_patient_adapter(folder) and is_patient_adapter(adapter_folder(data, 7))
     assert not (folder / "adapter_model.safetensors").exists()
     assert (folder / SEALED_WEIGHTS).read_bytes()[:8] != (plain / "adapter_model.safetensors").read_bytes()[:8]
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -304,7 +306,7 @@ def test_sealed_adapter_roundtrip_and_switch(tmp_path):
     lora2 = get_peft_model(pristine, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                              init_lora_weights=False))
     lora2.save_pretrained(tmp_path / "plain2")
-    seal_adapter(tmp_path / "plain2", adapter_folder(data, 8), cipher, 8)
+    seal_adapter(tmp_path / "plain2", data, cipher, 8, 1)
     assert bank.activate(8) == "patient adapter #8"  # a second adapter on the same model
     with torch.no_grad():
         torch.testing.assert_close(base(ids).logits, lora2(ids).logits, rtol=1e-4, atol=1e-4)
@@ -313,7 +315,15 @@ def test_sealed_adapter_roundtrip_and_switch(tmp_path):
         torch.testing.assert_close(base(ids).logits, with_adapter, rtol=1e-4, atol=1e-4)
     assert bank.last_switch_s < 1.0
     with pytest.raises(KeyProblem):
-        open_sealed(folder, Cipher(new_key()), 7)
+        open_sealed(folder, Cipher(new_key()), 7, 1)
+    with pytest.raises(DamagedRecord, match="version 2"):  # another version's folder: not the current one
+        open_sealed(folder, cipher, 7, 2)
+    with pytest.raises(DamagedRecord):  # patient 8's adapter copied over patient 7's
+        open_sealed(adapter_folder(data, 8) / "v1", cipher, 7, 1)
+    cfg_text = (folder / CONFIG).read_text()
+    (folder / CONFIG).write_text(cfg_text.replace('"r": 4', '"r": 2'))  # the config is authenticated
+    with pytest.raises(DamagedRecord, match="adapter_config.json"):
+        open_sealed(folder, cipher, 7, 1)
 
 
 # --- PostgreSQL: a throwaway cluster on 127.0.0.1 --------------------------------------------

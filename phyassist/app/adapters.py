@@ -2,18 +2,23 @@
 (AES-256-GCM) at rest, marked as patient data so they are never published, and swapped on
 the one loaded base model (``load_adapter`` / ``set_adapter``), not reloaded.
 
-A sealed adapter folder holds ``adapter_config.json`` (hyper-parameters only, flagged
-``"phyassist_patient_adapter": true``), ``PATIENT_DATA`` (a marker the publish stage refuses)
-and ``adapter_model.safetensors.enc``; the weights are decrypted into memory to load.
+A patient's folder ``adapters/patient_<id>/`` holds ``PATIENT_DATA`` (a marker the publish stage
+refuses) and one version folder ``v<n>`` per trained adapter, the store's record naming the current
+one. A version folder holds ``adapter_config.json`` (hyper-parameters only, flagged
+``"phyassist_patient_adapter": true``), the marker and ``adapter_model.safetensors.enc``, whose
+associated data binds it to the patient, the version and the config's hash; the weights are
+decrypted into memory to load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import queue
+import re
 import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -21,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from phyassist.app.crypto import Cipher
+from phyassist.app.crypto import Cipher, DamagedRecord, KeyProblem
+from phyassist.app.private import private_workdir
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,12 @@ class AdapterLimit(ValueError):
 
 
 def adapter_folder(data_dir: Path, patient_id: int) -> Path:
+    """The patient's adapter folder; each trained adapter is a version folder ``v<n>`` in it."""
     return Path(data_dir) / "adapters" / f"patient_{int(patient_id)}"
+
+
+def version_folder(data_dir: Path, patient_id: int, version: int) -> Path:
+    return adapter_folder(data_dir, patient_id) / f"v{int(version)}"
 
 
 def is_patient_adapter(folder: str | Path) -> bool:
@@ -51,52 +62,128 @@ def is_patient_adapter(folder: str | Path) -> bool:
     return cfg.exists() and bool(json.loads(cfg.read_text(encoding="utf-8")).get(FLAG))
 
 
-def _context(patient_id: int) -> str:
-    return f"adapter:{int(patient_id)}"
+def adapter_context(patient_id: int, version: int, config_bytes: bytes) -> str:
+    """Associated data of a sealed adapter: its patient, its version (an older adapter copied back
+    does not open as the current one) and its config file's hash (the config is authenticated)."""
+    digest = hashlib.sha256(config_bytes).hexdigest()
+    return f"adapters:patient:{int(patient_id)}:version:{int(version)}:config:{digest}"
 
 
-def seal_adapter(src: Path, dst: Path, cipher: Cipher, patient_id: int) -> Path:
-    """Encrypt a trained PEFT folder into ``dst`` (atomically replacing an older one)."""
-    cfg = json.loads((src / CONFIG).read_text(encoding="utf-8"))
-    cfg[FLAG] = True
-    tmp = dst.with_name(dst.name + ".tmp")
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def seal_weights(cfg: dict[str, Any], weights: bytes, data_dir: Path, cipher: Cipher, patient_id: int,
+                 version: int) -> Path:
+    """Encrypt adapter weights into the version folder ``v<version>`` (built aside, then renamed in
+    one step). Sealing never touches the adapter in use: the store's record names the version
+    that is current, so a crash before the record is written leaves the patient on their old
+    adapter, and the start-up sweep removes the unrecorded folder."""
+    root = adapter_folder(data_dir, patient_id)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not (root / MARKER).exists():
+        _write_private(root / MARKER, MARKER_TEXT.encode("utf-8"))
+    config_bytes = (json.dumps(dict(cfg, **{FLAG: True}), indent=2) + "\n").encode("utf-8")
+    tmp = root / f".v{int(version)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True, mode=0o700)
-    (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    (tmp / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
-    (tmp / SEALED_WEIGHTS).write_bytes(cipher.encrypt_bytes((src / WEIGHTS).read_bytes(), _context(patient_id)))
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
+    tmp.mkdir(mode=0o700)
+    _write_private(tmp / CONFIG, config_bytes)
+    _write_private(tmp / MARKER, MARKER_TEXT.encode("utf-8"))
+    _write_private(tmp / SEALED_WEIGHTS,
+                   cipher.encrypt_bytes(weights, adapter_context(patient_id, version, config_bytes)))
+    dst = version_folder(data_dir, patient_id, version)
+    shutil.rmtree(dst, ignore_errors=True)  # an unrecorded folder of a job that crashed before its record
     tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
     return dst
 
 
-def open_sealed(folder: Path, cipher: Cipher, patient_id: int):
-    """(LoraConfig, state dict) decrypted in memory; nothing plaintext touches the disk."""
+def seal_adapter(src: Path, data_dir: Path, cipher: Cipher, patient_id: int, version: int) -> Path:
+    """Encrypt a trained PEFT folder ``src`` as the patient's adapter ``version``."""
+    cfg = json.loads((Path(src) / CONFIG).read_text(encoding="utf-8"))
+    return seal_weights(cfg, (Path(src) / WEIGHTS).read_bytes(), data_dir, cipher, patient_id, version)
+
+
+def open_sealed(folder: Path, cipher: Cipher, patient_id: int, version: int):
+    """(LoraConfig, state dict) decrypted in memory; nothing plaintext touches the disk. A changed
+    config, changed weights or another version's folder raise DamagedRecord."""
     from peft import LoraConfig
     from safetensors.torch import load as load_safetensors
 
-    cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    try:
+        config_bytes = (folder / CONFIG).read_bytes()
+        blob = (folder / SEALED_WEIGHTS).read_bytes()
+    except OSError as exc:
+        raise DamagedRecord(f"patient #{int(patient_id)}: adapter version {version} is missing from {folder} "
+                            f"({type(exc).__name__}); retrain it or restore the folder") from None
+    try:
+        weights = cipher.decrypt_bytes(blob, adapter_context(patient_id, version, config_bytes))
+    except KeyProblem:
+        raise DamagedRecord(f"patient #{int(patient_id)}: adapter version {version} in {folder} does not open: "
+                            "its weights or adapter_config.json were changed, or another adapter was copied "
+                            "there; retrain it") from None
+    cfg = json.loads(config_bytes)
     cfg.pop(FLAG, None)
     known = set(LoraConfig.__dataclass_fields__)
     peft_cfg = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k != "peft_type"})
-    weights = cipher.decrypt_bytes((folder / SEALED_WEIGHTS).read_bytes(), _context(patient_id))
     return peft_cfg, load_safetensors(weights)
+
+
+def versions_on_disk(data_dir: Path, patient_id: int) -> list[int]:
+    root = adapter_folder(data_dir, patient_id)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[1:]) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"v\d+", p.name))
+
+
+def prune_versions(data_dir: Path, patient_id: int, keep: int | None) -> list[str]:
+    """Remove the patient's adapter folders other than version ``keep`` (older versions, unrecorded
+    ones of a crashed job, half-built ``.v<n>.tmp``); returns what was removed."""
+    root = adapter_folder(data_dir, patient_id)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name != f"v{keep}" and re.fullmatch(r"\.?v\d+(\.tmp)?", p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def install_adapter(store, user: str, patient_id: int, src: Path, n_notes: int) -> Path:
+    """Seal a trained PEFT folder as the patient's next adapter version and make it current: the
+    store's record is the switch (one transaction), older versions are removed after it."""
+    version = store.next_adapter_version(patient_id)
+    folder = seal_adapter(src, store.data_dir, store.cipher, patient_id, version)
+    store.record_adapter(user, patient_id, str(folder.relative_to(store.data_dir)), n_notes, version)
+    prune_versions(store.data_dir, patient_id, keep=version)
+    return folder
+
+
+def latest_on_disk(data_dir: Path, patient_id: int) -> tuple[Path, int] | None:
+    """The newest sealed version folder (for a bank without a store: tests, benchmarks)."""
+    versions = [v for v in versions_on_disk(data_dir, patient_id)
+                if (version_folder(data_dir, patient_id, v) / SEALED_WEIGHTS).exists()]
+    return (version_folder(data_dir, patient_id, versions[-1]), versions[-1]) if versions else None
 
 
 class AdapterBank:
     """Which adapter the shared model runs with; at most ``max_loaded`` patient adapters in memory."""
 
     def __init__(self, model, cipher: Cipher, data_dir: Path, *, max_loaded: int = 4,
-                 has_adapter: Callable[[int], bool] | None = None, kit_adapter: str | None = None):
+                 locate: Callable[[int], tuple[Path, int] | None] | None = None, kit_adapter: str | None = None):
+        """``locate(patient_id)``: (folder, version) of the patient's current adapter, or None (the
+        service asks the store, which raises DamagedRecord for a record rolled back or removed);
+        default: the newest sealed version on disk."""
         self.model = model
         self.cipher = cipher
         self.data_dir = Path(data_dir)
         self.max_loaded = max_loaded
-        self.has_adapter = has_adapter or (lambda pid: (adapter_folder(self.data_dir, pid) / SEALED_WEIGHTS).exists())
+        self.locate = locate or (lambda pid: latest_on_disk(self.data_dir, pid))
+        self.versions: dict[str, int] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self.stale: set[str] = set()
         self.active: str | None = None
@@ -124,8 +211,9 @@ class AdapterBank:
             if name != self.active:
                 self.model.delete_adapter(name)
 
-    def _ensure(self, name: str, patient_id: int) -> None:
-        if name in self.loaded and name not in self.stale:
+    def _ensure(self, name: str, patient_id: int, where: tuple[Path, int]) -> None:
+        folder, version = where
+        if name in self.loaded and name not in self.stale and self.versions.get(name) == version:
             self.loaded.move_to_end(name)
             return
         if name in self.loaded:
@@ -133,10 +221,11 @@ class AdapterBank:
                 self.active = None
             self.model.delete_adapter(name)
             del self.loaded[name]
-        peft_cfg, state = open_sealed(adapter_folder(self.data_dir, patient_id), self.cipher, patient_id)
+        peft_cfg, state = open_sealed(folder, self.cipher, patient_id, version)
         self._inject(name, peft_cfg, state)
         self.model.eval()  # new LoRA modules start in training mode: their dropout would make outputs random
         self.loaded[name] = None
+        self.versions[name] = version
         self.stale.discard(name)
         self._evict()
 
@@ -163,9 +252,10 @@ class AdapterBank:
         t0 = time.perf_counter()
         with self._lock:
             name = None
-            if patient_id is not None and self.has_adapter(int(patient_id)):
+            where = self.locate(int(patient_id)) if patient_id is not None else None
+            if where is not None:
                 name = f"patient_{int(patient_id)}"
-                self._ensure(name, int(patient_id))
+                self._ensure(name, int(patient_id), where)
             elif self.kit:
                 name = self.kit
             if name != self.active:
@@ -284,17 +374,15 @@ class TrainQueue:
             job.status.finished = time.time()
 
 
-def train_patient_adapter(cfg, job: TrainJob, cipher: Cipher, data_dir: Path, model=None, tokenizer=None) -> Path:
-    """Train with the kit's trainer in a private temp folder, seal the result, wipe the plaintext.
-    ``model``/``tokenizer``: a base to train on instead of loading ``cfg.model``."""
+def train_patient_adapter(cfg, job: TrainJob, store, model=None, tokenizer=None) -> Path:
+    """Train with the kit's trainer in a private working folder (0700 under the data folder; its
+    checkpoints are plaintext while the job runs, and the folder goes when it ends or, after a
+    crash, at the next start-up: :func:`phyassist.app.private.sweep_workdirs`), then seal the result
+    as the patient's next adapter version. ``model``/``tokenizer``: a base to train on instead of
+    loading ``cfg.model``."""
     from phyassist.train.trainer import train
 
-    tmp_root = Path(data_dir) / ".tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    work = Path(tempfile.mkdtemp(prefix="train-", dir=tmp_root))
-    try:
-        adapter = train(cfg, train_records=job.records, output_dir=work, model=model, tokenizer=tokenizer,
+    with private_workdir(store.data_dir, "train-") as work:
+        adapter = train(cfg, train_records=job.records, output_dir=work / "run", model=model, tokenizer=tokenizer,
                         callbacks=[progress_callback(job.status)])
-        return seal_adapter(adapter, adapter_folder(data_dir, job.patient_id), cipher, job.patient_id)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return install_adapter(store, job.user, job.patient_id, adapter, len(job.records))

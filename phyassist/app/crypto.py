@@ -8,6 +8,8 @@ detected against a key-check value stored with the data before anything is read 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -68,11 +70,18 @@ def resolve_key(key_env: str, key_file: str | Path, data_dir: str | Path, store_
     path = Path(key_file).expanduser()
     if _inside(path, Path(data_dir).expanduser()):
         raise KeyProblem(f"{path}: the key file must lie outside the data folder {data_dir}")
+    if path.is_dir():
+        raise KeyProblem(f"{path}: app.key_file is a folder, not a key file; point app.key_file at a file "
+                         f"(or set {key_env})")
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise KeyProblem(f"{path}: key file permissions are {oct(mode)}; run `chmod 600 {path}`")
-        return decode_key(path.read_text(encoding="ascii"), str(path))
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyProblem(f"{path}: cannot read the key file ({type(exc).__name__}: {exc})") from None
+        return decode_key(text, str(path))
     if store_has_data:
         raise KeyProblem(f"no key: set {key_env} or restore {path}; the store holds encrypted data "
                          "and a new key cannot open it (nothing was changed)")
@@ -83,7 +92,8 @@ def resolve_key(key_env: str, key_file: str | Path, data_dir: str | Path, store_
 
 @dataclass(frozen=True)
 class Cipher:
-    """AES-256-GCM; each value has its own random nonce and is bound to its field name (AAD)."""
+    """AES-256-GCM; each value has its own random nonce and is bound to its place (the associated
+    data names its table, row and owner: see :mod:`phyassist.app.storage`)."""
 
     key: bytes
 
@@ -114,6 +124,11 @@ class Cipher:
     def decrypt_json(self, blob: bytes, context: str = ""):
         return json.loads(self.decrypt_text(blob, context))
 
+    def subkey(self, purpose: str) -> bytes:
+        """A key of its own for ``purpose`` (HMAC-SHA256 of the purpose under the key), so a MAC
+        key never doubles as the encryption key."""
+        return hmac.new(self.key, f"phyassist subkey: {purpose}".encode("utf-8"), hashlib.sha256).digest()
+
     def key_check(self) -> bytes:
         return self.encrypt_text(KEY_CHECK_PLAINTEXT, "key-check")
 
@@ -125,3 +140,8 @@ class Cipher:
             ok = False
         if not ok:
             raise KeyProblem("wrong key: it does not open this store (nothing was read or changed)")
+
+
+class DamagedRecord(KeyProblem):
+    """A stored record that does not open with the store's (verified) key: changed, moved to another
+    row, copied, or an older copy restored outside the app. Reported for that record alone."""

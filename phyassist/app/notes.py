@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 PATIENT_FIELDS: list[tuple[str, str]] = [
@@ -45,14 +46,48 @@ def check_text(label: str, text: str | None, max_chars: int, required: bool = Tr
     return t
 
 
+def _scalar_text(label: str, value: Any) -> str:
+    """A field's value as text: strings and numbers only (a list or object is refused, not flattened)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InputProblem(f"{label} must be text, got {type(value).__name__}")
+    return str(value)
+
+
 def clean_patient_fields(values: dict[str, Any], max_chars: int) -> dict[str, str]:
     """Validated patient fields; the name is required, the rest optional."""
     unknown = set(values) - set(FIELD_KEYS) - {"id"}
     if unknown:
-        raise InputProblem(f"unknown patient field(s): {', '.join(sorted(unknown))}")
-    out = {k: check_text(label, str(values.get(k) or ""), max_chars, required=(k == "name"))
+        raise InputProblem(f"unknown patient field(s): {', '.join(sorted(unknown))[:200]}")
+    out = {k: check_text(label, _scalar_text(label, values.get(k)), max_chars, required=(k == "name"))
            for k, label in PATIENT_FIELDS}
     return out
+
+
+# --- rendering: patient text is shown as typed, never as HTML or Markdown ---------------------------
+_MD_INLINE = re.compile(r"([\\`*_\[\]!|~$])")
+_MD_LINE_START = re.compile(r"^([ \t]*)(#|[-+=]|\d+(?=[.)]))", re.M)
+
+
+def _escape_line_start(m: re.Match) -> str:
+    lead, mark = m.group(1), m.group(2)
+    return f"{lead}{mark}\\" if mark[0].isdigit() else f"{lead}\\{mark}"
+
+
+def md_escape(text: Any) -> str:
+    """``text`` for a Markdown component, shown exactly as typed: HTML characters become entities
+    (no tag, form, image or style from a patient field, note or model output reaches the page),
+    the inline Markdown punctuation (images, links, emphasis, code, tables) is backslash-escaped,
+    and so is what would start a heading or list at a line's start; line breaks stay line breaks."""
+    t = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    t = _MD_LINE_START.sub(_escape_line_start, _MD_INLINE.sub(r"\\\1", t.replace("\r\n", "\n")))
+    return t.replace("\n", "  \n")
+
+
+def patient_summary_markdown(p: dict[str, Any]) -> str:
+    """The basic information block for the page (escaped); :func:`patient_summary` is the model's."""
+    return "  \n".join(f"{label}: {md_escape(p[k])}" for k, label in PATIENT_FIELDS if p.get(k))
 
 
 def patient_summary(p: dict[str, Any]) -> str:
@@ -334,18 +369,18 @@ def draft_markdown(draft: dict[str, Any] | None) -> str:
         return "_No draft. Enter what the patient said and press **Analyze**._"
 
     def line(ref: str, item: dict) -> str:
-        c = f"  \n  _comment: {item['comment']}_" if item.get("comment") else ""
-        return f"- **{ref}**: {item['text'] or '_(empty)_'}{c}"
+        c = f"  \n  _comment: {md_escape(item['comment'])}_" if item.get("comment") else ""
+        return f"- **{ref}**: {md_escape(item['text']) if item['text'] else '_(empty)_'}{c}"
 
-    out = [f"> ⚠️ {NOTICE}", "", f"**Counseling question:** {draft['question']}", ""]
+    out = [f"> ⚠️ {NOTICE}", "", f"**Counseling question:** {md_escape(draft['question'])}", ""]
     out.append(line("symptom type", draft["symptom_type"]))
     out += [line(f"reason {i}", it) for i, it in enumerate(draft["reasons"], 1)]
     out += [line(f"advice {i}", it) for i, it in enumerate(draft["advice"], 1)]
     if not draft.get("parse_ok", True):
-        out += ["", f"**The model's text could not be split into items** ({draft.get('parse_problem', '')}); "
-                "it is kept below. Add or edit items by hand, or regenerate.", "", "```text", draft["raw"], "```"]
+        out += ["", f"**The model's text could not be split into items** ({md_escape(draft.get('parse_problem', ''))}); "
+                "it is kept below. Add or edit items by hand, or regenerate.", "", md_escape(draft["raw"])]
     if draft.get("context_report"):
-        out += ["", f"_Context: {draft['context_report']}_"]
+        out += ["", f"_Context: {md_escape(draft['context_report'])}_"]
     if draft.get("alternatives"):
         out += ["", alternative_markdown(draft["alternatives"])]
     return "\n".join(out)
@@ -361,12 +396,12 @@ def alternative_markdown(waiting: list[dict[str, Any]]) -> str:
     out = [f"#### {ALTERNATIVE_HEADING}{more}",
            "_It was written while the draft above was being changed (in this or another session), so it "
            "did not replace it. **Use the other analysis** swaps the two; **Dismiss it** drops it._", "",
-           f"**Counseling question:** {alt['question']}", "",
-           f"- symptom type: {alt['symptom_type']['text'] or '_(empty)_'}"]
-    out += [f"- reason {i}: {it['text']}" for i, it in enumerate(alt["reasons"], 1)]
-    out += [f"- advice {i}: {it['text']}" for i, it in enumerate(alt["advice"], 1)]
+           f"**Counseling question:** {md_escape(alt['question'])}", "",
+           f"- symptom type: {md_escape(alt['symptom_type']['text']) if alt['symptom_type']['text'] else '_(empty)_'}"]
+    out += [f"- reason {i}: {md_escape(it['text'])}" for i, it in enumerate(alt["reasons"], 1)]
+    out += [f"- advice {i}: {md_escape(it['text'])}" for i, it in enumerate(alt["advice"], 1)]
     if not alt.get("parse_ok", True):
-        out += ["", "```text", alt.get("raw", ""), "```"]
+        out += ["", md_escape(alt.get("raw", ""))]
     return "\n".join(out)
 
 
@@ -381,20 +416,22 @@ def note_text(note: dict[str, Any]) -> str:
 
 
 def note_markdown(note: dict[str, Any], number: int | None = None) -> str:
-    head = f"### {note['date']}" + (f" · note {number}" if number else "")
-    out = [head, "", f"**Counseling question:** {note['question']}", "", "**Analysis**", "",
-           f"*Symptom type:* {note['symptom_type'] or '-'}", "", "*Reasons:*", ""]
-    out += [f"{i}. {r}" for i, r in enumerate(note["reasons"], 1)] or ["-"]
+    """A note for display (and the Markdown export): the format's structure in Markdown, every
+    text in it escaped (:func:`md_escape`)."""
+    head = f"### {md_escape(note['date'])}" + (f" · note {number}" if number else "")
+    out = [head, "", f"**Counseling question:** {md_escape(note['question'])}", "", "**Analysis**", "",
+           f"*Symptom type:* {md_escape(note['symptom_type']) if note['symptom_type'] else '-'}", "", "*Reasons:*", ""]
+    out += [f"{i}. {md_escape(r)}" for i, r in enumerate(note["reasons"], 1)] or ["-"]
     out += ["", "**Advice**", ""]
-    out += [f"{i}. {a}" for i, a in enumerate(note["advice"], 1)] or ["-"]
+    out += [f"{i}. {md_escape(a)}" for i, a in enumerate(note["advice"], 1)] or ["-"]
     if note.get("raw"):
-        out += ["", "<details><summary>unparsed model text</summary>", "", note["raw"], "", "</details>"]
+        out += ["", "*Unparsed model text:*", "", md_escape(note["raw"])]
     return "\n".join(out)
 
 
 def export_markdown(patient: dict[str, Any], notes: list[dict[str, Any]]) -> str:
-    out = [f"# {patient['name']}", "", "_Confidential patient record exported from PhyAssist._", ""]
-    out += [f"- **{label}:** {patient[k]}" for k, label in PATIENT_FIELDS[1:] if patient.get(k)]
+    out = [f"# {md_escape(patient['name'])}", "", "_Confidential patient record exported from PhyAssist._", ""]
+    out += [f"- **{label}:** {md_escape(patient[k])}" for k, label in PATIENT_FIELDS[1:] if patient.get(k)]
     out += ["", "## Notes", ""]
     out += [note_markdown(n, i) + "\n" for i, n in enumerate(notes, 1)] or ["_No notes yet._"]
     return "\n".join(out).rstrip() + "\n"
@@ -407,33 +444,82 @@ def export_json(patient: dict[str, Any], notes: list[dict[str, Any]]) -> str:
     return json.dumps({"format": "phyassist-patient-v1", "patient": p, "notes": ns}, ensure_ascii=False, indent=2)
 
 
-def parse_import(text: str, max_chars: int) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """Validate an exported patient file completely before anything is written."""
+@dataclass(frozen=True)
+class ImportLimits:
+    """What one imported patient file may hold: the UI's own limits (``max_chars`` per text,
+    ``max_items`` reasons or advice per note) plus the number of notes and the JSON nesting."""
+
+    max_chars: int
+    max_notes: int = 500
+    max_items: int = 50
+    max_depth: int = 8
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+NOTE_KEYS = ("date", "question", "symptom_type", "reasons", "advice")
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in ``text`` (brackets inside strings do not count);
+    checked before parsing, so a deeply nested file gets a clear message, not a recursion error."""
+    depth = deepest = 0
+    for m in re.finditer(r"[\[\]{}]", _JSON_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _text_list(where: str, value: Any, limits: ImportLimits) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise InputProblem(f"{where}: expected a list of strings")
+    if len(value) > limits.max_items:
+        raise InputProblem(f"{where}: {len(value)} items (limit {limits.max_items}, setting app.max_note_items)")
+    return [check_text(f"{where}[{i}]", x, limits.max_chars, required=False) for i, x in enumerate(value, 1)]
+
+
+def parse_import(text: str, limits: ImportLimits | int) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Validate an exported patient file completely, against the UI's limits, before anything is
+    written. ``limits``: :class:`ImportLimits`, or the longest text alone."""
+    if isinstance(limits, int):
+        limits = ImportLimits(max_chars=limits)
+    depth = json_depth(text)
+    if depth > limits.max_depth:
+        raise InputProblem(f"import file: arrays/objects nest {depth} deep (limit {limits.max_depth}; a patient "
+                           "export nests 3 deep)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputProblem(f"import file is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise InputProblem(f"import file: arrays/objects nest too deeply (limit {limits.max_depth})") from None
     if not isinstance(data, dict) or data.get("format") != "phyassist-patient-v1":
         raise InputProblem("import file: expected {\"format\": \"phyassist-patient-v1\", \"patient\", \"notes\"}")
     if not isinstance(data.get("patient"), dict):
         raise InputProblem("import file: 'patient' must be an object of patient fields")
-    fields = clean_patient_fields(data["patient"], max_chars)
+    fields = clean_patient_fields(data["patient"], limits.max_chars)
     notes = data.get("notes", [])
     if not isinstance(notes, list):
         raise InputProblem("import file: 'notes' must be a list")
+    if len(notes) > limits.max_notes:
+        raise InputProblem(f"import file: {len(notes)} notes (limit {limits.max_notes}, setting app.max_import_notes)")
     clean = []
     for i, n in enumerate(notes, 1):
         where = f"import file: notes[{i}]"
         if not isinstance(n, dict):
             raise InputProblem(f"{where} is not an object")
+        unknown = sorted(set(n) - set(NOTE_KEYS))
+        if unknown:
+            raise InputProblem(f"{where}: unknown key(s) {', '.join(unknown)[:200]} (expected {', '.join(NOTE_KEYS)})")
         try:
             dt.date.fromisoformat(str(n.get("date")))
         except ValueError:
-            raise InputProblem(f"{where}.date: expected YYYY-MM-DD, got {n.get('date')!r}") from None
-        for key in ("reasons", "advice"):
-            if not isinstance(n.get(key, []), list) or not all(isinstance(x, str) for x in n.get(key, [])):
-                raise InputProblem(f"{where}.{key}: expected a list of strings")
-        clean.append({"date": str(n["date"]), "question": check_text(f"{where}.question", n.get("question"), max_chars),
-                      "symptom_type": check_text(f"{where}.symptom_type", n.get("symptom_type"), max_chars, False),
-                      "reasons": list(n.get("reasons", [])), "advice": list(n.get("advice", []))})
+            raise InputProblem(f"{where}.date: expected YYYY-MM-DD, got {str(n.get('date'))[:40]!r}") from None
+        clean.append({"date": str(n["date"]),
+                      "question": check_text(f"{where}.question", _scalar_text(f"{where}.question", n.get("question")),
+                                             limits.max_chars),
+                      "symptom_type": check_text(f"{where}.symptom_type",
+                                                 _scalar_text(f"{where}.symptom_type", n.get("symptom_type")),
+                                                 limits.max_chars, False),
+                      "reasons": _text_list(f"{where}.reasons", n.get("reasons", []), limits),
+                      "advice": _text_list(f"{where}.advice", n.get("advice", []), limits)})
     return fields, clean

@@ -31,6 +31,14 @@ class AppConfig(Section):
     context_tokens: int = Field(2048, gt=128, description="Prompt + answer tokens used (capped by the model's).")
     context_notes: int = Field(5, ge=0, description="Most recent notes offered as context (budget permitting).")
     max_input_chars: int = Field(4000, gt=0, description="Longest accepted text from the counselor.")
+    max_import_notes: int = Field(500, gt=0, description="Most notes one imported patient file may hold.")
+    max_note_items: int = Field(50, gt=0, description="Most reasons (and most advice items) in one note or draft, "
+                                                      "typed or imported.")
+    max_import_mb: float = Field(8.0, gt=0, description="Largest accepted upload (the import file), in MB.")
+    login_max_failures: int = Field(5, gt=0, description="Wrong passwords in a row, per user and address (and "
+                                                        "4x this per address), before logins from there wait.")
+    login_lockout_s: float = Field(30.0, gt=0, description="First wait after too many wrong passwords; it doubles "
+                                                           "with every further failure, up to 15 minutes.")
     max_adapters: int = Field(20, ge=0, description="Most patient adapters kept on disk.")
     max_loaded_adapters: int = Field(4, gt=0, description="Patient adapters kept in memory (LRU).")
     max_note_chars: int = Field(2000, gt=0, description="Notes longer than this are cut for adapter training.")

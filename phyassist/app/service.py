@@ -15,10 +15,11 @@ from typing import Any, Callable, Iterator
 
 from phyassist.app import notes as N
 from phyassist.app.adapters import (AdapterBank, AdapterLimit, TrainJob, TrainQueue, adapter_folder,
-                                    train_patient_adapter)
+                                    prune_versions, train_patient_adapter, versions_on_disk)
 from phyassist.app.assistant import (ANALYSIS_PREFIX, CHAT_SYSTEM, SYSTEM, Generator, analysis_task,
                                      build_prompt, context_budget, item_prefix, regenerate_all_task,
                                      regenerate_item_task)
+from phyassist.app.private import sweep_workdirs
 from phyassist.app.storage import Store
 from phyassist.app.training_base import TrainingBase, is_4bit
 
@@ -49,6 +50,23 @@ def open_store(cfg, data_dir: str | Path | None = None) -> Store:
     a = cfg.app
     return Store.open(resolve_data_dir(cfg, data_dir), database=a.database_url, key_env=a.key_env,
                       key_file=a.key_file)
+
+
+def sweep_leftovers(store: Store) -> list[str]:
+    """At start-up: remove what a killed process left in plaintext or half-written: private working
+    folders no live process holds (training checkpoints, upload cache), adapter version folders no
+    record names (a job killed before its record, or after it but before the old version went).
+    Returns what was removed (names only)."""
+    removed = [f".tmp/{name}" for name in sweep_workdirs(store.data_dir)]
+    recorded = dict(store.adapter_records())
+    root = store.data_dir / "adapters"
+    for folder in sorted(root.glob("patient_*")) if root.is_dir() else []:
+        pid = folder.name.removeprefix("patient_")
+        if pid.isdigit() and (versions_on_disk(store.data_dir, int(pid)) or any(folder.glob(".v*.tmp"))):
+            removed += [f"{folder.name}/{n}" for n in prune_versions(store.data_dir, int(pid), recorded.get(int(pid)))]
+    if removed:
+        log.warning("start-up sweep removed %d leftover(s) of an earlier run: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def patient_training_config(cfg, patient_id: int, load_in_4bit: bool | None = None):
@@ -123,6 +141,7 @@ class CounselorService:
     def build(cfg_cls, cfg, data_dir: str | Path | None = None, *, with_model: bool = True) -> "CounselorService":
         """Open the store (key checked first), then load the model once."""
         store = open_store(cfg, data_dir)
+        sweep_leftovers(store)
         if not with_model:
             return cfg_cls(cfg, store, None, None)
         from phyassist.models.loading import load_model, load_tokenizer
@@ -139,7 +158,7 @@ class CounselorService:
         model.eval()
         training_base = TrainingBase(model)
         bank = AdapterBank(model, store.cipher, store.data_dir, max_loaded=cfg.app.max_loaded_adapters,
-                           kit_adapter=cfg.app.adapter)
+                           kit_adapter=cfg.app.adapter, locate=store.adapter_location)
         generator = Generator(model, tokenizer, repetition_penalty=cfg.app.repetition_penalty,
                               activate=bank.activate)
         svc = cfg_cls(cfg, store, generator, bank, train_tokenizer=train_tokenizer, training_base=training_base)
@@ -159,8 +178,12 @@ class CounselorService:
 
     def import_patient(self, user: str, text: str) -> int:
         """Import a JSON export; validated completely first, written in one transaction."""
-        fields, notes = N.parse_import(text, self.a.max_input_chars)
+        fields, notes = N.parse_import(text, self.import_limits())
         return self.store.import_patient(user, fields, notes)
+
+    def import_limits(self) -> N.ImportLimits:
+        a = self.a
+        return N.ImportLimits(max_chars=a.max_input_chars, max_notes=a.max_import_notes, max_items=a.max_note_items)
 
     def export_markdown(self, user: str, patient_id: int) -> str:
         md = N.export_markdown(self.store.get_patient(user, patient_id), self.store.list_notes(user, patient_id))
@@ -382,6 +405,10 @@ class CounselorService:
         def apply(current):
             draft = N.with_ids(current) or N.new_draft(
                 "", {"symptom_type": "", "reasons": [], "advice": [], "raw": "", "ok": True, "problem": ""})
+            key = "reasons" if kind == "reason" else "advice"
+            if len(draft.get(key, [])) >= self.a.max_note_items:
+                raise N.InputProblem(f"the draft already has {len(draft[key])} {key} items (limit "
+                                     f"{self.a.max_note_items}, setting app.max_note_items)")
             draft, ref = N.add_item(draft, kind, text, comment)
             refs.append(ref)
             return draft
@@ -451,13 +478,10 @@ class CounselorService:
         model, cfg = self._job_base(job.patient_id)
         job.status.base_s = time.perf_counter() - t0
         try:
-            folder = train_patient_adapter(cfg, job, self.store.cipher, self.store.data_dir, model=model,
-                                           tokenizer=self.train_tokenizer)
+            train_patient_adapter(cfg, job, self.store, model=model, tokenizer=self.train_tokenizer)
         finally:
             del model
             gc.collect()  # the job's LoRA, optimizer state and own tensors go now, not at some later collection
-        self.store.record_adapter(job.user, job.patient_id, str(folder.relative_to(self.store.data_dir)),
-                                  len(job.records))
         if self.bank is not None:
             self.bank.forget(job.patient_id)
         return f"patient adapter #{job.patient_id} on {len(job.records)} note(s)"

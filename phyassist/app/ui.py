@@ -12,17 +12,19 @@ import functools
 import hmac
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from phyassist.app import notes as N
 from phyassist.app.adapters import AdapterLimit
 from phyassist.app.crypto import KeyProblem
+from phyassist.app.private import close_workdir, open_workdir
 from phyassist.app.service import CounselorService
 from phyassist.app.storage import UnknownPatient
+from phyassist.app.web import CLIENT_ADDRESS, ExportDesk, GuardMiddleware, LoginThrottle
 
 log = logging.getLogger(__name__)
 EXPECTED = (N.InputProblem, UnknownPatient, AdapterLimit, KeyProblem)
@@ -34,14 +36,32 @@ def _user(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or LOCAL_USER) if request is not None else LOCAL_USER
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def _status(text: str, ok: bool = True) -> str:
-    return f"{'✔' if ok else '⚠'} {text}"
+    """The status line; its text may quote patient input (an error naming a field's value), so it
+    is escaped like all patient text."""
+    return f"{'✔' if ok else '⚠'} {N.md_escape(text)}"
 
 
 def _pid(value) -> int:
+    """The patient id sent by the browser: a whole number (``1.9``, ``True``, ``"1x"`` are refused,
+    never read as patient 1)."""
     if value in (None, ""):
         raise N.InputProblem("no patient open: open one on the Patients tab first")
-    return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    raise N.InputProblem(f"patient id must be a whole number, got {str(value)[:40]!r}")
+
+
+def check_bind(host: str, users: dict[str, str], users_env: str = "PHYASSIST_APP_USERS") -> None:
+    """Refuse a non-loopback address without logins (called before the model loads)."""
+    if not users and host not in LOOPBACK:
+        raise ValueError(f"refusing to serve on {host} without a login: set {users_env}='user:password' "
+                         "or app.auth_file")
 
 
 def load_users(a, environ=os.environ) -> dict[str, str]:
@@ -61,13 +81,34 @@ def load_users(a, environ=os.environ) -> dict[str, str]:
     return users
 
 
-def make_auth(users: dict[str, str]) -> Callable[[str, str], bool] | None:
+def make_auth(users: dict[str, str], throttle: LoginThrottle | None = None,
+              audit: Callable[[str, str, str], None] | None = None) -> Callable[[str, str], bool] | None:
+    """The login check: throttled per user and address (``throttle``), every failure and refusal
+    written to the audit log (``audit(user, action, target)``) under the login's name when it is a
+    known one (else "(unknown user)": a mistyped password in the name field is not stored)."""
     if not users:
         return None
+    throttle = throttle or LoginThrottle()
 
     def check(username: str, password: str) -> bool:
+        address = CLIENT_ADDRESS.get()
+        who = username if username in users else "(unknown user)"
+        wait = throttle.wait_s(username, address)
+        if wait > 0:
+            if audit:
+                audit(who, "login_throttled", f"address:{address}")
+            return False
         expected = users.get(username)
-        return expected is not None and hmac.compare_digest(expected.encode(), (password or "").encode())
+        ok = expected is not None and hmac.compare_digest(expected.encode(), (password or "").encode())
+        if ok:
+            throttle.succeeded(username, address)
+            if audit:
+                audit(who, "login", f"address:{address}")
+        else:
+            throttle.failed(username, address)
+            if audit:
+                audit(who, "login_failed", f"address:{address}")
+        return ok
 
     return check
 
@@ -83,8 +124,50 @@ def _patient_choices(patients: list[dict]) -> list[tuple[str, int]]:
     return [(N.patient_label(p), p["id"]) for p in patients]
 
 
-def build_ui(svc: CounselorService) -> gr.Blocks:
+def _md(value: str = "", **kwargs) -> gr.Markdown:
+    """A Markdown component for text that may hold patient text (escaped by the caller): HTML
+    sanitized as a second line of defence, no LaTeX."""
+    return gr.Markdown(value, sanitize_html=True, latex_delimiters=[], **kwargs)
+
+
+def _textbox(**kwargs) -> gr.Textbox:
+    """A text field the browser does not keep: with autocomplete off, chromium neither offers its
+    text as a suggestion nor saves it in the session's form state (its Sessions files on disk)."""
+    return gr.Textbox(html_attributes=gr.InputHTMLAttributes(autocomplete="off", spellcheck=False), **kwargs)
+
+
+def _chat_view(history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The chat as shown: every message escaped (the raw history stays on the server)."""
+    return [{"role": m["role"], "content": N.md_escape(m["content"])} for m in history]
+
+
+def remove_upload(path: Path) -> None:
+    """Delete an uploaded file and Gradio's other copies of it in its upload folder (same size and
+    bytes), read or rejected alike: an import's plaintext stays on disk no longer than its reading."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = None
+    path.unlink(missing_ok=True)
+    root = Path(gr.utils.get_upload_folder())
+    if data is None or not root.is_dir():
+        return
+    for other in root.rglob("*"):
+        try:
+            if other.is_file() and other.stat().st_size == len(data) and other.read_bytes() == data:
+                other.unlink(missing_ok=True)
+        except OSError:
+            continue
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        try:
+            folder.rmdir()  # empty hash folders
+        except OSError:
+            pass
+
+
+def build_ui(svc: CounselorService, desk: ExportDesk | None = None) -> gr.Blocks:
     a = svc.a
+    desk = desk if desk is not None else ExportDesk()  # (an empty desk is falsy: it has a length)
 
     def guarded(fn: Callable, n_out: int):
         """Run ``fn``; on an expected problem show it in the status line and change nothing else."""
@@ -107,10 +190,13 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
 
     def patient_view(user: str, pid: int):
         p = svc.store.get_patient(user, pid)
-        notes = svc.store.list_notes(user, pid)
-        head = (f"## {N.patient_label(p)}\n\n" + N.patient_summary(p).replace("\n", "  \n")
-                + f"\n\n_Model for this patient: {svc.model_label(pid)}_")
+        notes, damaged = svc.store.list_notes_checked(user, pid)
+        head = (f"## {N.md_escape(N.patient_label(p))}\n\n" + N.patient_summary_markdown(p)
+                + f"\n\n_Model for this patient: {N.md_escape(svc.model_label(pid))}_")
         body = "\n\n".join(N.note_markdown(n, i) for i, n in enumerate(notes, 1)) or "_No notes yet._"
+        if damaged:
+            body = (f"⚠ **{len(damaged)} stored note(s) do not open** (ids {', '.join(map(str, damaged))}): changed, "
+                    "or copied from another row or patient, outside the app. The other notes are shown.\n\n" + body)
         return head, body
 
     def draft_view(draft):
@@ -119,20 +205,21 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
 
     with gr.Blocks(title="PhyAssist counselor assistant", analytics_enabled=False) as demo:
         open_pid = gr.BrowserState(None, storage_key="phyassist_open_patient")
-        gr.Markdown("# PhyAssist · counselor assistant\n"
+        _md("# PhyAssist · counselor assistant\n"
                     f"_For the counselor only; the model never talks to the patient. {N.NOTICE}_")
-        patient_head = gr.Markdown(NO_PATIENT, elem_id="patient-head")
-        status = gr.Markdown("", elem_id="status")
+        patient_head = _md(NO_PATIENT, elem_id="patient-head")
+        status = _md("", elem_id="status")
+        chat_raw = gr.State([])  # the chat as typed and generated; the Chatbot shows it escaped
         with gr.Tabs():
             with gr.Tab("Patients", id="patients"):
                 with gr.Row():
-                    query = gr.Textbox(label="Search patients", placeholder="name, age, any field",
+                    query = _textbox(label="Search patients", placeholder="name, age, any field",
                                        elem_id="search", scale=4)
                     search_btn = gr.Button("Search", elem_id="search-btn", scale=1)
                 results = gr.Radio(label="Patients", choices=[], elem_id="results")
                 open_btn = gr.Button("Open patient", variant="primary", elem_id="open-btn")
                 with gr.Accordion("New patient", open=True):
-                    field_boxes = {k: gr.Textbox(label=label, elem_id=f"f-{k}",
+                    field_boxes = {k: _textbox(label=label, elem_id=f"f-{k}",
                                                  lines=1 if k in ("name", "age", "gender", "occupation") else 2)
                                    for k, label in N.PATIENT_FIELDS}
                     create_btn = gr.Button("Create patient", variant="primary", elem_id="create-btn")
@@ -141,23 +228,23 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
                                           elem_id="import-file")
                     import_btn = gr.Button("Import", elem_id="import-btn")
             with gr.Tab("Notes", id="notes"):
-                notes_md = gr.Markdown("", elem_id="notes")
+                notes_md = _md("", elem_id="notes")
                 with gr.Row():
                     export_md_btn = gr.Button("Export Markdown", elem_id="export-md")
                     export_json_btn = gr.Button("Export JSON", elem_id="export-json")
-                export_file = gr.File(label="Export", interactive=False, elem_id="export-file")
+                export_link = _md("", elem_id="export-link")
             with gr.Tab("Analysis", id="analysis"):
-                said = gr.Textbox(label="What the patient said", lines=4, elem_id="said",
+                said = _textbox(label="What the patient said", lines=4, elem_id="said",
                                   max_length=a.max_input_chars)
                 analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze")
-                stream_box = gr.Textbox(label="Model output (streaming)", lines=8, interactive=False,
+                stream_box = _textbox(label="Model output (streaming)", lines=8, interactive=False,
                                         elem_id="stream")
                 gr.Markdown(f"⚠️ **{N.NOTICE}**", elem_id="notice")
                 gr.Markdown("### Draft")
-                draft_md = gr.Markdown(N.draft_markdown(None), elem_id="draft")
+                draft_md = _md(N.draft_markdown(None), elem_id="draft")
                 item_pick = gr.Radio(label="Item", choices=[], elem_id="item-pick")
-                item_text = gr.Textbox(label="Item text", lines=2, elem_id="item-text")
-                item_comment = gr.Textbox(label="Comment for regeneration", lines=1, elem_id="item-comment")
+                item_text = _textbox(label="Item text", lines=2, elem_id="item-text")
+                item_comment = _textbox(label="Comment for regeneration", lines=1, elem_id="item-comment")
                 with gr.Row():
                     apply_btn = gr.Button("Apply edit", elem_id="apply-edit")
                     delete_btn = gr.Button("Delete item", elem_id="delete-item")
@@ -177,17 +264,20 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
                             f"{a.max_note_chars} characters, {a.train_max_steps} steps. The adapter is "
                             "encrypted at rest and never published.")
                 train_btn = gr.Button("Train patient adapter", variant="primary", elem_id="train-btn")
-                train_md = gr.Markdown("no training started", elem_id="train-status")
+                train_md = _md("no training started", elem_id="train-status")
                 timer = gr.Timer(1.0, active=False)
             with gr.Tab("Chat", id="chat"):
-                chatbot = gr.Chatbot(label="Chat with the model", elem_id="chatbot", height=360)
+                chatbot = gr.Chatbot(label="Chat with the model", elem_id="chatbot", height=360, sanitize_html=True,
+                                     latex_delimiters=[], allow_tags=False)
                 with gr.Row():
-                    chat_in = gr.Textbox(label="Message", elem_id="chat-in", scale=4)
+                    chat_in = _textbox(label="Message", elem_id="chat-in", scale=4)
                     use_notes = gr.Checkbox(label="Use the open patient's notes", value=False,
                                             elem_id="use-notes", scale=1)
                 send_btn = gr.Button("Send", variant="primary", elem_id="send")
             with gr.Tab("Audit", id="audit"):
-                audit_btn = gr.Button("Refresh audit log", elem_id="audit-btn")
+                with gr.Row():
+                    audit_btn = gr.Button("Refresh audit log", elem_id="audit-btn")
+                    verify_btn = gr.Button("Verify the log's MAC chain", elem_id="audit-verify")
                 audit_df = gr.Dataframe(headers=["at", "user", "action", "target"], elem_id="audit",
                                         interactive=False)
 
@@ -212,27 +302,32 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
             pid = _pid(pid)
             head, body = patient_view(user, pid)
             draft = svc.get_draft(user, pid)
-            return (pid, head, body, *draft_view(draft), [],
+            return (pid, head, body, *draft_view(draft), [], [],
                     _status(f"Opened patient #{pid}" + (" (stored draft restored)" if draft else "")))
 
         def do_reopen(pid, request: gr.Request):
             if pid in (None, ""):
-                return (gr.update(),) * 7
+                return (gr.update(),) * 8
             try:
                 return do_open(pid, request)
-            except UnknownPatient:
-                return None, NO_PATIENT, "", *draft_view(None), [], _status("The patient open before is gone", False)
+            except (UnknownPatient, N.InputProblem):
+                return None, NO_PATIENT, "", *draft_view(None), [], [], _status("The patient open before is gone", False)
 
         def do_import(file, request: gr.Request):
+            """Imported or rejected, the upload is deleted and the file picker emptied."""
             if file is None:
                 raise N.InputProblem("choose a JSON file to import")
             path = Path(file if isinstance(file, str) else file.name)
             try:
                 text = path.read_text(encoding="utf-8")
+                pid = svc.import_patient(_user(request), text)
             except UnicodeDecodeError:
-                raise N.InputProblem(f"import file {path.name}: not UTF-8 text") from None
-            pid = svc.import_patient(_user(request), text)
-            return gr.update(choices=_patient_choices(svc.search(_user(request))), value=pid), \
+                return gr.update(), None, _status(f"import file {path.name}: not UTF-8 text", ok=False)
+            except EXPECTED as exc:
+                return gr.update(), None, _status(str(exc), ok=False)
+            finally:
+                remove_upload(path)  # read or rejected: the plaintext upload goes now
+            return gr.update(choices=_patient_choices(svc.search(_user(request))), value=pid), None, \
                 _status(f"Imported as patient #{pid}")
 
         open_outputs = [open_pid, patient_head, notes_md, draft_md, item_pick]
@@ -240,20 +335,21 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
         query.submit(guarded(do_search, 2), [query], [results, status], concurrency_limit=None)
         create_btn.click(guarded(do_create, 6 + len(N.FIELD_KEYS)), list(field_boxes.values()),
                          open_outputs + list(field_boxes.values()) + [status], concurrency_limit=None)
-        open_btn.click(guarded(do_open, 7), [results], open_outputs + [chatbot, status], concurrency_limit=None)
-        import_btn.click(guarded(do_import, 2), [import_file], [results, status], concurrency_limit=None)
-        demo.load(do_reopen, [open_pid], open_outputs + [chatbot, status], concurrency_limit=None)
+        open_btn.click(guarded(do_open, 8), [results], open_outputs + [chatbot, chat_raw, status],
+                       concurrency_limit=None)
+        import_btn.click(guarded(do_import, 3), [import_file], [results, import_file, status], concurrency_limit=None)
+        demo.load(guarded(do_reopen, 8), [open_pid], open_outputs + [chatbot, chat_raw, status], concurrency_limit=None)
 
         # --- notes export ----------------------------------------------------------------
         def do_export(pid, kind, request: gr.Request):
-            pid = _pid(pid)
-            text = (svc.export_markdown if kind == "md" else svc.export_json)(_user(request), pid)
-            folder = Path(tempfile.mkdtemp(prefix="phyassist-export-"))
-            path = folder / f"patient_{pid}.{kind}"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            return str(path), _status(f"Exported patient #{pid} ({kind}); the file is plaintext, keep it safe")
+            """Built in memory, handed out once to this counselor through a link (never a file on
+            the server, never in Gradio's file cache)."""
+            pid, user = _pid(pid), _user(request)
+            text = (svc.export_markdown if kind == "md" else svc.export_json)(user, pid)
+            url = desk.put(user, f"patient_{pid}.{kind}", text)
+            link = (f"[Download patient_{pid}.{kind}]({url}) (one download, for you only, within "
+                    f"{desk.ttl_s / 60:.0f} minutes; the file is plaintext, keep it safe)")
+            return link, _status(f"Exported patient #{pid} ({kind}): use the download link under the buttons")
 
         def do_export_md(pid, request: gr.Request):
             return do_export(pid, "md", request)
@@ -261,8 +357,8 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
         def do_export_json(pid, request: gr.Request):
             return do_export(pid, "json", request)
 
-        export_md_btn.click(guarded(do_export_md, 2), [open_pid], [export_file, status], concurrency_limit=None)
-        export_json_btn.click(guarded(do_export_json, 2), [open_pid], [export_file, status], concurrency_limit=None)
+        export_md_btn.click(guarded(do_export_md, 2), [open_pid], [export_link, status], concurrency_limit=None)
+        export_json_btn.click(guarded(do_export_json, 2), [open_pid], [export_link, status], concurrency_limit=None)
 
         # --- analysis and draft ----------------------------------------------------------
         def stream_updates(updates, pid, user):
@@ -371,36 +467,43 @@ def build_ui(svc: CounselorService) -> gr.Blocks:
         def do_tick(pid):
             if pid in (None, ""):
                 return gr.update(), gr.Timer(active=False)
-            st = svc.training_status(int(pid))
+            try:
+                st = svc.training_status(_pid(pid))
+            except N.InputProblem:
+                return gr.update(), gr.Timer(active=False)
             return st.text(), gr.Timer(active=st.state in ("queued", "running"))
 
         train_btn.click(guarded(do_train, 3), [open_pid], [train_md, timer, status], **quick)
         timer.tick(do_tick, [open_pid], [train_md, timer], **quick)
 
         # --- chat ------------------------------------------------------------------------
-        def do_chat(pid, message, history, with_notes, request: gr.Request):
-            history = list(history or [])
-            patient = int(pid) if pid not in (None, "") else None
+        def do_chat(pid, message, raw, with_notes, request: gr.Request):
+            patient = _pid(pid) if pid not in (None, "") else None
             if with_notes and patient is None:
                 raise N.InputProblem("no patient open: untick 'Use the open patient's notes' or open one")
-            prior = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-                      str(m["content"])} for m in history]
+            prior = [{"role": m["role"], "content": m["content"]} for m in (raw or [])]
             history = prior + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
             for reply in svc.stream_chat(_user(request), message, prior, patient, with_notes):
                 history[-1]["content"] = reply
-                yield history, "", _status("replying…")
-            yield history, "", _status("Reply complete")
+                yield _chat_view(history), history, "", _status("replying…")
+            yield _chat_view(history), history, "", _status("Reply complete")
 
-        chat_out = [chatbot, chat_in, status]
-        send_btn.click(guarded_stream(do_chat, 3), [open_pid, chat_in, chatbot, use_notes], chat_out, **gen_kw)
-        chat_in.submit(guarded_stream(do_chat, 3), [open_pid, chat_in, chatbot, use_notes], chat_out, **gen_kw)
+        chat_out = [chatbot, chat_raw, chat_in, status]
+        send_btn.click(guarded_stream(do_chat, 4), [open_pid, chat_in, chat_raw, use_notes], chat_out, **gen_kw)
+        chat_in.submit(guarded_stream(do_chat, 4), [open_pid, chat_in, chat_raw, use_notes], chat_out, **gen_kw)
 
         # --- audit -----------------------------------------------------------------------
         def do_audit(request: gr.Request):
             svc.store.audit(_user(request), "read_audit_log", "audit")
             return [[r["at"], r["user"], r["action"], r["target"]] for r in svc.store.audit_log()]
 
+        def do_verify(request: gr.Request):
+            report = svc.store.verify_audit()
+            svc.store.audit(_user(request), "verify_audit_log", "audit")
+            return _status(report.text(), ok=report.ok)
+
         audit_btn.click(do_audit, None, [audit_df], **quick)
+        verify_btn.click(do_verify, None, [status], **quick)
     demo.queue(default_concurrency_limit=a.concurrency_limit, max_size=a.queue_size)
     return demo
 
@@ -414,19 +517,55 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def private_gradio_cache(data_dir: Path) -> tuple[Path, int, str | None]:
+    """Gradio's upload and file cache in a private working folder under the data folder (0700,
+    removed at exit, and at the next start after a crash), instead of the shared /tmp/gradio.
+    Returns the folder, its lock and the ``GRADIO_TEMP_DIR`` it replaced."""
+    folder, fd = open_workdir(data_dir, "gradio-")
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder, fd, before
+
+
 def launch(svc: CounselorService, *, host: str | None = None, port: int | None = None,
            block: bool = True, users: dict[str, str] | None = None, **kwargs) -> gr.Blocks:
-    """Build and serve the UI; binds ``app.host`` (loopback by default). Returns the Blocks."""
+    """Build and serve the UI; binds ``app.host`` (loopback by default). Returns the Blocks; with
+    ``block=False`` call :func:`shutdown` on it to stop it and remove its private cache."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     a = svc.a
     host = host or a.host
     users = load_users(a) if users is None else users
-    if not users and host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"refusing to serve on {host} without a login: set {a.users_env}='user:password' "
-                         "or app.auth_file")
-    demo = build_ui(svc)
+    check_bind(host, users, a.users_env)
+    cache = private_gradio_cache(svc.store.data_dir)
+    desk = ExportDesk()
+    throttle = LoginThrottle(max_failures=a.login_max_failures, lockout_s=a.login_lockout_s)
+    demo = build_ui(svc, desk)
     port = a.port if port is None else port
-    demo.launch(server_name=host, server_port=port or free_port(host),
-                auth=make_auth(users), prevent_thread_lock=not block, share=False, show_error=False,
-                theme=local_theme(), ssr_mode=False, quiet=True, footer_links=[], **kwargs)
+    demo._phyassist_cache = cache
+    try:
+        demo.launch(server_name=host, server_port=port or free_port(host),
+                    auth=make_auth(users, throttle, svc.store.audit), prevent_thread_lock=not block, share=False,
+                    show_error=False, theme=local_theme(), ssr_mode=False, quiet=True, footer_links=[],
+                    run_history=False, max_file_size=int(a.max_import_mb * 1024 * 1024),
+                    app_kwargs={"middleware": [Middleware(GuardMiddleware, desk=desk, local_user=LOCAL_USER)]},
+                    **kwargs)
+    finally:
+        if block:
+            shutdown(demo)
     return demo
+
+
+def shutdown(demo: gr.Blocks) -> None:
+    """Stop the server and remove the private Gradio cache (uploads, anything Gradio copied)."""
+    try:
+        demo.close()
+    finally:
+        cache = getattr(demo, "_phyassist_cache", None)
+        if cache is not None:
+            folder, fd, before = cache
+            close_workdir(folder, fd)
+            if before is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = before
+            demo._phyassist_cache = None
