@@ -272,6 +272,8 @@ class Generator:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
 
+        from phyassist.models.generation import generate
+
         stop = StopFlag()
         with self.lock:
             self.activate(patient_id)
@@ -290,7 +292,7 @@ class Generator:
             def run():
                 try:
                     with torch.inference_mode():
-                        self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                        generate(self.model, **inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                             repetition_penalty=self.repetition_penalty, streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([stop]),
                                             logits_processor=guards,

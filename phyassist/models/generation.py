@@ -26,7 +26,8 @@ import torch
 
 _CHUNK_TOKENS = 8192  # prefill tokens per forward (batch x chunk length): bounds the activations
 _LEN_BUCKET = 256  # cache lengths are rounded up to this, so similar prompts share one graph
-_KEEP_DECODERS = 2  # captured graphs (with their KV caches) kept per model
+_KEEP_DECODERS = 8  # captured graphs (with their KV caches) kept per model, least recently used dropped
+_KEEP_TOKENS = 1 << 17  # and at most this many cache slots (batch x length) kept in all
 
 
 def _adapter_state(model) -> tuple:
@@ -136,7 +137,8 @@ def _decoder(model, batch: int, need: int, use_graph: bool) -> StaticDecoder:
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    while len(cache) >= _KEEP_DECODERS:
+    while cache and (len(cache) >= _KEEP_DECODERS
+                     or sum(k[0] * k[1] for k in cache) + batch * length > _KEEP_TOKENS):
         cache.popitem(last=False)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
