@@ -106,7 +106,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          {"school": (r"\b(school|home|course)\w*", r"\bacademic\w*", r"\bstud(y|ies|ying)\b", r"\bexams?\b",
                      r"\b(college|universit(y|ies))\b"),
           "financial": (r"\bfinanc\w*", r"\bmoney\b", r"\bdebts?\b"),
-          "family": (r"\bfamil(y|ies|ial)\b",),
+          "family": (r"\bfamil(y|ies|ial)\b", r"\b(parents?|mother|father|mom|dad|siblings?|brothers?|sisters?)\b"),
           "social": (r"\bsocial(ly)?\b",),
           "work": (r"\bwork(s|ing|ed|place|places|load|-related)?\b", r"\bjobs?\b", r"\bcareers?\b",
                    r"\bemploy\w*"),
@@ -234,11 +234,14 @@ def parse_official_gold(text, task) -> str:
 _NEGATION = re.compile(
     r"\b(not|no|never|none|nor|neither|without|hardly|barely|scarcely|unlikely|nothing|cannot|lacks?|"
     r"lacking|absence|absent|free (of|from)|rather than|instead of)\b|n't\b|n’t\b", re.IGNORECASE)
-_AFFIRMATION = re.compile(
-    r"\b(suffers?|suffering|shows?|showing|exists?|existing|has|have|displays?|exhibits?|experienc\w+|"
-    r"indicates?|presents?|is at risk|at risk|signs? of|evident|struggl\w+)\b", re.IGNORECASE)
-_CLAUSE = re.compile(r"[.;:!?\n]|,\s*(but|while|whereas|although|though)\b|\bbut\b", re.IGNORECASE)
-_SENTENCE = re.compile(r"(?<=[.!?\n])\s+")
+# Words of a sentence that answers a yes/no question about the post (the question's verbs and topics).
+_ASSERTION = re.compile(
+    r"\b(suffer\w*|shows?|showing|shown|exists?|existing|displays?|exhibits?|experienc\w+|indicat\w+|"
+    r"presents?|risk\w*|signs?|evident|evidence|struggl\w+|seems?|appears?|stress\w*|depress\w*|"
+    r"lonel\w*|burden\w*|belong\w*|wellness|dimension)\b", re.IGNORECASE)
+_CLAUSE = re.compile(r"[.;:!?\n]|,\s*(but|while|whereas|although|though|rather|instead|however)\b|\bbut\b",
+                     re.IGNORECASE)
+_SENTENCE = re.compile(r"(?<=[.!?\n;:])\s+")
 _REASONING = re.compile(r"reasoning\s*:", re.IGNORECASE)
 _NEGATION_WINDOW = 6  # words before a class mention that can negate it ("not related to work")
 
@@ -269,22 +272,42 @@ def _binary_answer(text: str, last: bool) -> str | None:
     words = list(re.finditer(r"\b(yes|no)\b", text, re.IGNORECASE))
     if words:
         return (words[-1] if last else words[0]).group(1).lower()
-    sentences = [s for s in _SENTENCE.split(text) if _AFFIRMATION.search(s) or _NEGATION.search(s)]
+    sentences = [s for s in _SENTENCE.split(text) if _ASSERTION.search(s)]
     if not sentences:
         return None
     s = sentences[-1] if last else sentences[0]
     return "no" if _NEGATION.search(s) else "yes"
 
 
+# A sentence that states a label ("This post shows ...", "... related to work", "caused by ...").
+_LABEL_CUE = re.compile(r"\b(shows?|related to|relates to|caused? by|causes?|due to|stems? from|because of|"
+                        r"is about|categor\w*|label\w*|answer|classif\w*|most likely|indicat\w+)\b",
+                        re.IGNORECASE)
+
+
+def _sentences(text: str) -> list[tuple[int, str]]:
+    out, pos = [], 0
+    for part in _SENTENCE.split(text):
+        start = text.find(part, pos)
+        out.append((start, part))
+        pos = start + len(part)
+    return out
+
+
 def _robust_segment(text: str, t: Task, last: bool) -> str | None:
+    """The class of one segment: mentions in sentences that state a label come first (so a
+    preamble that merely uses a class word, "the emotional tone", does not decide), then any."""
     if t.binary:
         return _binary_answer(text, last)
     found = _mentions(text, t)
     if not found:
         return None
+    cue_spans = [(a, a + len(s)) for a, s in _sentences(text) if _LABEL_CUE.search(s)]
+    stated = [f for f in found if any(a <= f[0] < b for a, b in cue_spans)]
+    pool = stated or found
     if last:
-        return max(found, key=lambda f: (f[0], -f[1]))[2]
-    return found[0][2]
+        return max(pool, key=lambda f: (f[0], -f[1]))[2]
+    return pool[0][2]
 
 
 def parse_robust(text, task) -> str:
