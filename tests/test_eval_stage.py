@@ -22,12 +22,19 @@ def test_evaluate_cli_smoke_writes_f1_and_bartscore(tmp_path):
     assert main(["evaluate", "--config", "smoke", "--output-dir", str(out), "--no-progress", *FAST]) == 0
     df = pd.read_csv(out / "eval" / "comparison.csv")
     assert set(df["system"]) == {"base", "majority"} and set(df["set"]) == {"DR", "SAD"}
-    assert df["weighted_f1"].notna().all() and df["bartscore"].notna().all() and df["clf_weighted_f1"].notna().all()
+    for mode in ("official", "robust"):
+        assert df[[f"{mode}_weighted_f1", f"{mode}_weighted_f1_lo", f"{mode}_accuracy_hi"]].notna().all().all()
+    assert df["bartscore"].notna().all() and df["clf_weighted_f1"].notna().all()
+    for name in ("base_DR_official.json", "base_SAD_robust.csv", "majority_DR_robust.json"):
+        assert (out / "eval" / "confusion" / name).exists(), name
+    assert (out / "eval" / "confusion_official.png").stat().st_size > 1000
     for s in ("DR", "SAD"):
         o = pd.read_csv(out / "eval" / "base" / f"{s}.csv")
         assert list(o.columns) == ["goldens", "generated_text"] and len(o) == 2
         assert not (out / "eval" / "base" / f"{s}.partial.jsonl").exists()
-    assert (out / "eval" / "comparison.md").read_text().startswith("| set | system")
+    md = (out / "eval" / "comparison.md").read_text()
+    assert md.startswith("| set | system") and "BARTScore: tiny-bart without the ParaBank2 weights" in md
+    assert md.index("official_weighted_f1") < md.index("robust_weighted_f1")
     assert (out / "eval" / "comparison.png").stat().st_size > 1000
 
 
@@ -109,6 +116,67 @@ def test_bad_test_set_fails_before_any_output(tmp_path):
     with pytest.raises(ValueError, match="DR.csv: missing column"):
         run_evaluation(cfg)
     assert not (tmp_path / "run" / "eval").exists()
+
+
+def _write_outputs(run, tag, name, goldens, answers):
+    d = run / "eval" / tag
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"goldens": goldens, "generated_text": answers}).to_csv(d / f"{name}.csv", index=False)
+
+
+def test_sets_by_yaml_score_without_code(tmp_path):
+    """A student's set: own file, columns and classes -> label metrics in both modes, paired tests;
+    a set without classes -> text metrics and a notice; errors name the key, file and row."""
+    from phyassist.evaluate.stage import score_and_tabulate
+    from phyassist.evaluate.testsets import load_test_sets
+
+    data = tmp_path / "mood.jsonl"
+    gold = ["Mood: happy. Why: smiles."] * 6 + ["Mood: sad. Why: tears."] * 4
+    data.write_text("".join(json.dumps({"post": f"p{i}", "answer": g}) + "\n" for i, g in enumerate(gold)))
+    free = tmp_path / "free.csv"
+    pd.DataFrame({"q": ["a", "b"], "a": ["some reply", "another reply"]}).to_csv(free, index=False)
+    spec = ('[{name: mood, file: %s, query: post, gold: answer, classes: {happy: ["\\\\bhappy"], '
+            'sad: ["\\\\bsad"]}, default_class: happy}, {name: free, file: %s, query: q, gold: a}]' % (data, free))
+    cfg = load_config("smoke", [f"output_dir={tmp_path / 'run'}", f"evaluate.sets={spec}",
+                                "evaluate.bartscore_model=null", "evaluate.classifiers=null", "evaluate.cosine=false",
+                                "evaluate.bootstrap_resamples=200", "evaluate.max_examples=null"])
+    sets = load_test_sets(cfg)
+    assert [s.name for s in sets] == ["mood", "free"] and sets[1].task is None
+    run = tmp_path / "run"
+    _write_outputs(run, "base", "mood", gold, ["Mood: sad."] * 10)
+    _write_outputs(run, "finetuned", "mood", gold, gold)
+    for tag in ("base", "finetuned"):
+        _write_outputs(run, tag, "free", sets[1].goldens, ["reply", "x"])
+    res = score_and_tabulate(cfg, sets, ["finetuned", "base"])
+    rows = {(r["set"], r["system"]): r for r in res["rows"]}
+    ft = rows[("mood", "finetuned")]
+    assert ft["official_weighted_f1"] == 100.0 and ft["robust_weighted_f1"] == 100.0
+    assert ft["official_p_vs_base"] < 0.05 and "official_p_vs_majority" in ft
+    assert rows[("mood", "base")]["official_accuracy"] == 40.0 and ("mood", "majority") in rows
+    assert "official_accuracy" not in rows[("free", "base")] and "label metrics skipped" in res["notices"]["free"]
+    assert rows[("free", "base")]["bleu"] >= 0 and ("free", "majority") not in rows
+
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"post": ["x", ""], "answer": ["a", "b"]}).to_csv(bad, index=False)
+    cfg = load_config("smoke", [f"evaluate.sets=[{{name: b, file: {bad}, query: post, gold: answer}}]"])
+    with pytest.raises(ValueError, match=r"bad.csv: empty 'post' at row\(s\) \[3\]"):
+        load_test_sets(cfg)
+    cfg = load_config("smoke", [f"evaluate.sets=[{{name: b, file: {bad}}}]"])
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['query', 'gpt-3.5-turbo'\].*query:/gold:"):
+        load_test_sets(cfg)
+    with pytest.raises(Exception, match="pattern '\\(' is not a regex"):
+        load_config("smoke", ['evaluate.sets=[{name: b, file: x.csv, classes: {a: ["("]}}]'])
+
+
+def test_mixed_language_set_is_a_clear_error(tmp_path):
+    from phyassist.evaluate.metrics import resolve_lang
+
+    assert resolve_lang(["我今天很难过。", "考试没有通过。"]) == "zh"
+    assert resolve_lang(["I am sad.", "Exams went badly."]) == "en"
+    with pytest.raises(ValueError, match="mixed languages \\(50 % of texts Chinese"):
+        resolve_lang(["我今天很难过。", "I am sad."], what="DR.csv")
+    with pytest.raises(ValueError, match="no letters"):
+        resolve_lang(["...", "!!"])
 
 
 def test_notebook_03_runs_on_smoke(tmp_path):
