@@ -100,6 +100,25 @@ def bartscore_variant(e) -> str:
     return f"{e.bartscore_model} without the ParaBank2 weights (not MentalLLaMA's variant: lower scores)"
 
 
+def bartscore_checkpoint(cfg) -> str | None:
+    """``evaluate.bartscore_checkpoint`` as a path; fetched first when missing and ``data.download``."""
+    ck = cfg.evaluate.bartscore_checkpoint
+    if not ck:
+        return None
+    from phyassist.paths import REPO_ROOT
+
+    p = Path(ck).expanduser()
+    p = p if p.is_absolute() or p.exists() else REPO_ROOT / p
+    if not p.exists() and cfg.data.download:
+        from phyassist.evaluate.bartscore import download_parabank_checkpoint
+
+        download_parabank_checkpoint(p)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: evaluate.bartscore_checkpoint (ParaBank2 bart_score.pth) not found; "
+                                "set data.download=true to fetch it, or give its local path")
+    return str(p)
+
+
 def score_all(cfg, sets, tags: list[str], out: Path | None = None) -> list[dict]:
     """Metrics rows for every (system, set), the majority baseline included, with paired tests
     (fine-tuned vs base and vs majority) on the fine-tuned rows; confusion matrices under
@@ -112,7 +131,7 @@ def score_all(cfg, sets, tags: list[str], out: Path | None = None) -> list[dict]
     if e.bartscore_model:
         from phyassist.evaluate.bartscore import BARTScorer
 
-        scorer = BARTScorer(e.bartscore_model, e.bartscore_checkpoint, max_length=e.bartscore_max_length)
+        scorer = BARTScorer(e.bartscore_model, bartscore_checkpoint(cfg), max_length=e.bartscore_max_length)
     rows = []
     for ts in sets:
         set_rows = {}
