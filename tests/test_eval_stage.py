@@ -196,3 +196,43 @@ def test_notebook_03_runs_on_smoke(tmp_path):
     for noise in ("Loading weights", "FutureWarning", "it/s]"):    # clean cell output
         assert noise not in text, noise
     assert (tmp_path / "run" / "eval" / "comparison.csv").exists()
+
+
+def test_answers_export_and_rescore_cli(tmp_path, capsys):
+    """Answers without query/gold text, rescored by the CLI against a copy of the test sets; a test file
+    whose query changed is an error naming the set and row."""
+    import gzip
+
+    from phyassist.cli import main
+    from phyassist.evaluate.answers import export_answers
+    from phyassist.evaluate.testsets import load_test_sets
+
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    gold = ["Yes, the poster suffers from depression. Reasoning: sad."] * 3 + \
+           ["No, the poster does not suffer from depression. Reasoning: calm."] * 2
+    queries = [f"Consider this post: secret post {i} Question: depressed?" for i in range(5)]
+    pd.DataFrame({"query": queries, "gpt-3.5-turbo": gold}).to_csv(tests / "DR.csv", index=False)
+    over = [f"evaluate.test_dir={tests}", "evaluate.sets=[DR]", "evaluate.max_examples=null",
+            "evaluate.bartscore_model=null", "evaluate.classifiers=null", "evaluate.cosine=false",
+            "evaluate.bootstrap_resamples=100"]
+    cfg = load_config("smoke", [f"output_dir={tmp_path / 'gpu'}"] + over)
+    sets = load_test_sets(cfg)
+    _write_outputs(tmp_path / "gpu", "base", "DR", gold, ["Yes."] * 5)
+    _write_outputs(tmp_path / "gpu", "finetuned", "DR", gold, gold)
+    files = export_answers(tmp_path / "gpu" / "eval", sets, ["base", "finetuned"], tmp_path / "answers")
+    raw = gzip.decompress(files[0].read_bytes()).decode()
+    assert "secret post" not in raw and "Reasoning: sad" not in raw and raw.count("\n") == 5
+    assert export_answers(tmp_path / "gpu" / "eval", sets, ["base"], tmp_path / "again")[0].read_bytes() == \
+        files[0].read_bytes()  # deterministic bytes
+
+    out = tmp_path / "rescore"
+    assert main(["score", "--config", "smoke", "-o", str(out), *over, "--answers", *map(str, files)]) == 0
+    df = pd.read_csv(out / "eval" / "comparison.csv").set_index("system")
+    assert df.loc["finetuned", "official_weighted_f1"] == 100.0 and df.loc["base", "official_accuracy"] == 60.0
+    assert df.loc["finetuned", "official_p_vs_base"] < 0.2 and "majority" in df.index
+
+    pd.DataFrame({"query": queries[:4] + ["another post"], "gpt-3.5-turbo": gold}).to_csv(tests / "DR.csv", index=False)
+    capsys.readouterr()
+    assert main(["score", "--config", "smoke", "-o", str(out), *over, "--answers", str(files[0])]) == 1
+    assert "set DR: row(s) [4] answer another query" in capsys.readouterr().err

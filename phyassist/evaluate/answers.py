@@ -52,7 +52,7 @@ def export_answers(eval_folder: Path, sets, systems: Sequence[str], dest: Path) 
             continue
         path = answers_path(dest, system)
         with atomic_path(path) as tmp:
-            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
                 gz.write(("\n".join(lines) + "\n").encode("utf-8"))
         out.append(path)
     return out

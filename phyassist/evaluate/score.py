@@ -1,6 +1,6 @@
 """``python -m phyassist score --input preds.jsonl --output scores.json [--task DR] [--lang zh]``
-``python -m phyassist score --config real-eval --answers answers_base.jsonl.gz answers_finetuned.jsonl.gz
--o runs/rescore evaluate.test_dir=<IMHI test_instruction folder>``
+``python -m phyassist score --config real-eval -o runs/rescore evaluate.test_dir=<IMHI test_instruction folder>
+--answers answers_base.jsonl.gz answers_finetuned.jsonl.gz``
 
 The second form rescores committed answer files (:mod:`phyassist.evaluate.answers`) against your
 own copy of the test sets and writes the evaluate stage's table, plots and results under
@@ -91,6 +91,9 @@ def main(cfg, args: argparse.Namespace) -> int:
                              "e.g. --config real-eval evaluate.test_dir=<folder>")
         if args.input:
             raise ValueError("give either --input or --answers, not both")
+        stray = [a for a in args.answers if "=" in a]
+        if stray:
+            raise ValueError(f"--answers takes files; put key=value overrides such as {stray[0]!r} before --answers")
         from phyassist.evaluate.answers import rescore
 
         res = rescore(cfg, [Path(a) for a in args.answers])
