@@ -162,6 +162,16 @@ def phase_curve(cfg, sets, tokens: int, deadline: float) -> dict:
     path = folder / "curve.json"
     curve = json.loads(path.read_text()) if path.exists() else {"tokens": tokens, "points": {}}
     batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    if "majority" not in curve:
+        from phyassist.evaluate.scoring import majority_answers
+
+        curve["majority"] = {}
+        for ts in sets:
+            base = majority_answers(ts.task, ts.goldens)
+            curve["majority"][ts.name] = {}
+            for mode in cfg.evaluate.label_modes:
+                lab = label_set(ts.goldens, base, ts.task, mode)
+                curve["majority"][ts.name][mode] = label_metrics(lab.gold, lab.pred, ts.task)["weighted_f1"]
     for step, adapter in [(0, None)] + checkpoints(cfg):
         if str(step) in curve["points"]:
             continue
@@ -212,7 +222,15 @@ def main(argv=None) -> int:
     ap.add_argument("--curve-tokens", type=int, default=24, help="new tokens of the learning curve's answers")
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a few records, 2 steps, 3 queries per set (CPU test)")
+    ap.add_argument("--plot-curve", metavar="CURVE_JSON", default=None,
+                    help="only plot a curve.json (next to it, curve.png) and exit")
     ap.add_argument("overrides", nargs="*")
+    if argv is None and "--plot-curve" in sys.argv:
+        a = sys.argv[sys.argv.index("--plot-curve") + 1]
+        from phyassist.evaluate.results import plot_curve
+
+        print(plot_curve(json.loads(Path(a).read_text()), Path(a).with_suffix(".png")))
+        return 0
     args = ap.parse_args(argv)
 
     import torch

@@ -169,3 +169,40 @@ def plot_confusions(rows, out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_curve(curve: dict, path: Path, mode: str = "official") -> Path:
+    """Weighted F1 against training records seen, one line per set, its majority baseline dashed in
+    the same colour (a learning curve: does more data lift a set off its baseline?)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+
+    points = sorted(curve["points"].values(), key=lambda p: p["records"])
+    if not points:
+        raise ValueError("learning curve: no points")
+    sets = list(points[0]["sets"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, name in enumerate(sets):
+        colour = f"C{k}"
+        xs = [p["records"] for p in points if name in p["sets"]]
+        ys = [p["sets"][name][mode]["weighted_f1"] for p in points if name in p["sets"]]
+        ax.plot(xs, ys, "o-", color=colour, label=name)
+        maj = curve.get("majority", {}).get(name, {}).get(mode)
+        if maj is not None:
+            ax.axhline(maj, color=colour, linestyle="--", linewidth=1)
+    ax.set_xlabel("training records seen")
+    ax.set_ylabel(f"weighted F1 ({mode} labels)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(ncols=len(sets), fontsize=8, loc="lower right")
+    ax.set_title(f"label-only answers ({curve.get('tokens')} new tokens); dashed: majority baseline")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
