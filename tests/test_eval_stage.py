@@ -155,6 +155,9 @@ def test_sets_by_yaml_score_without_code(tmp_path):
     assert rows[("mood", "base")]["official_accuracy"] == 40.0 and ("mood", "majority") in rows
     assert "official_accuracy" not in rows[("free", "base")] and "label metrics skipped" in res["notices"]["free"]
     assert rows[("free", "base")]["bleu"] >= 0 and ("free", "majority") not in rows
+    from phyassist.publish.report import read_scores  # the model card reads the official F1
+
+    assert [(s.set, s.value) for s in read_scores(res["table_csv"]) if s.metric == "weighted_f1"] == [("mood", 100.0)]
 
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"post": ["x", ""], "answer": ["a", "b"]}).to_csv(bad, index=False)
