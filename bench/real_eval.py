@@ -224,7 +224,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a few records, 2 steps, 3 queries per set (CPU test)")
     ap.add_argument("--plot-curve", metavar="CURVE_JSON", default=None,
                     help="only plot a curve.json (next to it, curve.png) and exit")
+    ap.add_argument("--readme-table", metavar="RESULTS_JSON", default=None,
+                    help="only print the README's results table from a rescoring's results.json and exit")
     ap.add_argument("overrides", nargs="*")
+    if argv is None and "--readme-table" in sys.argv:  # README lines from a rescoring's results.json
+        from phyassist.evaluate.results import headline_table
+
+        print(headline_table(json.loads(Path(sys.argv[sys.argv.index("--readme-table") + 1]).read_text())["rows"]))
+        return 0
     if argv is None and "--plot-curve" in sys.argv:
         a = sys.argv[sys.argv.index("--plot-curve") + 1]
         from phyassist.evaluate.results import plot_curve

@@ -155,7 +155,12 @@ def test_sets_by_yaml_score_without_code(tmp_path):
     assert rows[("mood", "base")]["official_accuracy"] == 40.0 and ("mood", "majority") in rows
     assert "official_accuracy" not in rows[("free", "base")] and "label metrics skipped" in res["notices"]["free"]
     assert rows[("free", "base")]["bleu"] >= 0 and ("free", "majority") not in rows
+    from phyassist.evaluate.results import headline_table
     from phyassist.publish.report import read_scores  # the model card reads the official F1
+
+    readme = headline_table(res["rows"])
+    assert "| mood (10) | 45.00 | 22.86 [" in readme and "**100.00 [100.00, 100.00]**" in readme, readme
+    assert "| free (2) | n/a | n/a | n/a |" in readme
 
     assert [(s.set, s.value) for s in read_scores(res["table_csv"]) if s.metric == "weighted_f1"] == [("mood", 100.0)]
 

@@ -206,3 +206,32 @@ def plot_curve(curve: dict, path: Path, mode: str = "official") -> Path:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def headline_table(rows, mode: str = "official", other: str | None = "robust") -> str:
+    """The compact README table: per set, weighted F1 of majority, base and fine-tuned with 95 %
+    intervals in ``mode`` (and fine-tuned in ``other``), and the paired p-values."""
+    def ci(r, m):
+        if r is None or r.get(f"{m}_weighted_f1") is None:
+            return "n/a"
+        v, lo, hi = r[f"{m}_weighted_f1"], r.get(f"{m}_weighted_f1_lo"), r.get(f"{m}_weighted_f1_hi")
+        return f"{v:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+
+    head = ["set (n)", "majority", f"base ({mode})", f"fine-tuned ({mode})"]
+    head += [f"fine-tuned ({other})"] if other else []
+    head += ["p vs base", "p vs majority"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        by = {r["system"]: r for r in rows if r["set"] == name}
+        ft = by.get("finetuned")
+        n = next(iter(by.values()))["n"]
+        maj = by.get("majority")
+        cells = [f"{name} ({n:,})", f"{maj[f'{mode}_weighted_f1']:.2f}" if maj else "n/a",
+                 ci(by.get("base"), mode),
+                 f"**{ci(ft, mode)}**" if ft and ft.get(f"{mode}_weighted_f1") is not None else "n/a"]
+        cells += [ci(ft, other)] if other else []
+        for vs in ("base", "majority"):
+            p = (ft or {}).get(f"{mode}_p_vs_{vs}")
+            cells.append("n/a" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
