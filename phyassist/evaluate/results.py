@@ -97,11 +97,14 @@ def plot_comparison(df, path: Path, title: str = "IMHI test sets") -> Path:
                 lo = np.array([sub[f"{m}_lo"].get(s, np.nan) if s in sub.index else np.nan for s in sets], float)
                 hi = np.array([sub[f"{m}_hi"].get(s, np.nan) if s in sub.index else np.nan for s in sets], float)
                 if not np.isnan(lo).all():
-                    err = np.nan_to_num(np.vstack([vals - lo, hi - vals]))
-            bars = ax.bar(xs, np.nan_to_num(vals), width, label=sysname, yerr=err, capsize=2)
+                    err = np.vstack([vals - lo, hi - vals])  # NaN where a value is missing: no bar drawn
+            bars = ax.bar(xs, np.nan_to_num(vals), width, label=sysname)
+            if err is not None:
+                ok = ~np.isnan(err).any(axis=0)
+                ax.errorbar(xs[ok], vals[ok], yerr=err[:, ok], fmt="none", ecolor="black", capsize=2, linewidth=1)
             for xi, v, b in zip(xs, vals, bars):  # a zero is a visible tick, a missing value says n/a
                 if np.isnan(v):
-                    ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                    ax.text(xi, 0, " n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="grey")
                 elif v == 0:
                     ax.plot([xi - width / 2, xi + width / 2], [0, 0], color=b.get_facecolor(), linewidth=3)
         ax.set_xticks(x, sets)
