@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-UNLABELLED = "unlabelled"
+from phyassist.evaluate.labels import UNLABELLED
+
 RESAMPLES, SEED, LEVEL = 1000, 0, 95
 
 
@@ -103,10 +104,9 @@ def paired_bootstrap(gold, pred_a, pred_b, classes, metric: str = "weighted_f1",
     """
     if not (len(gold) == len(pred_a) == len(pred_b)):
         raise ValueError(f"paired bootstrap: {len(gold)} gold, {len(pred_a)} and {len(pred_b)} predictions")
-    names = list(classes)
-    g, pa, names = encode(gold, list(pred_a), names)
-    _, pb, names = encode(gold, list(pred_b), names)
-    g, pa, _ = encode(gold, list(pred_a), names)
+    names = list(dict.fromkeys([*classes, *gold, *pred_a, *pred_b]))  # one class index for both systems
+    g, pa, _ = encode(gold, pred_a, names)
+    _, pb, _ = encode(gold, pred_b, names)
     scored = np.array([n != UNLABELLED for n in names])
     k = len(names)
     full = np.arange(len(g))[None, :]
