@@ -9,7 +9,8 @@
 #         same command continues where a call stopped: data, checkpoints, partial answers).
 # Env:    OUT (where answers, data mix, logs go; the device tool's $OUT), SITE (extra site-packages,
 #         default /tmp/site), LIMIT (seconds for the Python part, default 500: the device allows 9
-#         minutes per command), TINY=1 (a few records/steps/queries: the CPU check), PYTHON.
+#         minutes per command), TINY=1 (a few records/steps/queries: the CPU check), PYTHON,
+#         OVERRIDES (extra config overrides, e.g. "train.flat_optimizer=false evaluate.batch_size=512").
 # Exit:   0 all phases done; 3 out of time (run the same command again); other: a failure (see log).
 set -uo pipefail
 ASSETS=${1:?usage: bench/real_eval.sh ASSETS_DIR [RUN_DIR]}
@@ -37,10 +38,11 @@ export PHYASSIST_CACHE=${PHYASSIST_CACHE:-$RUN/cache}
 
 EXTRA=()
 [ "${TINY:-0}" = 1 ] && EXTRA+=(--tiny)
+read -r -a OVER <<< "${OVERRIDES:-}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
   | tee -a "$OUT/machine.txt"
 timeout --signal=TERM --kill-after=15 "$LIMIT" $PYTHON bench/real_eval.py --data-dir "$ASSETS" --out "$RUN" \
-  --answers-to "$RUN/answers" --deadline $((LIMIT - 20)) "${EXTRA[@]}" 2>&1 | tee -a "$OUT/log.txt"
+  --answers-to "$RUN/answers" --deadline $((LIMIT - 20)) "${EXTRA[@]}" "${OVER[@]}" 2>&1 | tee -a "$OUT/log.txt"
 rc=${PIPESTATUS[0]}
 cp -r "$RUN/answers/." "$OUT/" 2>/dev/null
 echo "rc=$rc (0: done; 3 or 124: out of time, run the same command again)" | tee -a "$OUT/log.txt"
