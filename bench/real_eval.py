@@ -240,9 +240,16 @@ def main(argv=None) -> int:
         return 0
     args = ap.parse_args(argv)
 
+    import signal
+
     import torch
 
     from phyassist.config import load_config
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: leave through `finally`, so the meta is saved
+        raise SystemExit(124)
+
+    signal.signal(signal.SIGTERM, stop)
     from phyassist.evaluate.testsets import IMHI_TEST_SUBDIR, load_test_sets
 
     test_dir = args.test_dir or str(Path(args.data_dir) / IMHI_TEST_SUBDIR)
@@ -270,8 +277,13 @@ def main(argv=None) -> int:
         phase_data(cfg, args.tiny)
         call["timings_s"]["data"] = round(time.time() - T0, 1)
         save()
+        from phyassist.evaluate.answers import answers_path
+
+        done = {"train": (cfg.out / "adapter" / "adapter_config.json").exists(),
+                "finetuned": answers_path(answers_to, "finetuned").exists(),
+                "base": answers_path(answers_to, "base").exists()}
         for phase in ("train", "finetuned", "base"):
-            if time.time() + MIN_LEFT[phase] > deadline:
+            if not done[phase] and time.time() + MIN_LEFT[phase] > deadline:
                 log(f"{phase}: out of time, the next call continues")
                 save()
                 return 3
