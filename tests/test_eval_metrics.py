@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from phyassist.evaluate import labels, metrics
-from phyassist.evaluate.labels import UNLABELLED, label_metrics, parse_label, parse_labels
+from phyassist.evaluate.labels import MODES, UNLABELLED, label_metrics, label_set, parse_gold, parse_label
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,30 +23,36 @@ def _released_gold_files(root: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
-def test_every_released_gold_answer_parses_to_one_class(shared_data):
+def test_every_released_gold_answer_scores_100_in_both_modes(shared_data):
     files = _released_gold_files(shared_data)
     assert {t for t, _ in files} >= {"CAMS", "DR", "Irf", "MultiWD", "SAD", "dreaddit", "loneliness", "t-sid"}
     for task, path in files:
         gold = pd.read_csv(path)["gpt-3.5-turbo"].astype(str).tolist()
-        parsed = parse_labels(gold, task)
-        assert UNLABELLED not in parsed, (path, gold[parsed.index(UNLABELLED)][:100])
+        for mode in MODES:
+            parsed = parse_gold(gold, task, mode)
+            assert UNLABELLED not in parsed, (path, mode, gold[parsed.index(UNLABELLED)][:100])
+            lab = label_set(gold, gold, task, mode)  # gold scored as predictions
+            m = label_metrics(lab.gold, lab.pred, task)
+            assert m["weighted_f1"] == 100.0 and m["accuracy"] == 100.0, (path, mode, m)
+            assert lab.dropped_gold == 0 and len(lab.gold) == len(gold)
         # each distinct label sentence maps to one class and distinct sentences to distinct classes
         by_sentence = defaultdict(set)
-        for g, p in zip(gold, parsed):
+        for g, p in zip(gold, parse_gold(gold, task, "robust")):
             by_sentence[g.split("Reasoning:")[0].strip()].add(p)
         assert all(len(v) == 1 for v in by_sentence.values()), path
         if "test_complete" not in path.parts:  # completion-style golds phrase one class several ways
             assert len({next(iter(v)) for v in by_sentence.values()}) == len(by_sentence), path
-        m = label_metrics(parsed, parsed, task)
-        assert m["weighted_f1"] == 100.0 and m["accuracy"] == 100.0, (path, m)
+        assert parse_gold(gold, task, "official") == parse_gold(gold, task, "robust"), path
 
 
 def test_complete_and_instruction_golds_agree(shared_data):
     base = shared_data / "MentalLLaMA" / "test_data"
     for f in sorted((base / "test_instruction").glob("*.csv")):
-        a = parse_labels(pd.read_csv(f)["gpt-3.5-turbo"].astype(str).tolist(), f.stem)
-        b = parse_labels(pd.read_csv(base / "test_complete" / f.name)["gpt-3.5-turbo"].astype(str).tolist(), f.stem)
-        assert a == b, f.name
+        for mode in MODES:
+            a = parse_gold(pd.read_csv(f)["gpt-3.5-turbo"].astype(str).tolist(), f.stem, mode)
+            b = parse_gold(pd.read_csv(base / "test_complete" / f.name)["gpt-3.5-turbo"].astype(str).tolist(),
+                           f.stem, mode)
+            assert a == b, (f.name, mode)
 
 
 def test_gold_as_predictions_scores_100_through_score_records(shared_data):
@@ -55,8 +61,10 @@ def test_gold_as_predictions_scores_100_through_score_records(shared_data):
         gold = pd.read_csv(path)["gpt-3.5-turbo"].astype(str).tolist()[:40]
         recs = [{"prediction": g, "reference": g} for g in gold]
         out = metrics.score_records(recs, task=task)
-        assert out["labels_rule"]["weighted_f1"] == 100.0
-        assert out["rougeL"] == pytest.approx(100.0) and out["length_quality"] == 1.0
+        for mode in MODES:
+            assert out[f"labels_{mode}"]["weighted_f1"] == 100.0
+            assert out[f"labels_{mode}"]["ci"]["weighted_f1"] == [100.0, 100.0]
+        assert out["rougeL"] == pytest.approx(100.0) and out["length_quality"] == 1.0 and out["lang"] == "en"
 
 
 @pytest.mark.parametrize("text,task,label", [
@@ -81,10 +89,11 @@ def test_label_metrics_count_unlabelled_as_wrong():
     gold = ["yes", "yes", "no", "no"]
     pred = ["yes", UNLABELLED, "no", "yes"]
     m = label_metrics(gold, pred, "DR")
-    assert m["unlabelled"] == 1 and m["accuracy"] == 50.0
+    assert m["unlabelled"] == 1 and m["accuracy"] == 50.0 and m["micro_f1"] == 50.0
     from sklearn.metrics import f1_score
 
     assert m["weighted_f1"] == round(100 * f1_score(gold, pred, labels=["no", "yes"], average="weighted"), 2)
+    assert m["macro_f1"] == round(100 * f1_score(gold, pred, labels=["no", "yes"], average="macro"), 2)
 
 
 def test_unknown_task_and_length_mismatch_are_clear_errors():
@@ -186,7 +195,9 @@ def test_score_cli_writes_scores_and_rejects_bad_input(tmp_path, capsys):
              "--bartscore-model", "tiny-bart", "--classifier", "tiny-mentalbert")
     assert r.returncode == 0, r.stderr
     s = json.loads(out.read_text())
-    assert s["labels_rule"]["accuracy"] == 50.0 and s["labels_rule"]["n"] == 2
+    # "Yes." vs a "No" gold: wrong in both modes
+    assert s["labels_official"]["accuracy"] == 50.0 and s["labels_robust"]["n"] == 2
+    assert "labels" not in s["labels_official"] and s["labels_official"]["confusion"]["labels"] == ["no", "yes"]
     assert {"bleu", "rouge1", "rougeL", "cosine", "length_quality", "bartscore", "labels_classifier"} <= set(s)
     assert math.isfinite(s["bartscore"])
 

@@ -100,3 +100,70 @@ def drop_near_duplicates(rows: list[Row], threshold: float, seed: int = 0) -> Ou
         for band, key in enumerate(keys):
             buckets[band][key].append(i)
     return Outcome(kept, removed)
+
+
+# ------------------------------------------------------------------ train/test overlap that hides
+
+_NOT_WORD = re.compile(r"[\W_]+")
+CHAR_SHINGLE = 12
+
+
+def canonical(text: str) -> str:
+    """A comparison key that survives encoding and spacing tricks: mojibake repaired with ftfy
+    ("can‚Äôt" -> "can't"), Unicode-normalised, case-folded, and every non-word character and
+    space removed ("c a n ' t" and "can't" -> "cant"), so a post copied through a broken
+    encoding or with its letters spaced apart keys the same as the original."""
+    import unicodedata
+
+    import ftfy
+
+    return _NOT_WORD.sub("", unicodedata.normalize("NFKC", ftfy.fix_text(str(text))).casefold())
+
+
+def char_shingles(key: str, k: int = CHAR_SHINGLE) -> set[int]:
+    """Hashed character k-grams of a canonical key (spaces are gone, so words are not units)."""
+    if not key:
+        return set()
+    return {hash(key[i:i + k]) & _MASK for i in range(max(1, len(key) - k + 1))}
+
+
+def cross_duplicates(train: list[str], test: list[str], threshold: float | None = 0.8,
+                     seed: int = 0) -> list[tuple[int, int, float]]:
+    """(train index, test index, similarity) of every training text that repeats a test text:
+    the same canonical key (similarity 1.0), or character-shingle Jaccard >= ``threshold``
+    (MinHash LSH proposes, exact Jaccard confirms; ``threshold=None``: canonical keys only, fast).
+    Meant for posts: leakage checks compare the post inside each query, not the question wrapped
+    around it."""
+    test_keys = [canonical(t) for t in test]
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for j, k in enumerate(test_keys):
+        if k:
+            by_key[k].append(j)
+    if threshold is None:
+        return [(i, j, 1.0) for i, text in enumerate(train) for j in by_key.get(canonical(text), [])]
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, _MASK, size=NUM_PERM, dtype=np.uint64)
+    b = rng.integers(0, _MASK, size=NUM_PERM, dtype=np.uint64)
+    n_bands, r = _bands(threshold, NUM_PERM)
+    test_sh = [char_shingles(k) for k in test_keys]
+    buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(n_bands)]
+    for j, sh in enumerate(test_sh):
+        if sh:
+            sig = minhash(sh, a, b)
+            for band in range(n_bands):
+                buckets[band][sig[band * r:(band + 1) * r].tobytes()].append(j)
+    out = []
+    for i, text in enumerate(train):
+        key = canonical(text)
+        if not key:
+            continue
+        exact = by_key.get(key, [])
+        out += [(i, j, 1.0) for j in exact]
+        sh = char_shingles(key)
+        sig = minhash(sh, a, b)
+        cands = {j for band in range(n_bands) for j in buckets[band].get(sig[band * r:(band + 1) * r].tobytes(), ())}
+        for j in sorted(cands - set(exact)):
+            sim = jaccard(sh, test_sh[j])
+            if sim >= threshold:
+                out.append((i, j, round(sim, 4)))
+    return out

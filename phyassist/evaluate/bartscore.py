@@ -73,3 +73,63 @@ def bart_score(preds: Sequence[str], refs: Sequence[str], model: str = DEFAULT_M
     scorer = scorer or BARTScorer(model, checkpoint, max_length=max_length)
     vals = scorer.score(list(preds), list(refs), batch_size=batch_size)
     return round(sum(vals) / len(vals), 4)
+
+
+# MentalLLaMA's src/score.py loads BARTScore's ParaBank2 weights (bart_score.pth) over
+# facebook/bart-large-cnn. BARTScore's README links them on Google Drive under this file id.
+PARABANK_DRIVE_ID = "1_7JfF7KOInb7ZrxKHIigTMR4ChVET01m"
+PARABANK_FILE = "bart_score.pth"
+
+
+def variant_name(model: str | None, checkpoint: str | None) -> str:
+    """The BARTScore variant a number came from, for every table that shows one."""
+    if not model:
+        return "none"
+    name = Path(model).name if Path(model).exists() else model
+    return f"{name}+ParaBank2" if checkpoint else name
+
+
+def download_parabank_checkpoint(dest: str | Path, timeout: float = 60.0) -> Path:
+    """Fetch ``bart_score.pth`` (ParaBank2-tuned BART, ~1.6 GB) into ``dest`` (a folder or file path).
+
+    Google Drive answers a large file with a confirmation page first; its token is read from the
+    page (or its cookie) and the download repeated with it. An existing file is kept. Offline, or
+    when Drive refuses, the error says where to get the file by hand and to pass its local path
+    (``evaluate.bartscore_checkpoint``).
+    """
+    import re
+    import urllib.request
+    from http.cookiejar import CookieJar
+
+    from phyassist.io import atomic_path
+
+    dest = Path(dest)
+    path = dest / PARABANK_FILE if dest.suffix != ".pth" else dest
+    if path.exists() and path.stat().st_size > 0:
+        return path
+    url = f"https://drive.google.com/uc?export=download&id={PARABANK_DRIVE_ID}"
+    manual = (f"download {PARABANK_FILE} by hand from https://drive.google.com/file/d/{PARABANK_DRIVE_ID} "
+              f"(linked from github.com/neulab/BARTScore) and set evaluate.bartscore_checkpoint to its path")
+    jar = CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    try:
+        resp = opener.open(url, timeout=timeout)
+        if "text/html" in resp.headers.get("Content-Type", ""):
+            page = resp.read().decode("utf-8", "replace")
+            token = next((c.value for c in jar if c.name.startswith("download_warning")), None)
+            m = re.search(r'name="confirm" value="([^"]+)"', page) or re.search(r"confirm=([0-9A-Za-z_-]+)", page)
+            token = token or (m.group(1) if m else "t")
+            uuid = re.search(r'name="uuid" value="([^"]+)"', page)
+            url2 = f"https://drive.usercontent.google.com/download?id={PARABANK_DRIVE_ID}&export=download&confirm={token}"
+            if uuid:
+                url2 += f"&uuid={uuid.group(1)}"
+            resp = opener.open(url2, timeout=timeout)
+            if "text/html" in resp.headers.get("Content-Type", ""):
+                raise OSError("Google Drive returned a page instead of the file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            while chunk := resp.read(1 << 20):
+                fh.write(chunk)
+    except OSError as e:
+        raise OSError(f"{PARABANK_FILE}: download failed ({e}); {manual}") from None
+    return path

@@ -157,6 +157,13 @@ def mean_length(preds: Sequence[str], lang: str = "en") -> float:
     return round(sum(text_length(p, lang) for p in _clean(preds)) / len(preds), 2)
 
 
+def _is_cjk(text: str) -> bool | None:
+    letters = [c for c in text if c.isalnum()]
+    if not letters:
+        return None
+    return sum(bool(_CJK.match(c)) for c in letters) / len(letters) > 0.3
+
+
 def detect_lang(texts: Sequence[str]) -> str:
     """``zh`` when most non-space characters are CJK, else ``en``."""
     joined = "".join(_clean(texts))[:20000]
@@ -166,12 +173,35 @@ def detect_lang(texts: Sequence[str]) -> str:
     return "zh" if sum(bool(_CJK.match(c)) for c in letters) / len(letters) > 0.3 else "en"
 
 
+def resolve_lang(texts: Sequence[str], lang: str = "auto", what: str = "texts") -> str:
+    """``lang``, or for ``auto`` the language of ``texts`` judged text by text.
+
+    A file whose texts are neither almost all Chinese nor almost all English (more than 5 % of the
+    other kind), or that has no letters at all, is an error that names it and says to set the
+    language: scoring it one way would silently be wrong for the rest.
+    """
+    if lang != "auto":
+        return check_lang(lang)
+    kinds = [k for k in (_is_cjk(t) for t in _clean(texts)) if k is not None]
+    if not kinds:
+        raise ValueError(f"{what}: no letters in any text, so the language cannot be detected; "
+                         f"set the language (evaluate.lang / --lang en|zh)")
+    share = sum(kinds) / len(kinds)
+    if 0.05 < share < 0.95:
+        raise ValueError(f"{what}: mixed languages ({100 * share:.0f} % of texts Chinese, the rest not); "
+                         f"text metrics need one tokenization: split the file or set the language "
+                         f"(evaluate.lang / --lang en|zh)")
+    return "zh" if share >= 0.95 else "en"
+
+
 def text_metrics(preds: Sequence[str], refs: Sequence[str], lang: str = "en",
                  embedding_model: str | None = None, zh_tokenizer: str = "char",
                  cosine: bool = True) -> dict:
-    """Every reference-based text metric for one set of predictions."""
+    """Every reference-based text metric for one set of predictions (``lang="auto"``: detected
+    from the references)."""
     check_pairs(preds, refs)
-    out = {"n": len(preds), "bleu": bleu(preds, refs, lang)}
+    lang = resolve_lang(refs, lang, "references")
+    out = {"n": len(preds), "lang": lang, "bleu": bleu(preds, refs, lang)}
     out.update(rouge(preds, refs, lang, zh_tokenizer))
     if cosine:
         out["cosine"] = embedding_cosine(preds, refs, embedding_model)
@@ -181,13 +211,15 @@ def text_metrics(preds: Sequence[str], refs: Sequence[str], lang: str = "en",
     return out
 
 
-def score_records(records: Sequence[dict], task: str | None = None, lang: str = "en",
-                  embedding_model: str | None = None, source: str = "records") -> dict:
+def score_records(records: Sequence[dict], task: str | None = None, lang: str = "auto",
+                  embedding_model: str | None = None, source: str = "records",
+                  modes: Sequence[str] = ("official", "robust")) -> dict:
     """Score ``prediction``/``reference`` records with every metric that applies.
 
-    Label metrics (rule-based parser) are added when ``task`` names an IMHI set.
+    Label metrics (``labels_official``, ``labels_robust``; see :mod:`phyassist.evaluate.labels`) are
+    added when ``task`` names a classification set, with 95 % bootstrap intervals.
     """
-    from phyassist.evaluate.labels import get_task, label_metrics, parse_labels
+    from phyassist.evaluate.labels import get_task
 
     if task is not None:
         get_task(task)
@@ -199,9 +231,11 @@ def score_records(records: Sequence[dict], task: str | None = None, lang: str = 
                 raise ValueError(f"{source}: record {i + 1} has no field {field!r}")
     preds = [r["prediction"] for r in records]
     refs = [r["reference"] for r in records]
-    out = {"lang": lang, **text_metrics(preds, refs, lang, embedding_model)}
+    out = text_metrics(preds, refs, resolve_lang(_clean(refs), lang, source), embedding_model)
     if task is not None:
-        out["task"] = task
-        out["labels_rule"] = label_metrics(parse_labels(_clean(refs), task),
-                                           parse_labels(_clean(preds), task), task)
+        from phyassist.evaluate.scoring import label_scores
+
+        out["task"] = get_task(task).name
+        for mode in modes:
+            out[f"labels_{mode}"] = label_scores(_clean(refs), _clean(preds), task, mode)
     return out

@@ -2,7 +2,8 @@
 fine-tuned adapter (one model load, same prompts), score them, write the comparison.
 
 Outputs under ``<out>/eval/``: ``<tag>/<SET>.csv`` (MentalLLaMA's layout, tag = base |
-finetuned), ``results.json``, ``comparison.csv/.md/.png``.
+finetuned), ``results.json``, ``comparison.csv/.md/.png``, ``confusion/`` (JSON + CSV per system, set
+and label mode) and ``confusion_<mode>.png``.
 """
 
 from __future__ import annotations
@@ -90,8 +91,38 @@ def generate_all(cfg, sets, progress: bool = True) -> list[str]:
     return tags
 
 
-def score_all(cfg, sets, tags: list[str]) -> list[dict]:
-    """Metrics rows for every (system, set), the majority baseline included."""
+def bartscore_variant(e) -> str:
+    """Which BARTScore produced a table's numbers (MentalLLaMA used bart-large-cnn + ParaBank2)."""
+    if not e.bartscore_model:
+        return "not computed (evaluate.bartscore_model unset)"
+    if e.bartscore_checkpoint:
+        return f"{e.bartscore_model} + ParaBank2 weights {Path(e.bartscore_checkpoint).name} (MentalLLaMA's variant)"
+    return f"{e.bartscore_model} without the ParaBank2 weights (not MentalLLaMA's variant: lower scores)"
+
+
+def bartscore_checkpoint(cfg) -> str | None:
+    """``evaluate.bartscore_checkpoint`` as a path; fetched first when missing and ``data.download``."""
+    ck = cfg.evaluate.bartscore_checkpoint
+    if not ck:
+        return None
+    from phyassist.paths import REPO_ROOT
+
+    p = Path(ck).expanduser()
+    p = p if p.is_absolute() or p.exists() else REPO_ROOT / p
+    if not p.exists() and cfg.data.download:
+        from phyassist.evaluate.bartscore import download_parabank_checkpoint
+
+        download_parabank_checkpoint(p)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: evaluate.bartscore_checkpoint (ParaBank2 bart_score.pth) not found; "
+                                "set data.download=true to fetch it, or give its local path")
+    return str(p)
+
+
+def score_all(cfg, sets, tags: list[str], out: Path | None = None) -> list[dict]:
+    """Metrics rows for every (system, set), the majority baseline included, with paired tests
+    (fine-tuned vs base and vs majority) on the fine-tuned rows; confusion matrices under
+    ``<out>/confusion/``. Rows keep ``_labels`` (dropped before tabulating)."""
     from phyassist.evaluate.generate import read_outputs_csv
     from phyassist.evaluate.scoring import majority_answers, score_set
 
@@ -100,24 +131,87 @@ def score_all(cfg, sets, tags: list[str]) -> list[dict]:
     if e.bartscore_model:
         from phyassist.evaluate.bartscore import BARTScorer
 
-        scorer = BARTScorer(e.bartscore_model, e.bartscore_checkpoint, max_length=e.bartscore_max_length)
+        scorer = BARTScorer(e.bartscore_model, bartscore_checkpoint(cfg), max_length=e.bartscore_max_length)
     rows = []
     for ts in sets:
+        set_rows = {}
         for tag in tags:
             goldens, generated = read_outputs_csv(eval_dir(cfg) / tag / f"{ts.name}.csv")
-            rows.append({"system": tag, **score_set(ts.name, goldens, generated, e, scorer)})
-        baseline = majority_answers(ts.name, ts.goldens)
+            set_rows[tag] = {"system": tag, **score_set(ts.name, goldens, generated, e, scorer, ts.task,
+                                                        ts.classifier)}
+        baseline = majority_answers(ts.task, ts.goldens)
         if baseline is not None:
-            rows.append({"system": MAJORITY, **score_set(ts.name, ts.goldens, baseline, e, scorer)})
+            set_rows[MAJORITY] = {"system": MAJORITY, **score_set(ts.name, ts.goldens, baseline, e, scorer,
+                                                                  ts.task, ts.classifier)}
+        add_paired_tests(set_rows, ts.task, e)
+        rows += list(set_rows.values())
+    if out is not None:
+        save_confusions(rows, out / "confusion")
     return rows
+
+
+def add_paired_tests(set_rows: dict, task, e) -> None:
+    """``<mode>_p_vs_base`` / ``<mode>_p_vs_majority`` on the fine-tuned row: paired bootstrap
+    p-values (share of resamples where fine-tuned's weighted F1 is not higher)."""
+    from phyassist.evaluate.stats import paired_bootstrap
+
+    ft = set_rows.get(FINETUNED)
+    if task is None or ft is None or not e.bootstrap_resamples:
+        return
+    for other in (BASE, MAJORITY):
+        if other not in set_rows:
+            continue
+        for mode in e.label_modes:
+            a, b = set_rows[other]["_labels"][mode], ft["_labels"][mode]
+            if a["gold"] != b["gold"]:  # a pair's gold dropped differently: not the same answers
+                continue
+            res = paired_bootstrap(b["gold"], a["pred"], b["pred"], task.classes,
+                                   resamples=e.bootstrap_resamples, seed=e.bootstrap_seed)
+            ft[f"{mode}_p_vs_{other}"] = res["p"]
+            ft[f"{mode}_diff_vs_{other}"] = res["difference"]
+
+
+def save_confusions(rows: list[dict], folder: Path) -> list[Path]:
+    """``<system>_<set>_<mode>.json`` and ``.csv`` per labelled row."""
+    import csv
+    import io
+
+    from phyassist.io import atomic_write_text
+
+    paths = []
+    for r in rows:
+        for mode, lab in (r.get("_labels") or {}).items():
+            cm = lab["confusion"]
+            stem = folder / f"{r['system']}_{r['set']}_{mode}"
+            paths.append(atomic_write_json(stem.with_suffix(".json"), {"set": r["set"], "system": r["system"],
+                                                                        "mode": mode, "rows": "gold",
+                                                                        "columns": "predicted", **cm}))
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["gold \\ predicted", *cm["labels"]])
+            for name, counts in zip(cm["labels"], cm["matrix"]):
+                w.writerow([name, *counts])
+            atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
+    return paths
+
+
+def public_rows(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
 def table_note(cfg) -> str:
     e = cfg.evaluate
-    parts = ["weighted/micro/macro F1 and accuracy: rule-based labels (×100); "
+    modes = ", ".join(e.label_modes)
+    parts = [f"label metrics (×100) in {modes} mode: official = MentalLLaMA's rules (IMHI.py for answers, "
+             "label_inference.py for gold, the kit's SAD/CAMS gold phrases added; an answer naming no class "
+             "gets the set's default class), robust = the kit's parser (an unlabelled answer is wrong); "
+             "docs/evaluate.md lists every difference.",
+             f"[lo, hi]: 95 % percentile bootstrap intervals, {e.bootstrap_resamples} resamples, seed "
+             f"{e.bootstrap_seed}; p vs base / majority: paired bootstrap, share of resamples where "
+             "fine-tuned's weighted F1 is not higher.",
+             "micro F1 = accuracy (MentalLLaMA's definition: every answer counted).",
              "majority: every answer is the label sentence of the set's most frequent gold class."]
-    parts.append(f"BARTScore: {e.bartscore_model}" if e.bartscore_model else
-                 "BARTScore: not computed (evaluate.bartscore_model unset; needs facebook/bart-large-cnn).")
+    parts.append(f"BARTScore: {bartscore_variant(e)}.")
     parts.append(f"classifier labels (clf_*): {e.classifiers}" if e.classifiers else
                  "MentalBERT classifier labels: not computed (evaluate.classifiers unset; needs Tianlin668/<set>).")
     parts.append(f"model: {cfg.model.name}; max_new_tokens={e.max_new_tokens}; "
@@ -125,10 +219,30 @@ def table_note(cfg) -> str:
     return "\n".join(f"- {p}" for p in parts)
 
 
+def score_and_tabulate(cfg, sets, tags: list[str], title: str | None = None) -> dict:
+    """Score existing outputs under ``<out>/eval/<tag>/`` and write table, plots and results.json."""
+    from phyassist.evaluate.results import comparison_frame, plot_comparison, plot_confusions, save_table
+
+    out = eval_dir(cfg)
+    rows = score_all(cfg, sets, tags, out)
+    notices = {r["set"]: r["notice"] for r in rows if r.get("notice")}
+    for name, msg in notices.items():
+        print(f"[evaluate] {name}: {msg}")
+    df = comparison_frame(public_rows(rows))
+    csv_path, md_path = save_table(df, out, note=table_note(cfg))
+    result = {"rows": public_rows(rows), "table_csv": str(csv_path), "table_md": str(md_path), "systems": tags,
+              "label_modes": list(cfg.evaluate.label_modes), "bartscore": bartscore_variant(cfg.evaluate),
+              "notices": notices, "confusion_dir": str(out / "confusion")}
+    if cfg.evaluate.plot:
+        result["plot"] = str(plot_comparison(df, out / "comparison.png", title or f"{cfg.name}: {cfg.model.name}"))
+        result["confusion_plots"] = [str(p) for p in plot_confusions(rows, out)]
+    atomic_write_json(out / "results.json", result)
+    return result
+
+
 def run_evaluation(cfg, progress: bool = True) -> dict:
     """Generate, score and tabulate; returns paths and rows (also in ``results.json``)."""
     from phyassist.data.records import check_run_records
-    from phyassist.evaluate.results import comparison_frame, plot_comparison, save_table
     from phyassist.evaluate.testsets import load_test_sets
     from phyassist.runinfo import write_run_info
 
@@ -136,15 +250,7 @@ def run_evaluation(cfg, progress: bool = True) -> dict:
     check_run_records(cfg)  # the run's adapter was trained on records for this model's chat template
     write_run_info(cfg)
     tags = generate_all(cfg, sets, progress)
-    rows = score_all(cfg, sets, tags)
-    out = eval_dir(cfg)
-    df = comparison_frame(rows)
-    csv_path, md_path = save_table(df, out, note=table_note(cfg))
-    result = {"rows": rows, "table_csv": str(csv_path), "table_md": str(md_path), "systems": tags}
-    if cfg.evaluate.plot:
-        result["plot"] = str(plot_comparison(df, out / "comparison.png", f"{cfg.name}: {cfg.model.name}"))
-    atomic_write_json(out / "results.json", result)
-    return result
+    return score_and_tabulate(cfg, sets, tags)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ METRIC_COLUMNS = ("metric",)
 VALUE_COLUMNS = ("value", "score")
 # canonical metric -> normalised column names that mean it
 METRICS = {
-    "weighted_f1": ("weightedf1", "f1weighted", "wf1", "weightedf1x100"),
+    "weighted_f1": ("weightedf1", "f1weighted", "wf1", "weightedf1x100", "officialweightedf1"),
     "bartscore": ("bartscore", "bart"),
 }
 SUMMARY_ROWS = {"mean", "average", "avg", "all", "overall", "macro", "total"}
