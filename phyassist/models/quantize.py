@@ -215,9 +215,10 @@ class Quant4bitExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not torch.is_grad_enabled() and top_k_index.numel() <= self.decode_max_rows:
-            from phyassist.models.mixtral4bit.decode import routed_experts
+            from phyassist.models.mixtral4bit.decode import kernel_fits, routed_experts
 
-            return routed_experts(self, hidden_states, top_k_index, top_k_weights)
+            if not hidden_states.is_cuda or kernel_fits(self, hidden_states):
+                return routed_experts(self, hidden_states, top_k_index, top_k_weights)
         return _MoEExperts.apply(hidden_states, top_k_weights, top_k_index, self, self.keep_activations)
 
     def nbytes(self) -> int:

@@ -136,6 +136,15 @@ def route(index: torch.Tensor, weights: torch.Tensor, num_experts: int):
     return order // k, inverse, ends, weights.reshape(-1).index_select(0, order).float()
 
 
+def kernel_fits(module, x: torch.Tensor) -> bool:
+    """Whether :func:`routed_experts` runs its kernel for this module and input: on CUDA it must
+    (a CUDA graph cannot take the host loop of the fallback); shapes are multiples of 256 and NF4
+    blocks of 64, as Mixtral's are."""
+    state = module.gate_up.quant_state
+    return (use_triton(x) and module.hidden_dim % 256 == 0 and module.intermediate_dim % 256 == 0
+            and state.blocksize == 64)
+
+
 def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The expert MLP of :class:`Quant4bitExperts` for generation (no autograd), reading only the
     routed experts' NF4 weights; same maths as its training forward."""
