@@ -210,7 +210,7 @@ class Quant4bitExperts(nn.Module):
         # Generation (no autograd) with at most this many (token, expert) rows reads only the routed
         # experts' NF4 bytes (phyassist.models.mixtral4bit.decode), each row its own; more rows share one
         # dequantization of the layer instead. Crossover and split measured in bench/generation_mixtral.md.
-        self.decode_max_rows = 16
+        self.decode_max_rows = 8
         self.decode_split_bytes = 512  # packed bytes of K per program of that kernel (0: the whole row)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
