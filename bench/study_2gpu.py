@@ -52,7 +52,7 @@ def memory_probe(found: dict, t0: float):
 
 
 def layers_per_device(model) -> dict:
-    from phyassist.train.checkpointing import decoder_layers
+    from phyassist.models.mixtral4bit.checkpointing import decoder_layers
 
     counts: dict = {}
     for layer in decoder_layers(model):
@@ -74,14 +74,14 @@ def split_with_cpu() -> None:
     import torch
     import transformers
 
-    from phyassist.models import loader4bit
-    from phyassist.train.dryrun import layer_device_map
+    from phyassist.models.mixtral4bit import loader
+    from phyassist.models.placement import layer_device_map
 
     def plan(mcfg, model, quant_cfg):
         n = model.config.num_hidden_layers
         return layer_device_map(model.config, [n - n // 2, n // 2], devices=[0, "cpu"])
 
-    loader4bit.plan_device_map = plan
+    loader.plan_device_map = plan
     accelerate.dispatch_model = functools.partial(accelerate.dispatch_model, main_device="cpu")
     transformers.Trainer.autocast_smart_context_manager = (
         lambda self, cache_enabled=True: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled))

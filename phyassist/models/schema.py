@@ -21,7 +21,7 @@ class QuantConfig(Section):
     experts_method: Literal["parametrize", "grouped"] = Field(
         "parametrize", description="How 4-bit experts run: bitsandbytes' parametrization under "
         "transformers' experts code, or the kit's grouped-GEMM module with fused SwiGLU "
-        "(phyassist.models.quantize; measured in bench/finetune_mixtral.md).")
+        "(phyassist.models.mixtral4bit; measured in bench/finetune_mixtral.md).")
     expert_gemm: Literal["grouped", "per_expert"] = Field(
         "grouped", description="GEMMs of the grouped experts on GPUs: torch's grouped GEMM (no host "
         "wait) or one cuBLAS GEMM per expert (faster on a router's uneven row counts, but the host "

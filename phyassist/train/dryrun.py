@@ -19,10 +19,11 @@ compares it with measured peaks):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-GIB = 2**30
+from phyassist.models.placement import GIB, balance_layers, parse_gib
+from phyassist.models.quant import four_bit_bytes, stored_in_4bit
+
 CUDA_OVERHEAD_GIB = 0.6  # CUDA context + cuBLAS workspace + allocator slack, per GPU
 
 
@@ -80,33 +81,6 @@ class Projection:
                 f"activations at {self.micro_batch}x{self.seq_len}")
 
 
-def balance_layers(n_layers: int, fixed: list[float], per_layer: float) -> list[int]:
-    """Layer counts per GPU minimising the largest GPU's total (greedy: each layer to the
-    GPU with least load, kept contiguous by assigning counts, not positions)."""
-    counts = [0] * len(fixed)
-    for _ in range(n_layers):
-        i = min(range(len(fixed)), key=lambda j: fixed[j] + (counts[j] + 1) * per_layer)
-        counts[i] += 1
-    return counts
-
-
-def layer_device_map(config, counts: list[int], devices: list | None = None) -> dict:
-    """An explicit ``device_map``: contiguous blocks of decoder layers per GPU, embeddings on
-    the first GPU, final norm and LM head on the last."""
-    devices = devices if devices is not None else list(range(len(counts)))
-    if sum(counts) != config.num_hidden_layers:
-        raise ValueError(f"layer counts {counts} do not add up to {config.num_hidden_layers} layers")
-    dmap = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
-    layer = 0
-    for dev, c in zip(devices, counts):
-        for _ in range(c):
-            dmap[f"model.layers.{layer}"] = dev
-            layer += 1
-    dmap["model.norm"] = devices[-1]
-    dmap["lm_head"] = devices[-1]
-    return dmap
-
-
 def meta_model(name: str):
     """The architecture on the meta device: shapes without memory or weights."""
     import torch
@@ -118,20 +92,6 @@ def meta_model(name: str):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return model, config
-
-
-def _is_quantized(name: str, p, quant_experts: bool) -> bool:
-    """Which parameters a QLoRA load stores in 4 bit: linear weights (not the LM head) and,
-    with ``quantize_experts``, the fused 3-D expert tensors."""
-    if p.dim() == 3:
-        return quant_experts
-    return p.dim() == 2 and name.endswith("proj.weight") or name.endswith(("fc1.weight", "fc2.weight"))
-
-
-def four_bit_bytes(n: int, double_quant: bool, blocksize: int = 64) -> float:
-    blocks = math.ceil(n / blocksize)
-    stats = blocks * 1 + math.ceil(blocks / 256) * 4 if double_quant else blocks * 4
-    return n / 2 + stats
 
 
 def count_trainable(model, lcfg) -> int:
@@ -154,7 +114,7 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
     q4 = m.quant.load_in_4bit
     dense_bytes = 2 if m.dtype != "float32" and m.quant.compute_dtype != "float32" else 4
     for name, p in model.named_parameters():
-        quant = q4 and _is_quantized(name, p, m.quant.quantize_experts)
+        quant = q4 and stored_in_4bit(name, p, m.quant.quantize_experts)
         if quant:
             q_params += p.numel()
         else:
@@ -180,7 +140,7 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
     mlp_saved = tokens * (hidden + top_k * 2 * inter) * act if kit_experts else mlp_work
     ckpt = t.gradient_checkpointing
     if ckpt == "attention" and not kit_experts:
-        ckpt = True  # as the trainer does (phyassist.train.checkpointing.resolve_mode)
+        ckpt = True  # as the trainer does (phyassist.models.mixtral4bit.checkpointing.resolve_mode)
     # whole-layer checkpointing keeps each layer's input; attention-only also the MoE input; none
     # all of a layer's activations, with one layer's dequantized experts as the working set
     boundary = tokens * hidden * act * (2 if ckpt == "attention" else 1) if ckpt else attn_work + mlp_saved
@@ -202,18 +162,6 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
         kept_weights_gib=0.0 if ckpt is True else m.quant.keep_dequantized_layers * dequant_work / GIB)
     proj.layers_per_gpu, proj.per_gpu = proj.split(proj.num_gpus)
     return proj
-
-
-def parse_gib(text: str | None) -> float | None:
-    """'24GiB' / '24GB' / '24000MiB' -> GiB."""
-    if not text:
-        return None
-    s = text.strip().upper().replace(" ", "")
-    units = {"GIB": 1.0, "GB": 1e9 / GIB, "MIB": 1 / 1024, "MB": 1e6 / GIB, "TIB": 1024.0}
-    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(u):
-            return float(s[: -len(u)]) * f
-    return float(s)
 
 
 def largest_micro_batch(cfg, cap_gib: float, num_gpus: int, limit: int = 64) -> int:

@@ -2,7 +2,7 @@
 
 ``from_pretrained(..., quantization_config=bnb)`` brings transformers 5.x's fused 3-D expert
 tensors onto the GPUs in bf16 (bitsandbytes quantizes only ``nn.Linear``): Mixtral-8x7B's 87 GiB
-do not fit two 24 GB cards before :func:`~phyassist.models.quantize.quantize_moe_experts` runs.
+do not fit two 24 GB cards before :func:`~phyassist.models.mixtral4bit.experts.quantize_moe_experts` runs.
 Here the model is a meta-device skeleton; each decoder layer in turn is materialized on its
 target device from the checkpoint, its linear layers and fused experts are quantized, and its
 16-bit copies are freed before the next layer exists. A device therefore never holds more than
@@ -26,6 +26,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from phyassist.models.mixtral4bit.build import quantize_linears
+from phyassist.models.mixtral4bit.experts import iter_fused_experts, quantize_moe_experts
+from phyassist.models.placement import GIB, balance_layers, device_map, layer_device_map, parse_gib
+from phyassist.models.quant import bnb_config, four_bit_bytes, stored_in_4bit, torch_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -156,11 +161,9 @@ def materialize_(module: nn.Module, prefix: str, ckpt: Checkpoint, device, dtype
 
 def quantized_layer_bytes(layer: nn.Module, quant_cfg, dtype_bytes: int = 2) -> float:
     """A decoder layer's size once quantized (4-bit matrices plus statistics, rest in 16 bit)."""
-    from phyassist.train.dryrun import _is_quantized, four_bit_bytes
-
     total = 0.0
     for name, p in layer.named_parameters():
-        if _is_quantized(name, p, quant_cfg.quantize_experts) and not name.endswith("gate.weight"):
+        if stored_in_4bit(name, p, quant_cfg.quantize_experts) and not name.endswith("gate.weight"):
             total += four_bit_bytes(p.numel(), quant_cfg.double_quant)
         else:
             total += p.numel() * dtype_bytes
@@ -171,9 +174,6 @@ def plan_device_map(mcfg, model, quant_cfg) -> dict[str, object]:
     """Module name -> device. One device for ``device_map: cpu|single`` or without CUDA; else the
     decoder layers in contiguous blocks over the GPUs, balanced on their 4-bit size plus, per GPU,
     one layer in 16 bit (the transient while it is quantized), within ``max_memory_per_gpu``."""
-    from phyassist.models.loading import device_map
-    from phyassist.train.dryrun import GIB, balance_layers, layer_device_map, parse_gib
-
     config = model.config
     dmap = device_map(mcfg)
     if isinstance(dmap, dict):
@@ -207,8 +207,6 @@ def mark_quantized(model: nn.Module, mcfg) -> None:
     preparation and the Trainer's quantized-training checks treat this model the same way."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    from phyassist.models.loading import bnb_config
-
     qcfg = bnb_config(mcfg)
     model.config.quantization_config = qcfg
     model.hf_quantizer = AutoHfQuantizer.from_config(qcfg, pre_quantized=False)
@@ -221,9 +219,6 @@ def load_quantized_moe(mcfg, path: str, method: str | None = None, progress: boo
     """The causal LM of ``path`` (folder or Hub id) built layer by layer into 4 bit per ``mcfg``."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from phyassist.models.loading import torch_dtype
-    from phyassist.models.quantize import quantize_linears, quantize_moe_experts
 
     folder = checkpoint_folder(path, mcfg.revision, mcfg.local_files_only)
     ckpt = Checkpoint(folder)
@@ -262,8 +257,6 @@ def load_quantized_moe(mcfg, path: str, method: str | None = None, progress: boo
 def has_fused_experts(config) -> bool:
     """Whether the architecture stores experts as fused 3-D tensors (checked on a meta build)."""
     from transformers import AutoModelForCausalLM
-
-    from phyassist.models.quantize import iter_fused_experts
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

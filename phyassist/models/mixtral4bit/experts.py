@@ -2,20 +2,15 @@
 
 transformers 5.x stores each layer's experts as two fused 3-D parameters (``gate_up_proj``
 ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``). bitsandbytes quantizes only ``nn.Linear``, so a
-"4-bit" Mixtral-8x7B keeps ~85 GiB of bf16 experts. Two ways to fix it were measured
-(bench/finetune_mixtral.md):
+"4-bit" Mixtral-8x7B keeps ~85 GiB of bf16 experts. Two ways to fix it (``model.quant.experts_method``):
 
 * ``parametrize``: bitsandbytes' ``replace_parameter_4bit`` on the fused tensors, run by
-  transformers' own expert code (``torch._grouped_mm``).
+  transformers' own expert code (``torch._grouped_mm``); works for any fused-expert MoE.
 * ``grouped``: :class:`Quant4bitExperts`, the kit's module: the routed expert MLP as one autograd
   node (grouped GEMMs, Triton SwiGLU, gathers instead of scatter-adds, no recompute of the down
-  projection). Same packed bytes as ``parametrize``.
-
-Measured on an H100 (bench/finetune_mixtral.md, 32 layers, 4 x 1024): ``parametrize`` with
-whole-layer checkpointing 1.004 s/step at 28.29 GiB; ``grouped`` with attention-only
-checkpointing (:mod:`phyassist.train.checkpointing`) 0.769 s at 27.48 GiB, 0.677 s with the attention
-half compiled, so ``configs/paper.yaml`` uses ``grouped``; the config default stays ``parametrize``
-for other MoE models.
+  projection). Same packed bytes as ``parametrize``; faster, with attention-only checkpointing
+  (:mod:`phyassist.models.mixtral4bit.checkpointing`) at whole-layer checkpointing's memory, so
+  ``configs/paper.yaml`` uses it. The measurements: bench/finetune_mixtral.md.
 """
 
 from __future__ import annotations
@@ -25,8 +20,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from phyassist.models import moe_kernels
-from phyassist.models.moe_kernels import gather_sum, swiglu_backward_, swiglu_forward
+from phyassist.models.mixtral4bit.kernels import dequantize_nf4, gather_sum, swiglu_backward_, swiglu_forward
+from phyassist.models.quant import torch_dtype
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 EXPERT_GEMMS = ("grouped", "per_expert")  # model.quant.expert_gemm
@@ -50,10 +45,11 @@ class Packed4bit(nn.Module):
         self.quant_state = state
         self.shape = tuple(weight.shape)
 
-    def dequantize(self) -> torch.Tensor:
-        """The bf16 weight; bitsandbytes' values, from the kit's one-pass Triton kernel on GPUs."""
+    def dequantize(self, triton: bool = True) -> torch.Tensor:
+        """The bf16 weight; bitsandbytes' values, from the kit's one-pass Triton kernel on GPUs
+        (``triton=False``: bitsandbytes' own kernel, for comparison)."""
         self._sync_state_device()
-        return moe_kernels.dequantize_nf4(self.packed, self.quant_state).view(self.shape)
+        return dequantize_nf4(self.packed, self.quant_state, triton=triton).view(self.shape)
 
     def _sync_state_device(self) -> None:
         if self.quant_state.absmax.device != self.packed.device:
@@ -131,8 +127,7 @@ class _MoEExperts(torch.autograd.Function):
         expert_of_row = flat.index_select(0, order)
         experts = torch.arange(module.num_experts, device=flat.device, dtype=flat.dtype)
         ends = torch.searchsorted(expert_of_row, experts, right=True).to(torch.int32)
-        dtype = module.gate_up.quant_state.dtype
-        x = hidden.to(dtype)
+        x = hidden.to(module.compute_dtype)
         # The per-expert loop needs the counts on the host (one device sync a layer), the grouped
         # GEMM does not; the copy is queued first and waited for once the dequantization is queued.
         wait = None if module.gemm == "grouped" and uses_grouped_mm(x) else _host_counts(ends)
@@ -140,7 +135,7 @@ class _MoEExperts(torch.autograd.Function):
         w_row = weights.reshape(-1).index_select(0, order).float()
         xs = x.index_select(0, token_of_row)
         keep_w = module.keep_weights  # the backward reuses the dequantized weights
-        w1 = module.gate_up.dequantize()  # [E, 2I, H]
+        w1 = module.gate_up.dequantize(module.triton_dequantize)  # [E, 2I, H]
         counts = wait() if wait else None
         h = _grouped_matmul(xs, w1.transpose(1, 2), ends, counts)
         kept_w1 = w1 if keep_w else None
@@ -148,7 +143,7 @@ class _MoEExperts(torch.autograd.Function):
         a = swiglu_forward(h, w_row)
         if not keep_h:
             del h
-        w2 = module.down.dequantize()  # [E, H, I]
+        w2 = module.down.dequantize(module.triton_dequantize)  # [E, H, I]
         y = _grouped_matmul(a, w2.transpose(1, 2), ends, counts)
         kept_w2 = w2 if keep_w else None
         del w2, a
@@ -164,11 +159,11 @@ class _MoEExperts(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, token_of_row, inverse, ends, w_row, h, w1, w2 = ctx.saved_tensors
         module, counts, k = ctx.module, ctx.counts, ctx.k
-        w2 = module.down.dequantize() if w2 is None else w2
+        w2 = module.down.dequantize(module.triton_dequantize) if w2 is None else w2
         g = grad_out.to(w2.dtype).index_select(0, token_of_row)
         grad_a = _grouped_matmul(g, w2, ends, counts)  # gradient of the unweighted activation
         del w2, g
-        w1 = module.gate_up.dequantize() if w1 is None else w1
+        w1 = module.gate_up.dequantize(module.triton_dequantize) if w1 is None else w1
         if h is None:
             h = _grouped_matmul(x.index_select(0, token_of_row), w1.transpose(1, 2), ends, counts)
         grad_h, grad_w_row = swiglu_backward_(h, grad_a, w_row)
@@ -187,11 +182,14 @@ class Quant4bitExperts(nn.Module):
     ``keep_activations``: save the gate/up activations for the backward pass (fastest; right
     under whole-layer gradient checkpointing, where they live only during the recompute).
     Off, the backward recomputes them and a layer keeps only its input (right with
-    :func:`phyassist.train.checkpointing.checkpoint_attention_only`).
+    :func:`phyassist.models.mixtral4bit.checkpointing.checkpoint_attention_only`).
+    ``dequantize``: ``triton`` (the kit's kernel where Triton runs) or ``bitsandbytes`` (its own
+    kernel; the benchmark's comparison).
     """
 
     def __init__(self, experts: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: torch.dtype | None = None, keep_activations: bool = True, gemm: str = "grouped"):
+                 compute_dtype: torch.dtype | None = None, keep_activations: bool = True, gemm: str = "grouped",
+                 dequantize: str = "triton"):
         super().__init__()
         w1, w2 = experts.gate_up_proj, experts.down_proj
         self.num_experts, inter2, self.hidden_dim = w1.shape
@@ -207,6 +205,15 @@ class Quant4bitExperts(nn.Module):
         if gemm not in EXPERT_GEMMS:
             raise ValueError(f"Quant4bitExperts: gemm must be one of {', '.join(EXPERT_GEMMS)}, got {gemm!r}")
         self.gemm = gemm
+        if dequantize not in ("triton", "bitsandbytes"):
+            raise ValueError(f"Quant4bitExperts: dequantize must be triton or bitsandbytes, got {dequantize!r}")
+        self.triton_dequantize = dequantize == "triton"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the experts compute in: their input is rounded to it (see
+        :func:`phyassist.models.mixtral4bit.checkpointing.attention_half`)."""
+        return self.gate_up.quant_state.dtype
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return _MoEExperts.apply(hidden_states, top_k_weights, top_k_index, self, self.keep_activations)
@@ -220,7 +227,7 @@ def keep_dequantized_weights(model: nn.Module, layers: int) -> None:
     (``model.quant.keep_dequantized_layers``).
 
     Memory for time: the frozen 4-bit weights are otherwise dequantized twice a step, once in the
-    forward and once in the backward (1.2 ms and 2.6 GiB of bf16 per Mixtral-8x7B layer on an H100,
+    forward and once in the backward (2.6 GiB of bf16 per Mixtral-8x7B layer; the time it saves:
     bench/finetune_mixtral.md). Right where memory is left over, e.g. one 80 GB GPU without
     checkpointing; under whole-layer checkpointing the saved weights live only during a layer's
     recompute. Which layers keep them does not change the peak, all being held at the end of the
@@ -242,7 +249,7 @@ def iter_fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, mod
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -256,9 +263,8 @@ def _parametrize(mod: nn.Module, quant_type: str, double_quant: bool) -> None:
 
 def quantize_moe_experts(model: nn.Module, quant_cfg, method: str = "parametrize", **kwargs) -> int:
     """Quantize every fused expert tensor of ``model`` to 4 bit in place; returns how many
-    expert modules were converted. ``method``: ``grouped`` (our module) or ``parametrize``."""
-    from phyassist.models.loading import torch_dtype
-
+    expert modules were converted. ``method``: ``grouped`` (our module, ``kwargs`` go to
+    :class:`Quant4bitExperts`) or ``parametrize``."""
     compute = torch_dtype(quant_cfg.compute_dtype)
     done = 0
     for name, mod in list(iter_fused_experts(model)):
@@ -267,7 +273,7 @@ def quantize_moe_experts(model: nn.Module, quant_cfg, method: str = "parametrize
         elif method == "grouped":
             new = Quant4bitExperts(mod, quant_cfg.quant_type, quant_cfg.double_quant, compute,
                                    gemm=quant_cfg.expert_gemm, **kwargs)
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
         else:
             raise ValueError(f"unknown expert quantization method {method!r} (grouped | parametrize)")
         done += 1
@@ -283,82 +289,3 @@ def sixteen_bit_weights(model: nn.Module, min_dim: int = 2) -> list[str]:
         if p.is_floating_point() and p.dim() >= min_dim and not any(k in name for k in keep):
             bad.append(name)
     return bad
-
-
-# ------------------------------------------------------------------ building straight into 4 bit
-# A full-width Mixtral-8x7B is 87 GiB in bf16: it fits no single GPU before quantization, so it is
-# built on the meta device and materialized one decoder layer at a time, each layer quantized
-# before the next one exists. ``init_layer`` fills a materialized layer (random weights for the
-# benchmark; a checkpoint reader would copy tensors in).
-
-def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
-                    compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight in NF4 on the same device."""
-    import bitsandbytes as bnb
-
-    dev = linear.weight.device
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=compute_dtype, compress_statistics=double_quant,
-                          quant_type=quant_type, device="meta")
-    q.weight = bnb.nn.Params4bit(linear.weight.data.to(compute_dtype), requires_grad=False,
-                                 quant_type=quant_type, compress_statistics=double_quant).to(dev)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-    return q
-
-
-def quantize_linears(module: nn.Module, quant_cfg, skip: tuple[str, ...] = ("lm_head", "gate")) -> int:
-    """Replace every ``nn.Linear`` under ``module`` (except ``skip``) by its 4-bit version."""
-    from phyassist.models.loading import torch_dtype
-
-    n = 0
-    for name, child in list(module.named_modules()):
-        if isinstance(child, nn.Linear) and not any(s == name.rsplit(".", 1)[-1] for s in skip):
-            _set_submodule(module, name, quantize_linear(child, quant_cfg.quant_type, quant_cfg.double_quant,
-                                                         torch_dtype(quant_cfg.compute_dtype)))
-            n += 1
-    return n
-
-
-def random_init_(module: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Fill a materialized module like ``from_config`` does: normal(0, std) matrices, unit norms."""
-    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=gen)
-
-
-def build_quantized_model(config, quant_cfg, device: torch.device | str, method: str = "parametrize",
-                          layers: range | None = None, with_embed: bool = True, with_head: bool = True,
-                          init_layer=random_init_, dtype: torch.dtype = torch.bfloat16, progress: bool = True):
-    """A causal LM whose decoder layers (all, or ``layers``) live on ``device`` in 4 bit.
-
-    Modules left out (other layers, embeddings, head) stay on the meta device: that is how one
-    GPU's share of a layer-split model is simulated.
-    """
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    base = model.model
-    with torch.device(device):
-        base.rotary_emb = type(base.rotary_emb)(config=config)
-    small = [base.norm] + ([base.embed_tokens] if with_embed else []) + ([model.lm_head] if with_head else [])
-    for i, mod in enumerate(small):
-        mod.to_empty(device=device)
-        random_init_(mod, seed=10_000 + i)
-    layers = layers if layers is not None else range(config.num_hidden_layers)
-    for i in tqdm(layers, desc="4-bit layers", disable=not progress):
-        layer = base.layers[i]
-        layer.to_empty(device=device)
-        init_layer(layer, seed=i)
-        quantize_linears(layer, quant_cfg)
-        quantize_moe_experts(layer, quant_cfg, method=method)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return model

@@ -4,8 +4,8 @@
 
 The expert MLP of Mixtral is ``a = silu(gate) * up`` on a ``[tokens x 2, 2 x 14336]`` tensor,
 scaled by the token's routing weight. Written as torch ops that is five elementwise passes
-forward and about ten backward over 470 MB per layer, and it profiled as the largest item after
-the GEMMs (bench/finetune_mixtral.md). These Triton kernels read the activations once and
+forward and about ten backward over the whole tensor (470 MB per layer at 4 x 1024 tokens), and
+it profiled as the largest item after the GEMMs (bench/finetune_mixtral.md). These Triton kernels read the activations once and
 write the result once; the backward also reduces the routing-weight gradient
 (``sum(grad_a * a)`` per row) and writes the gate/up gradient over the input buffer, so it
 needs no second 470 MB tensor.
@@ -14,14 +14,14 @@ Without Triton (CPU, tests) the same maths runs as torch ops in row chunks.
 
 **NF4 dequantization** (:func:`dequantize_nf4`): the expert weights are dequantized four times a
 training step (2.8 GB of bf16 per layer and pass); bitsandbytes' kernel, plus its separate pass
-over the double-quantized block scales, profiled at about two thirds of the H100's memory
-bandwidth (bench/finetune_mixtral.md). This kernel reads the nested scales inline and writes
+over the double-quantized block scales, profiled well under the GPU's memory bandwidth
+(bench/finetune_mixtral.md has both kernels' rates). This kernel reads the nested scales inline and writes
 the same bits (tests compare it with bitsandbytes); elsewhere bitsandbytes' own dequantization runs.
 
 **Gather-sum** (:func:`gather_sum`): each token's ``k`` expert outputs back in token order and
 summed, forward and (for the input gradient) backward. As ``index_select`` + ``sum`` that wrote
-and reread a ``[tokens x k, hidden]`` copy and ran a slow size-2 reduction (130 us a call on an
-H100 at 4 x 1024 tokens, 64 calls a step); one kernel reads each row once and writes the sum.
+and reread a ``[tokens x k, hidden]`` copy and ran a slow size-2 reduction, 64 calls a step
+(timed in bench/finetune_mixtral.md); one kernel reads each row once and writes the sum.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ import os
 import torch
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none.
-    import triton
+    import triton as _triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the torch build
-    triton = None
+    _triton = None
 
 _BLOCK = 1024
 _DQ_BYTES = 2048  # packed bytes (4,096 weights) per program of the NF4 kernel
 _DQ_WARPS = 4
-TRITON_DEQUANTIZE = True  # False: bitsandbytes' dequantization everywhere (bench comparison)
 _ROWS = 4096  # row chunk of the torch fallback (bounds its fp32 temporaries)
 
 
@@ -54,12 +53,12 @@ def _launch(kernel, grid, like: torch.Tensor, *args, **meta) -> None:
 
 def use_triton(x: torch.Tensor) -> bool:
     """CUDA tensors, or any under ``TRITON_INTERPRET=1`` (how the tests run the kernels on a CPU)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return _triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-if triton is not None:
+if _triton is not None:
 
-    @triton.jit
+    @_triton.jit
     def _swiglu_fwd_kernel(h_ptr, w_ptr, a_ptr, inter, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -70,7 +69,7 @@ if triton is not None:
         a = g * tl.sigmoid(g) * u * w
         tl.store(a_ptr + row * inter + cols, a.to(a_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @_triton.jit
     def _swiglu_bwd_kernel(h_ptr, ga_ptr, w_ptr, dw_ptr, inter, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -89,7 +88,7 @@ if triton is not None:
         tl.store(h_ptr + row * 2 * inter + inter + cols, d_up.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
+    @_triton.jit
     def _dequant_nf4_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
                             n_bytes, NESTED: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr,
                             BLOCKS_PER_BLOCK2: tl.constexpr, BLOCK: tl.constexpr):
@@ -110,9 +109,9 @@ if triton is not None:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
 
 
-if triton is not None:
+if _triton is not None:
 
-    @triton.jit
+    @_triton.jit
     def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, width, K: tl.constexpr, BLOCK: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -131,16 +130,20 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     if not use_triton(src) or tokens == 0:
         return src.index_select(0, index).view(tokens, k, width).sum(1)
     out = src.new_empty(tokens, width)
-    _launch(_gather_sum_kernel, (tokens, triton.cdiv(width, _BLOCK)), src,
+    _launch(_gather_sum_kernel, (tokens, _triton.cdiv(width, _BLOCK)), src,
             src.contiguous(), index.contiguous(), out, width, K=k, BLOCK=_BLOCK)
     return out
 
 
-def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state, triton: bool = True, block_bytes: int = _DQ_BYTES,
+                   warps: int = _DQ_WARPS) -> torch.Tensor:
     """bitsandbytes ``dequantize_4bit(packed, state)`` for NF4/FP4 data: the same values, in one
     Triton pass (nested block scales read inline) where Triton runs, else bitsandbytes itself.
-    Nothing is read back to the host (the nested offset stays a device tensor): no sync."""
-    if not (TRITON_DEQUANTIZE and use_triton(packed)) or state.blocksize % 2:
+    Nothing is read back to the host (the nested offset stays a device tensor): no sync.
+
+    ``triton=False`` runs bitsandbytes' kernel anyway; ``block_bytes`` (packed bytes a program)
+    and ``warps`` are the launch configuration (the benchmark sweeps them)."""
+    if not (triton and use_triton(packed)) or state.blocksize % 2:
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(packed, state)
@@ -148,11 +151,11 @@ def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     nested = bool(state.nested)
     s2 = state.state2 if nested else None
-    _launch(_dequant_nf4_kernel, (triton.cdiv(n_bytes, _DQ_BYTES),), packed,
+    _launch(_dequant_nf4_kernel, (_triton.cdiv(n_bytes, block_bytes),), packed,
             packed, state.code, state.absmax, s2.code if nested else state.code,
             s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, out, n_bytes,
             NESTED=nested, BYTES_PER_BLOCK=state.blocksize // 2, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
-            BLOCK=_DQ_BYTES, num_warps=_DQ_WARPS)
+            BLOCK=block_bytes, num_warps=warps)
     return out
 
 
@@ -163,7 +166,7 @@ def swiglu_forward(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return a
     if use_triton(h):
-        _launch(_swiglu_fwd_kernel, (n, triton.cdiv(inter, _BLOCK)), h, h, w, a, inter, BLOCK=_BLOCK)
+        _launch(_swiglu_fwd_kernel, (n, _triton.cdiv(inter, _BLOCK)), h, h, w, a, inter, BLOCK=_BLOCK)
         return a
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()
@@ -183,7 +186,7 @@ def swiglu_backward_(h: torch.Tensor, grad_a: torch.Tensor, w: torch.Tensor) -> 
     if n == 0:
         return h, dw
     if use_triton(h):
-        _launch(_swiglu_bwd_kernel, (n, triton.cdiv(inter, _BLOCK)), h, h, grad_a, w, dw, inter, BLOCK=_BLOCK)
+        _launch(_swiglu_bwd_kernel, (n, _triton.cdiv(inter, _BLOCK)), h, h, grad_a, w, dw, inter, BLOCK=_BLOCK)
         return h, dw
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()

@@ -2,53 +2,75 @@
 
 Whole-layer checkpointing (transformers' default) reruns every layer's forward in the backward
 pass: for Mixtral that is the two expert GEMMs again, a third of the step's FLOPs. The 4-bit
-expert block (:class:`phyassist.models.quantize.Quant4bitExperts` with
+expert block (:class:`phyassist.models.mixtral4bit.experts.Quant4bitExperts` with
 ``keep_activations=False``) already keeps only its input and recomputes just the gate/up GEMM
 it needs, so only the attention half needs checkpointing: per layer the residual stream and the
 MoE input stay alive (2 x tokens x hidden), and the down projection is never rerun.
 
+The interface between the two halves is explicit: the experts declare the dtype they compute in
+(``Quant4bitExperts.compute_dtype``), the attention half rounds the MLP's input to it
+(``attention_half(..., mlp_input_dtype=)``), and each patched layer carries its settings in one
+:class:`AttentionOnly` record.
+
 ``compile=True`` (``train.compile_attention``) runs that attention half, in training, as one
-``torch.compile`` graph shared by all layers (bench/finetune_mixtral.md: 0.769 -> 0.677 s a step
-on Mixtral at the same memory).
+``torch.compile`` graph shared by all layers (speed and memory: bench/finetune_mixtral.md).
 """
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from phyassist.models.mixtral4bit.experts import Quant4bitExperts
+
 LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
+@dataclass
+class AttentionOnly:
+    """How one patched decoder layer runs its attention half (``layer.attention_only``)."""
+
+    checkpoint: bool = True  # recompute the attention half in the backward
+    compile: bool = False  # through compiled_attention_half (training only)
+    memory_budget: float | None = None  # the compiler's activation memory budget (with compile)
+    compile_mode: str | None = None  # torch.compile's mode (None: its default)
+    mlp_input_dtype: torch.dtype | None = None  # the 4-bit experts' compute dtype, None for other MLPs
+
+
+def mlp_input_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The compute dtype of the kit's 4-bit experts in ``layer.mlp`` (None: another MLP)."""
+    experts = [m for m in layer.mlp.modules() if isinstance(m, Quant4bitExperts)]
+    return experts[0].compute_dtype if experts else None
+
+
 def attention_half(layer, x, position_embeddings=None, attention_mask=None, position_ids=None,
-                   past_key_values=None, call_hooks=True, **kwargs):
+                   past_key_values=None, call_hooks=True, mlp_input_dtype=None, **kwargs):
     """Norm, attention and residual, plus the MLP's input norm: everything of a layer but the MLP.
-    ``call_hooks=False`` runs the attention's ``forward`` without its module hooks."""
+    ``call_hooks=False`` runs the attention's ``forward`` without its module hooks;
+    ``mlp_input_dtype`` (see :func:`mlp_input_dtype`) rounds the MLP's input to the experts' dtype."""
     attn = layer.self_attn if call_hooks else layer.self_attn.forward
     h, _ = attn(hidden_states=layer.input_layernorm(x), position_embeddings=position_embeddings,
                 attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values, **kwargs)
     h = x + h
     normed = layer.post_attention_layernorm(h)
-    moe_dtype = getattr(layer, "_phy_moe_dtype", None)
-    if moe_dtype is not None and torch.is_autocast_enabled(normed.device.type) \
-            and torch.get_autocast_dtype(normed.device.type) == moe_dtype:
+    if mlp_input_dtype is not None and torch.is_autocast_enabled(normed.device.type) \
+            and torch.get_autocast_dtype(normed.device.type) == mlp_input_dtype:
         # QLoRA's prep keeps norms (and so the residual stream) in fp32, but the router runs under
         # autocast and the 4-bit experts in their compute dtype: both round this input to it
         # anyway. Rounding once here stores one 16-bit copy per layer instead of an fp32 tensor
-        # plus the experts' 16-bit copy (measured through the trainer on Mixtral at 4 x 1024
-        # tokens: peak 30.04 -> 29.07 GiB, bench/trainer_gpu.md).
-        normed = normed.to(moe_dtype)
+        # plus the experts' 16-bit copy (the peak it saves: bench/trainer_gpu.md).
+        normed = normed.to(mlp_input_dtype)
     return h, normed
 
 
 _compiled: dict = {}  # {(memory_budget, mode): the compiled attention half}, one entry at a time
-COMPILE_MODE: str | None = None  # torch.compile's mode for the attention half (bench comparison; None: default)
 
 
-def compiled_attention_half(memory_budget: float | None = None):
+def compiled_attention_half(memory_budget: float | None = None, mode: str | None = None):
     """One ``torch.compile`` of :func:`attention_half` shared by all layers.
 
     The layer is an argument and its parameters graph inputs (dynamo's default of inlining
@@ -56,14 +78,15 @@ def compiled_attention_half(memory_budget: float | None = None):
     LoRA dropout and scaling, casts and residual adds that eager mode runs as separate kernels.
     ``memory_budget`` (0-1, without checkpointing) lets the compiler's partitioner choose what to
     recompute: 0 keeps about what checkpointing keeps, 1 everything. Dynamo caches graphs per
-    function, not per budget, so asking for another budget starts compilation afresh.
+    function, not per budget, so asking for another budget starts compilation afresh. ``mode``:
+    torch.compile's (None: its default).
     """
-    key = (memory_budget, COMPILE_MODE)
+    key = (memory_budget, mode)
     if key not in _compiled:
         if _compiled:
             torch._dynamo.reset()
             _compiled.clear()
-        fn = torch.compile(attention_half, mode=COMPILE_MODE)
+        fn = torch.compile(attention_half, mode=mode)
         if memory_budget is not None:
             def fn(*args, _fn=fn, **kwargs):
                 with torch._functorch.config.patch(activation_memory_budget=memory_budget):
@@ -88,14 +111,16 @@ def only_output_capturing_hooks(module: nn.Module) -> bool:
 
 
 def _layer_forward(self, hidden_states, **kwargs):
+    how: AttentionOnly = self.attention_only
     training = self.training and torch.is_grad_enabled()
     # compiled for training only: evaluation and generation (a KV cache growing by one token a
     # step) run eagerly
-    compiled = self._phy_compile and training
-    fn = compiled_attention_half(self._phy_memory_budget) if compiled else attention_half
+    compiled = how.compile and training
+    fn = compiled_attention_half(how.memory_budget, how.compile_mode) if compiled else attention_half
     if compiled and self.self_attn._forward_hooks and only_output_capturing_hooks(self.self_attn):
         kwargs["call_hooks"] = False
-    if self._phy_checkpoint and training:
+    kwargs["mlp_input_dtype"] = how.mlp_input_dtype
+    if how.checkpoint and training:
         h, normed = checkpoint(fn, self, hidden_states, use_reentrant=False, **kwargs)
     else:
         h, normed = fn(self, hidden_states, **kwargs)
@@ -140,35 +165,32 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def resolve_mode(mode, model: nn.Module):
     """``"attention"`` pays off only with the kit's 4-bit experts (they recompute for themselves);
     any other model gets whole-layer checkpointing (``True``) instead."""
-    from phyassist.models.quantize import Quant4bitExperts
-
     if mode == "attention" and not any(isinstance(m, Quant4bitExperts) for m in model.modules()):
         return True
     return mode
 
 
 def checkpoint_attention_only(model: nn.Module, keep_expert_activations: bool = False, compile: bool = False,
-                              checkpoint_attention: bool = True, memory_budget: float | None = None) -> int:
+                              checkpoint_attention: bool = True, memory_budget: float | None = None,
+                              compile_mode: str | None = None) -> int:
     """Checkpoint each decoder layer's attention half; returns how many layers were patched.
 
     Also turns off the experts' saved gate/up activations (they recompute them instead), which
     is what keeps the memory at whole-layer checkpointing's level. ``compile`` runs the attention
     half through :func:`compiled_attention_half`; ``checkpoint_attention=False`` keeps its
-    activations instead of recomputing them (more memory, less time).
+    activations instead of recomputing them (more memory, less time). ``compile_mode``:
+    torch.compile's mode for the attention half (None: its default).
     """
-    from phyassist.models.quantize import Quant4bitExperts
-
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: no pre-norm decoder layers "
                          f"(with {', '.join(LAYER_PARTS)}) to checkpoint")
     for layer in layers:
-        experts = [m for m in layer.mlp.modules() if isinstance(m, Quant4bitExperts)]
-        layer._phy_moe_dtype = experts[0].gate_up.quant_state.dtype if experts else None
         if getattr(layer, "gradient_checkpointing", False):
             layer.gradient_checkpointing = False  # ours replaces the whole-layer one
-        layer._phy_compile, layer._phy_checkpoint = compile, checkpoint_attention and memory_budget is None
-        layer._phy_memory_budget = memory_budget
+        layer.attention_only = AttentionOnly(
+            checkpoint=checkpoint_attention and memory_budget is None, compile=compile, memory_budget=memory_budget,
+            compile_mode=compile_mode, mlp_input_dtype=mlp_input_dtype(layer))
         patch_forward(layer, _layer_forward)
         if compile:
             drop_inner_device_hooks(layer)
