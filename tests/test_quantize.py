@@ -192,18 +192,43 @@ def test_single_gpu_projection_counts_the_kept_dequantized_experts():
     assert kept.kept_weights_gib == pytest.approx(8 * 2.625) and none.kept_weights_gib == 0
     assert kept.per_gpu[0] - none.per_gpu[0] == pytest.approx(21.0)
     assert abs(none.per_gpu[0] - 50.47) < 1 and abs(kept.per_gpu[0] - 70.99) < 1 and kept.per_gpu[0] < 79
-    assert "kept dequantized experts (8 layers)      21.00" in report(cfg, kept)
+    assert "kept dequantized experts (8 layers)      21.00\n" in report(cfg, kept)  # one GPU: no "last GPU"
     # under whole-layer checkpointing they live only during a layer's recompute
     full = project(load_config("single-gpu", {"train.gradient_checkpointing": True, "train.compile_attention": False}))
     assert full.kept_weights_gib == 0
 
 
+def test_dry_run_table_says_totals_per_gpu_and_balances_a_small_model():
+    """Issue 24 point 8: a small dense model's layers spread over both GPUs (its logits on the last
+    GPU outweigh all its layers), the table says which terms are whole-model and which per GPU, the
+    router is named only for MoE models, and a CPU profile says nothing about CUDA or GPUs."""
+    from phyassist.train.dryrun import project, report
+
+    small = load_config("paper", {"model.name": "qwen2.5-1.5b-instruct"})
+    assert small.train.lora.target_router and small.model.num_gpus == 2
+    proj = project(small)
+    text = report(small, proj)
+    assert proj.layers == 28 and proj.layers_per_gpu == [14, 14]
+    assert "router" not in text
+    assert "memory projection, whole model (GiB)" in text and "memory projection, per GPU (GiB)" in text
+    assert "GPU 0: 14 layers + embeddings" in text and "GPU 1: 14 layers + head, logits" in text
+    assert "logits + loss" in text and "on the last GPU" in text
+    mixtral = load_config("paper")
+    assert "+ MoE router" in report(mixtral, project(mixtral))
+    cpu = load_config("smoke", {"model.num_gpus": 2})
+    cpu_proj = project(cpu)
+    cpu_text = report(cpu, cpu_proj)
+    assert "CUDA" not in cpu_text and "GPU" not in cpu_text and cpu_proj.layers_per_gpu == [30]
+    assert "CPU: all 30 layers" in cpu_text and "of memory on the CPU" in cpu_text
+
+
 def test_layer_split_and_device_map():
     from phyassist.models.placement import balance_layers, layer_device_map
 
-    assert balance_layers(32, [1.0, 1.0], 0.7) == [16, 16]
-    counts = balance_layers(32, [1.5, 0.5], 0.7)  # heavier first GPU gets fewer layers
-    assert counts[0] < counts[1] and sum(counts) == 32
+    assert balance_layers(32, [1.0, 1.0]) == [16, 16]
+    assert balance_layers(31, [1.5, 0.5]) == [15, 16]  # the remainder to the lighter GPU
+    assert balance_layers(28, [0.1, 5.0]) == [14, 14]  # a heavy head does not empty the last GPU
+    assert balance_layers(3, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 0]
     cfg = architecture_config("tiny-mixtral")
     dmap = layer_device_map(cfg, [1, 1])
     assert dmap["model.embed_tokens"] == 0 and dmap["lm_head"] == 1

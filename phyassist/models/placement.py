@@ -53,12 +53,17 @@ def device_map(mcfg):
     return mcfg.device_map  # "auto" / "balanced": accelerate places layers under max_memory
 
 
-def balance_layers(n_layers: int, fixed: list[float], per_layer: float) -> list[int]:
-    """Layer counts per GPU minimising the largest GPU's total (greedy: each layer to the
-    GPU with least load, kept contiguous by assigning counts, not positions)."""
-    counts = [0] * len(fixed)
-    for _ in range(n_layers):
-        i = min(range(len(fixed)), key=lambda j: fixed[j] + (counts[j] + 1) * per_layer)
+def balance_layers(n_layers: int, fixed: list[float]) -> list[int]:
+    """Decoder layers per GPU: the same number on every GPU, the remainder to the GPUs with the least
+    ``fixed`` memory (embeddings on the first, head on the last).
+
+    A layer split is a pipeline: every GPU takes its share of the layers. Minimising the largest
+    GPU's memory instead would put every layer of a small model beside the embeddings and leave the
+    last GPU only the head and logits; and accelerate's ``balanced`` placement, which loads the dense
+    models, also spreads the layers."""
+    n = len(fixed)
+    counts = [n_layers // n] * n
+    for i in sorted(range(n), key=lambda j: (fixed[j], j))[:n_layers % n]:
         counts[i] += 1
     return counts
 

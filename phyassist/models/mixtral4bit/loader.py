@@ -172,8 +172,9 @@ def quantized_layer_bytes(layer: nn.Module, quant_cfg, dtype_bytes: int = 2) -> 
 
 def plan_device_map(mcfg, model, quant_cfg) -> dict[str, object]:
     """Module name -> device. One device for ``device_map: cpu|single`` or without CUDA; else the
-    decoder layers in contiguous blocks over the GPUs, balanced on their 4-bit size plus, per GPU,
-    one layer in 16 bit (the transient while it is quantized), within ``max_memory_per_gpu``."""
+    decoder layers in contiguous, equal blocks over the GPUs (:func:`~phyassist.models.placement.balance_layers`),
+    each GPU's 4-bit layers plus one layer in 16 bit (the transient while it is quantized) within
+    ``max_memory_per_gpu``."""
     config = model.config
     dmap = device_map(mcfg)
     if isinstance(dmap, dict):
@@ -185,7 +186,7 @@ def plan_device_map(mcfg, model, quant_cfg) -> dict[str, object]:
     embed = model.model.embed_tokens.weight.numel() * 2 / GIB
     head = model.lm_head.weight.numel() * 2 / GIB
     fixed = [bf16_layer + (embed if i == 0 else 0.0) + (head if i == n_gpu - 1 else 0.0) for i in range(n_gpu)]
-    counts = balance_layers(config.num_hidden_layers, fixed, per_layer)
+    counts = balance_layers(config.num_hidden_layers, fixed)
     cap = parse_gib(mcfg.max_memory_per_gpu)
     for i, c in enumerate(counts):
         need = fixed[i] + c * per_layer
