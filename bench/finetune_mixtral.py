@@ -58,6 +58,7 @@ import gc
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -407,7 +408,7 @@ def _run_variant(name, spec, args, dev, part="full"):
     reserved = torch.cuda.max_memory_reserved(dev) / GIB if dev.type == "cuda" else float("nan")
     prof = profile_step(step, dev, args.profile_shapes, args.profile_rows) if args.profile and part == "full" and name in args.profile.split(",") else None
     idle = gpu_idle(step, opt, params, dev) if part == "full" and name in args.timeline.split(",") else None
-    step_s = sorted(times)[len(times) // 2]
+    step_s = statistics.median(times)
     tokens = args.accum * args.batch * args.seq
     tps = tokens / step_s
     _, peak_flops = gpu_peak()

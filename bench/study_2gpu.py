@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
           callbacks=callbacks)
     total = time.perf_counter() - t0
     steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]
-    step_s = sorted(steps)[len(steps) // 2]
+    step_s = statistics.median(steps)
     run = Path(cfg.output_dir)
     state = json.loads((run / "checkpoints" / "trainer_state.json").read_text())
     res.update(found, train_s=round(total, 1), first_step_s=round(ends[0] - t0, 1), step_s=round(step_s, 3),

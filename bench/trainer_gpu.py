@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -168,7 +169,7 @@ def run(recipe: str, args, tokenizer) -> dict:
     steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]  # after compile/warm-up
     if found:
         steps = steps[:-1]
-    step_s = sorted(steps)[len(steps) // 2]
+    step_s = statistics.median(steps)
     state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     row = dict(recipe=recipe, overrides=RECIPES[name], weights_gib=round(weights, 2), peak_gib=round(peak, 2),
