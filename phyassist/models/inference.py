@@ -28,7 +28,7 @@ def model_identity(mcfg) -> str:
 
 
 def adapter_names(paths: list[str | Path]) -> list[str]:
-    """A distinct PEFT adapter name per folder (``sft``, ``rl``, ``adapter_2`` ...)."""
+    """A distinct PEFT adapter name per folder of a stack (``sft``, ``rl``, ``adapter_2`` ...)."""
     names = []
     for p in paths:
         stem = Path(p).name if Path(p).name != "adapter" else Path(p).parent.name
@@ -56,13 +56,14 @@ def check_adapter(path: str | Path, mcfg=None) -> Path:
 
 def attach(model, paths: list[str | Path], mcfg=None):
     """Load every adapter onto ``model`` and activate them all together; returns the PeftModel
-    (``model`` itself when ``paths`` is empty)."""
+    (``model`` itself when ``paths`` is empty). A lone adapter keeps PEFT's name ``default``; a stack's
+    are named after their folders."""
     from peft import PeftModel
 
     paths = [check_adapter(p, mcfg) for p in paths]
     if not paths:
         return model
-    names = adapter_names(paths)
+    names = adapter_names(paths) if len(paths) > 1 else ["default"]
     model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name=names[0])
     for name, path in zip(names[1:], paths[1:]):
         model.load_adapter(str(path), adapter_name=name)
