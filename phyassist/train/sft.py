@@ -125,8 +125,7 @@ def trainer_class():
         # Deferred metrics. TRL 1.16 reads its per-micro-batch metrics (entropy, token accuracy,
         # token count, aux loss) back to the host as soon as the forward ends, and the Trainer its
         # input-token count before each forward: each read waits for the GPU to drain, which then
-        # idles while the host queues the next kernels (165 ms of idle GPU in a 2.17 s optimizer
-        # step on Mixtral, bench/trainer_gpu.md). Here they stay on the device until the next log
+        # idles while the host queues the next kernels (measured on Mixtral: bench/trainer_gpu.md). Here they stay on the device until the next log
         # or checkpoint, and are read there in one transfer; the logged values are TRL's.
         defer_metrics = True
         _pending = None  # {name: [0-d device tensor per micro-batch]} until the next flush
