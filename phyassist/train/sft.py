@@ -34,20 +34,23 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         raise TrainSetupError(f"train.load_best_model_at_end needs train.save_steps ({t.save_steps}) to be a "
                               f"multiple of train.eval_steps ({t.eval_steps}): only evaluated checkpoints can be best")
     return SFTConfig(
-        output_dir=str(ckpt_dir), seed=cfg.seed, data_seed=cfg.seed,
+        output_dir=str(ckpt_dir), seed=cfg.seed,
+        data_seed=cfg.seed,  # the sampler's own seed: a resumed run sees the same data order
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
         optim=optim, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
+        warmup_steps=t.warmup_ratio,  # transformers 5 reads a warmup_steps below 1 as a ratio (warmup_ratio is gone)
+        max_grad_norm=t.max_grad_norm,
         save_steps=t.save_steps, logging_steps=t.logging_steps, save_total_limit=t.save_total_limit,
-        logging_first_step=True,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        logging_first_step=True,  # a loss at step 1, so a curve starts where training does
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",  # transformers 5's name
         gradient_checkpointing=t.gradient_checkpointing is True,  # "attention": ours, prepare_for_training
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
-        bf16=t.bf16 and use_cuda, use_cpu=not use_cuda,
+        bf16=t.bf16 and use_cuda, use_cpu=not use_cuda,  # bf16 autocast on GPUs only; CPU profiles train in fp32
         max_length=cfg.model.max_seq_length, completion_only_loss=t.completion_only_loss,
         router_aux_loss_coef=t.router_aux_loss_coef,
+        # best-fit-decreasing packing with position ids restarting per example: no cross-example attention
         packing=t.packing, packing_strategy="bfd", padding_free=t.packing,
         eval_strategy="steps" if evaluating else "no", eval_steps=t.eval_steps,
         load_best_model_at_end=best, metric_for_best_model=t.metric_for_best_model if best else None,
@@ -55,9 +58,9 @@ def sft_config(cfg, ckpt_dir: Path, has_eval: bool):
         per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
         report_to=["wandb"] if cfg.wandb.mode != "disabled" else "none",
         run_name=cfg.wandb.run_name or cfg.name,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # tokens/s of real tokens (the meter and the logs)
         dataloader_num_workers=t.dataloader_num_workers,
-        remove_unused_columns=True, disable_tqdm=False,
+        remove_unused_columns=True, disable_tqdm=False,  # records carry only input_ids/labels; progress bar on
         # data parallel: every LoRA weight gets a gradient each step, and the frozen 4-bit buffers are
         # identical on every rank (each loads the same file), so neither is searched for nor re-sent per step
         ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,
