@@ -411,9 +411,9 @@ def random_model_factory(vocab_size: int, device, log: dict):
     i.e. what ``load_model`` returns for a checkpoint; seconds go to ``log['build_s']``."""
     import torch
 
-    from phyassist.models.loader4bit import mark_quantized
-    from phyassist.models.loading import torch_dtype
-    from phyassist.models.quantize import build_quantized_model
+    from phyassist.models.mixtral4bit.build import build_quantized_model
+    from phyassist.models.mixtral4bit.loader import mark_quantized
+    from phyassist.models.quant import torch_dtype
     from phyassist.models.registry import architecture_config
 
     def build(mcfg):

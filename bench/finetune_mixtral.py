@@ -58,6 +58,7 @@ import gc
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,9 +67,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phyassist.models.quantize import build_quantized_model, keep_dequantized_weights  # noqa: E402
+from bench.fused_loss import fused_linear_cross_entropy  # noqa: E402
+from phyassist.models.mixtral4bit.build import build_quantized_model  # noqa: E402
+from phyassist.models.mixtral4bit.experts import keep_dequantized_weights  # noqa: E402
 from phyassist.models.schema import QuantConfig  # noqa: E402
-from phyassist.train.fused_loss import fused_linear_cross_entropy  # noqa: E402
 from phyassist.train.lora import apply_lora, trainable_parameters  # noqa: E402
 from phyassist.train.schema import LoraConfig  # noqa: E402
 
@@ -160,8 +162,8 @@ def check_experts(dev, tokens: int = 4096) -> dict:
 
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    from phyassist.models import moe_kernels
-    from phyassist.models.quantize import Quant4bitExperts
+    from phyassist.models.mixtral4bit import kernels
+    from phyassist.models.mixtral4bit.experts import Quant4bitExperts
 
     cfg = mixtral_config(dev.type != "cuda")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -178,7 +180,7 @@ def check_experts(dev, tokens: int = 4096) -> dict:
     with torch.no_grad():
         ref.gate_up_proj.copy_(q.gate_up.dequantize())
         ref.down_proj.copy_(q.down.dequantize())
-    res = {"triton": moe_kernels.use_triton(x)}
+    res = {"triton": kernels.use_triton(x)}
     for keep in (True, False):
         q.keep_activations = keep
         xs = [x.clone().requires_grad_() for _ in range(2)]
@@ -199,7 +201,7 @@ def check_dequant(dev, shape=(8, 28672, 4096), reps: int = 10) -> dict:
     time per call and memory bandwidth (4-bit bytes read + bf16 written) of each."""
     import bitsandbytes.functional as bnbf
 
-    from phyassist.models import moe_kernels
+    from phyassist.models.mixtral4bit import kernels
 
     if dev.type != "cuda":
         shape = (4, 128, 64)
@@ -209,7 +211,7 @@ def check_dequant(dev, shape=(8, 28672, 4096), reps: int = 10) -> dict:
     res = {}
     outs = {}
     for name, fn in (("bitsandbytes", lambda: bnbf.dequantize_4bit(packed, state)),
-                     ("kit", lambda: moe_kernels.dequantize_nf4(packed, state))):
+                     ("kit", lambda: kernels.dequantize_nf4(packed, state))):
         outs[name] = fn().view(-1)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         sync()
@@ -222,24 +224,22 @@ def check_dequant(dev, shape=(8, 28672, 4096), reps: int = 10) -> dict:
         res[name] = dict(ms=round(dt * 1e3, 3), gb_per_s=round(nbytes / dt / 1e9, 1))
     if dev.type == "cuda":  # launch configurations of the kit's kernel
         sweep = {}
-        default = (moe_kernels._DQ_BYTES, moe_kernels._DQ_WARPS)
         for nbytes in (1024, 2048, 4096, 8192):
             for warps in (4, 8, 16):
-                moe_kernels._DQ_BYTES, moe_kernels._DQ_WARPS = nbytes, warps
-                moe_kernels.dequantize_nf4(packed, state)
+                launch = dict(block_bytes=nbytes, warps=warps)
+                kernels.dequantize_nf4(packed, state, **launch)
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 for _ in range(reps):
-                    moe_kernels.dequantize_nf4(packed, state)
+                    kernels.dequantize_nf4(packed, state, **launch)
                 torch.cuda.synchronize()
                 sweep[f"{nbytes}B/{warps}w"] = round((time.perf_counter() - t) / reps * 1e3, 3)
-        moe_kernels._DQ_BYTES, moe_kernels._DQ_WARPS = default
         res["sweep_ms"] = sweep
     diff = outs["kit"].float() - outs["bitsandbytes"].float()
     res["values_differing"] = int((diff != 0).sum())
     res["max_abs_diff"] = float(diff.abs().max())
     res["values"] = outs["kit"].numel()
-    res["triton"] = moe_kernels.use_triton(packed)
+    res["triton"] = kernels.use_triton(packed)
     return res
 
 
@@ -258,10 +258,11 @@ def matmul_ceiling(dev) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
-def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 0, memory_budget=None):
+def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 0, memory_budget=None,
+            compile_mode=None):
     """ckpt: full (whole layers), attention (attention halves; experts recompute gate/up),
     experts (only the experts recompute), none (nothing recomputed)."""
-    from phyassist.train.checkpointing import checkpoint_attention_only, decoder_layers
+    from phyassist.models.mixtral4bit.checkpointing import checkpoint_attention_only, decoder_layers
 
     model.config.use_cache = False
     if ckpt == "full":
@@ -271,9 +272,10 @@ def prepare(model, ckpt: str, lora_cfg, compile: bool = False, attn_keep: int = 
     peft_model = apply_lora(model, lora_cfg)
     if ckpt in ("attention", "experts") or compile:
         checkpoint_attention_only(peft_model, keep_expert_activations=ckpt == "none", compile=compile,
-                                  checkpoint_attention=ckpt == "attention", memory_budget=memory_budget)
+                                  checkpoint_attention=ckpt == "attention", memory_budget=memory_budget,
+                                  compile_mode=compile_mode)
         for layer in decoder_layers(peft_model)[:attn_keep]:
-            layer._phy_checkpoint = False
+            layer.attention_only.checkpoint = False
     return peft_model
 
 
@@ -309,15 +311,12 @@ def make_step(peft_model, part: str, fused_ce: bool, batch, dev, hidden_size):
 def run_variant(name, spec, args, dev, part="full"):
     import torch._inductor.config
 
-    from phyassist.models import moe_kernels, quantize
-    from phyassist.train import checkpointing
+    from phyassist.models.mixtral4bit import checkpointing, experts
 
-    moe_kernels.TRITON_DEQUANTIZE = spec.get("dequant", "kit") == "kit"
-    host_counts = quantize._host_counts
-    if spec.get("stale_counts"):
+    host_counts = experts._host_counts
+    if spec.get("stale_counts"):  # a diagnostic, not a training path: patched here, not an option
         layers = mixtral_config(args.tiny, args.layers).num_hidden_layers
-        quantize._host_counts = stale_host_counts(host_counts, layers)
-    checkpointing.COMPILE_MODE = spec.get("compile_mode")
+        experts._host_counts = stale_host_counts(host_counts, layers)
     inductor = torch._inductor.config
     fallback_random = inductor.fallback_random
     if spec.get("fallback_random", False) != fallback_random:
@@ -331,9 +330,7 @@ def run_variant(name, spec, args, dev, part="full"):
             torch._dynamo.reset()
             checkpointing._compiled.clear()
             inductor.fallback_random = fallback_random
-        moe_kernels.TRITON_DEQUANTIZE = True
-        checkpointing.COMPILE_MODE = None
-        quantize._host_counts = host_counts
+        experts._host_counts = host_counts
 
 
 def stale_host_counts(real, layers: int):
@@ -367,14 +364,16 @@ def _run_variant(name, spec, args, dev, part="full"):
             total = torch.cuda.get_device_properties(dev).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), dev)
     t0 = time.perf_counter()
+    dequantize = "triton" if spec.get("dequant", "kit") == "kit" else "bitsandbytes"
     model = build_quantized_model(cfg, quant, dev, method=spec["method"], layers=rng_layers,
                                   with_embed=part != "half1", with_head=part != "half0", dtype=dtype,
-                                  progress=False)
+                                  progress=False,
+                                  expert_options={"dequantize": dequantize} if spec["method"] == "grouped" else None)
     build_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else float("nan")
     lora = LoraConfig(r=32, alpha=32, dropout=spec.get("lora_dropout", 0.05), target_router=True)
     peft_model = prepare(model, spec["ckpt"], lora, spec.get("compile", False), spec.get("attn_keep", 0),
-                         spec.get("memory_budget"))
+                         spec.get("memory_budget"), spec.get("compile_mode"))
     if spec.get("keep_weights"):
         keep_dequantized_weights(peft_model, spec["keep_weights"])
     if spec.get("lora_dtype"):
@@ -409,7 +408,7 @@ def _run_variant(name, spec, args, dev, part="full"):
     reserved = torch.cuda.max_memory_reserved(dev) / GIB if dev.type == "cuda" else float("nan")
     prof = profile_step(step, dev, args.profile_shapes, args.profile_rows) if args.profile and part == "full" and name in args.profile.split(",") else None
     idle = gpu_idle(step, opt, params, dev) if part == "full" and name in args.timeline.split(",") else None
-    step_s = sorted(times)[len(times) // 2]
+    step_s = statistics.median(times)
     tokens = args.accum * args.batch * args.seq
     tps = tokens / step_s
     _, peak_flops = gpu_peak()

@@ -62,7 +62,7 @@ def build(method: str, layers: int, vocab: int):
     import torch
 
     from phyassist.config import load_config
-    from phyassist.models.quantize import build_quantized_model
+    from phyassist.models.mixtral4bit.build import build_quantized_model
     from phyassist.models.registry import architecture_config
     from phyassist.train.lora import apply_lora
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -106,7 +107,7 @@ def main() -> None:
                     runs[w].append(round(rate(lambda: per_expert(routed, streams), flops, reps=40), 1))
                 torch.backends.cuda.preferred_blas_library(default_blas)
             res[name]["per-expert, routed split, interleaved rounds TF/s"] = {
-                w: {"median": sorted(v)[len(v) // 2], "all": v} for w, v in runs.items()}
+                w: {"median": statistics.median(v), "all": v} for w, v in runs.items()}
         for pad in (16, 128):  # each expert's rows start on a multiple of `pad` (zero rows between)
             offs_p = torch.tensor(padded_ends(pad), device=dev, dtype=torch.int32)
             x_p = torch.zeros(int(offs_p[-1]), K, device=dev, dtype=dt)

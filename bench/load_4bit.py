@@ -1,5 +1,5 @@
 """Peak GPU memory of loading a Mixtral checkpoint into 4 bit: the layer-by-layer loader
-(phyassist.models.loader4bit) against bitsandbytes' load followed by quantize_moe_experts.
+(phyassist.models.mixtral4bit.loader) against bitsandbytes' load followed by quantize_moe_experts.
 
 The checkpoint is synthetic (random bf16) but has Mixtral-8x7B's layer shapes and the original
 per-expert key layout, sharded one layer a file with an index json; only the number of decoder
@@ -84,14 +84,14 @@ def measure(folder: Path, path: str, logits_out: Path) -> dict:
         from transformers import AutoModelForCausalLM
 
         from phyassist.models.loading import bnb_config
-        from phyassist.models.quantize import quantize_moe_experts
+        from phyassist.models.mixtral4bit.experts import quantize_moe_experts
 
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config(mcfg),
                                                      dtype=torch.bfloat16, device_map={"": 0})
         quantize_moe_experts(model, mcfg.quant)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    from phyassist.models.quantize import sixteen_bit_weights
+    from phyassist.models.mixtral4bit.experts import sixteen_bit_weights
 
     row = dict(path=path, load_s=round(seconds, 2),
                peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),

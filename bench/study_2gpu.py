@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def memory_probe(found: dict, t0: float):
 
 
 def layers_per_device(model) -> dict:
-    from phyassist.train.checkpointing import decoder_layers
+    from phyassist.models.mixtral4bit.checkpointing import decoder_layers
 
     counts: dict = {}
     for layer in decoder_layers(model):
@@ -74,14 +75,14 @@ def split_with_cpu() -> None:
     import torch
     import transformers
 
-    from phyassist.models import loader4bit
-    from phyassist.train.dryrun import layer_device_map
+    from phyassist.models.mixtral4bit import loader
+    from phyassist.models.placement import layer_device_map
 
     def plan(mcfg, model, quant_cfg):
         n = model.config.num_hidden_layers
         return layer_device_map(model.config, [n - n // 2, n // 2], devices=[0, "cpu"])
 
-    loader4bit.plan_device_map = plan
+    loader.plan_device_map = plan
     accelerate.dispatch_model = functools.partial(accelerate.dispatch_model, main_device="cpu")
     transformers.Trainer.autocast_smart_context_manager = (
         lambda self, cache_enabled=True: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled))
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
           callbacks=callbacks)
     total = time.perf_counter() - t0
     steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]
-    step_s = sorted(steps)[len(steps) // 2]
+    step_s = statistics.median(steps)
     run = Path(cfg.output_dir)
     state = json.loads((run / "checkpoints" / "trainer_state.json").read_text())
     res.update(found, train_s=round(total, 1), first_step_s=round(ends[0] - t0, 1), step_s=round(step_s, 3),

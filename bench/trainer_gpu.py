@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -154,21 +155,21 @@ def run(recipe: str, args, tokenizer) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()
-    make = T._trainer_class
+    make = T.trainer_class
     if flag == "sync":
-        T._trainer_class = lambda: type("SyncingTrainer", (make(),), {"defer_metrics": False})
+        T.trainer_class = lambda: type("SyncingTrainer", (make(),), {"defer_metrics": False})
     t0 = time.perf_counter()
     try:
         T.train(cfg, train_records=records(args.steps * 16, vary=args.vary), model=model, tokenizer=tokenizer,
                 callbacks=callbacks)
     finally:
-        T._trainer_class = make
+        T.trainer_class = make
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     steps = [b - a for a, b in zip(ends, ends[1:])][args.skip - 1:]  # after compile/warm-up
     if found:
         steps = steps[:-1]
-    step_s = sorted(steps)[len(steps) // 2]
+    step_s = statistics.median(steps)
     state = json.loads((out / "checkpoints" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     row = dict(recipe=recipe, overrides=RECIPES[name], weights_gib=round(weights, 2), peak_gib=round(peak, 2),

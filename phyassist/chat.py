@@ -105,11 +105,11 @@ def loop(model, tok, system: str | None, inp: TextIO, out: TextIO, **gen) -> int
 
 
 def main(cfg, args: argparse.Namespace) -> int:
-    from phyassist.recipes.adapters import load_stacked
+    from phyassist.models.inference import load_for_inference
 
     adapters = parse_adapters(args.adapters)
     print(f"[chat] loading {cfg.model.name}" + (f" + {', '.join(adapters)}" if adapters else ""), file=sys.stderr)
-    model, tok = load_stacked(cfg, adapters)
+    model, tok = load_for_inference(cfg, adapters)
     system = args.system if args.system is not None else cfg.data.system_prompt
     gen = dict(max_new_tokens=args.max_new_tokens or cfg.evaluate.max_new_tokens, temperature=args.temperature,
                top_p=args.top_p)

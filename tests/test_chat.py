@@ -13,10 +13,10 @@ OVER = ["model.name=tiny-mixtral", "model.device_map=cpu", "model.dtype=float32"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from phyassist.recipes.adapters import load_stacked
+    from phyassist.models.inference import load_for_inference
 
     cfg = load_config("smoke", OVER)
-    return load_stacked(cfg, [])
+    return load_for_inference(cfg, [])
 
 
 def test_stream_yields_pieces_that_make_the_reply(tiny):

@@ -90,7 +90,7 @@ def test_fsdp_with_fused_4bit_experts_is_refused(monkeypatch):
 
 
 def test_fsdp_swaps_bitsandbytes_optimizer_for_torch_adamw(monkeypatch, tmp_path):
-    from phyassist.train.trainer import sft_config
+    from phyassist.train.sft import sft_config
 
     cfg = load_config("paper", {"output_dir": str(tmp_path)})
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)

@@ -147,7 +147,7 @@ def check_routed(device="cpu", dtype=torch.float32, hidden=256, inter=1024, expe
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
     from phyassist.models.mixtral4bit.decode import routed_experts
-    from phyassist.models.quantize import Quant4bitExperts
+    from phyassist.models.mixtral4bit.experts import Quant4bitExperts
 
     cfg = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
                         num_experts_per_tok=2)
@@ -181,7 +181,7 @@ def test_routed_experts_match_the_training_path():
 
 def test_routed_kernel_matches_in_triton_interpreter():
     pytest.importorskip("triton")
-    code = ("import tests.test_generation as t, phyassist.models.moe_kernels as k, torch; "
+    code = ("import tests.test_generation as t, phyassist.models.mixtral4bit.kernels as k, torch; "
             "assert k.use_triton(torch.zeros(1)); t.check_routed(); print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
@@ -204,7 +204,7 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width):
     LoRA attached (router included). ``mixtral``: 2 layers of Mixtral-8x7B's full width."""
     from transformers import LogitsProcessor
 
-    from phyassist.models.quantize import build_quantized_model
+    from phyassist.models.mixtral4bit.build import build_quantized_model
     from phyassist.models.registry import architecture_config
     from phyassist.train.lora import apply_lora
 

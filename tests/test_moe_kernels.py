@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from phyassist.models.moe_kernels import gather_sum, swiglu_backward_, swiglu_forward
+from phyassist.models.mixtral4bit.kernels import gather_sum, swiglu_backward_, swiglu_forward
 
 
 def _reference(h, w, grad_a):
@@ -59,7 +59,7 @@ def test_torch_fallback_matches_formula():
 
 def test_triton_kernels_match_formula_in_interpreter():
     pytest.importorskip("triton")
-    code = ("import tests.test_moe_kernels as t, phyassist.models.moe_kernels as k; "
+    code = ("import tests.test_moe_kernels as t, phyassist.models.mixtral4bit.kernels as k; "
             "assert k.use_triton(k.torch.zeros(1)); t.check(); t.check_gather_sum(); print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
@@ -73,7 +73,7 @@ def check_dequantize(out_dtype=torch.float32):
     GPUs (bench/finetune_mixtral.py) and here only within one bf16 step."""
     import bitsandbytes.functional as bnbf
 
-    from phyassist.models.moe_kernels import dequantize_nf4
+    from phyassist.models.mixtral4bit.kernels import dequantize_nf4
 
     torch.manual_seed(0)
     for nested in (True, False):
@@ -99,7 +99,7 @@ def test_dequantize_without_triton_is_bitsandbytes():
 
 def test_dequantize_kernel_matches_bitsandbytes_in_interpreter():
     pytest.importorskip("triton")
-    code = ("import tests.test_moe_kernels as t, phyassist.models.moe_kernels as k, torch; "
+    code = ("import tests.test_moe_kernels as t, phyassist.models.mixtral4bit.kernels as k, torch; "
             "assert k.use_triton(torch.zeros(1)); t.check_dequantize(); t.check_dequantize(torch.bfloat16); print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from phyassist.config import load_config
-from phyassist.models.quantize import (Quant4bitExperts, iter_fused_experts, quantize_moe_experts,
-                                       sixteen_bit_weights)
+from phyassist.models.mixtral4bit.experts import (Quant4bitExperts, iter_fused_experts, quantize_moe_experts,
+                                                sixteen_bit_weights)
 from phyassist.models.registry import architecture_config
 
 
@@ -94,7 +94,7 @@ def _grouped_mm_reference(x, w, offs):
 def test_grouped_gemm_path_matches_the_per_expert_loop(monkeypatch):
     """expert_gemm=grouped (torch's grouped GEMM over group ends, no host read of the counts) gives
     the per-expert loop's outputs and gradients; run on the CPU with a reference grouped GEMM."""
-    import phyassist.models.quantize as Q
+    import phyassist.models.mixtral4bit.experts as Q
 
     cfg, ex, x, idx, w = _experts_and_routing(tokens=20)
     idx[:, 0] = idx[:, 0].clamp(max=1)  # uneven groups, one expert with few rows
@@ -192,18 +192,43 @@ def test_single_gpu_projection_counts_the_kept_dequantized_experts():
     assert kept.kept_weights_gib == pytest.approx(8 * 2.625) and none.kept_weights_gib == 0
     assert kept.per_gpu[0] - none.per_gpu[0] == pytest.approx(21.0)
     assert abs(none.per_gpu[0] - 50.47) < 1 and abs(kept.per_gpu[0] - 70.99) < 1 and kept.per_gpu[0] < 79
-    assert "kept dequantized experts (8 layers)      21.00" in report(cfg, kept)
+    assert "kept dequantized experts (8 layers)      21.00\n" in report(cfg, kept)  # one GPU: no "last GPU"
     # under whole-layer checkpointing they live only during a layer's recompute
     full = project(load_config("single-gpu", {"train.gradient_checkpointing": True, "train.compile_attention": False}))
     assert full.kept_weights_gib == 0
 
 
-def test_layer_split_and_device_map():
-    from phyassist.train.dryrun import balance_layers, layer_device_map
+def test_dry_run_table_says_totals_per_gpu_and_balances_a_small_model():
+    """Issue 24 point 8: a small dense model's layers spread over both GPUs (its logits on the last
+    GPU outweigh all its layers), the table says which terms are whole-model and which per GPU, the
+    router is named only for MoE models, and a CPU profile says nothing about CUDA or GPUs."""
+    from phyassist.train.dryrun import project, report
 
-    assert balance_layers(32, [1.0, 1.0], 0.7) == [16, 16]
-    counts = balance_layers(32, [1.5, 0.5], 0.7)  # heavier first GPU gets fewer layers
-    assert counts[0] < counts[1] and sum(counts) == 32
+    small = load_config("paper", {"model.name": "qwen2.5-1.5b-instruct"})
+    assert small.train.lora.target_router and small.model.num_gpus == 2
+    proj = project(small)
+    text = report(small, proj)
+    assert proj.layers == 28 and proj.layers_per_gpu == [14, 14]
+    assert "router" not in text
+    assert "memory projection, whole model (GiB)" in text and "memory projection, per GPU (GiB)" in text
+    assert "GPU 0: 14 layers + embeddings" in text and "GPU 1: 14 layers + head, logits" in text
+    assert "logits + loss" in text and "on the last GPU" in text
+    mixtral = load_config("paper")
+    assert "+ MoE router" in report(mixtral, project(mixtral))
+    cpu = load_config("smoke", {"model.num_gpus": 2})
+    cpu_proj = project(cpu)
+    cpu_text = report(cpu, cpu_proj)
+    assert "CUDA" not in cpu_text and "GPU" not in cpu_text and cpu_proj.layers_per_gpu == [30]
+    assert "CPU: all 30 layers" in cpu_text and "of memory on the CPU" in cpu_text
+
+
+def test_layer_split_and_device_map():
+    from phyassist.models.placement import balance_layers, layer_device_map
+
+    assert balance_layers(32, [1.0, 1.0]) == [16, 16]
+    assert balance_layers(31, [1.5, 0.5]) == [15, 16]  # the remainder to the lighter GPU
+    assert balance_layers(28, [0.1, 5.0]) == [14, 14]  # a heavy head does not empty the last GPU
+    assert balance_layers(3, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 0]
     cfg = architecture_config("tiny-mixtral")
     dmap = layer_device_map(cfg, [1, 1])
     assert dmap["model.embed_tokens"] == 0 and dmap["lm_head"] == 1
@@ -245,7 +270,7 @@ def _grads_with(checkpointing, over=None):
 
 
 def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
 
     calls = []
     real = ck.checkpoint
@@ -265,11 +290,11 @@ def test_attention_only_checkpointing_gives_the_same_gradients(monkeypatch):
 def test_kept_dequantized_weights_give_the_same_gradients_without_dequantizing_again(monkeypatch, mode):
     """model.quant.keep_dequantized_layers: the backward reuses the forward's dequantized weights
     (the same values, so bit-equal gradients) and dequantizes only where they were not kept."""
-    from phyassist.models.quantize import Packed4bit
+    from phyassist.models.mixtral4bit.experts import Packed4bit
 
     calls = []
     real = Packed4bit.dequantize
-    monkeypatch.setattr(Packed4bit, "dequantize", lambda self: calls.append(1) or real(self))
+    monkeypatch.setattr(Packed4bit, "dequantize", lambda self, *a: calls.append(1) or real(self, *a))
     layers = architecture_config("tiny-mixtral").num_hidden_layers
     loss0, g0 = _grads_with(mode)
     per_layer = len(calls) // layers  # 4 (forward + backward), 6 with whole-layer recompute
@@ -285,7 +310,7 @@ def test_kept_dequantized_weights_give_the_same_gradients_without_dequantizing_a
 def test_keep_dequantized_layers_is_validated_and_reaches_the_last_layers():
     from phyassist.config import ConfigError
     from phyassist.models.loading import load_model
-    from phyassist.models.quantize import keep_dequantized_weights
+    from phyassist.models.mixtral4bit.experts import keep_dequantized_weights
     from phyassist.train.trainer import prepare_for_training
 
     with pytest.raises(ConfigError, match="keep_dequantized_layers=2 needs experts_method: grouped"):
@@ -304,7 +329,7 @@ def test_keep_dequantized_layers_is_validated_and_reaches_the_last_layers():
 def _compiled_grads(over, mode="attention"):
     """``_grads_with(mode)`` compiled afresh (a cached graph may come from another budget);
     also returns how many graphs dynamo compiled (0 would mean nothing was compiled)."""
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -328,9 +353,9 @@ def test_compiled_attention_half_gives_the_same_gradients():
 def test_no_checkpointing_with_compile_keeps_all_activations():
     """gradient_checkpointing false + compile_attention (configs/single-gpu.yaml): nothing
     recomputed, the attention half compiled, the experts keep their gate/up activations."""
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
     from phyassist.models.loading import load_model
-    from phyassist.models.quantize import Quant4bitExperts
+    from phyassist.models.mixtral4bit.experts import Quant4bitExperts
     from phyassist.train.trainer import prepare_for_training
 
     cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped",
@@ -338,7 +363,7 @@ def test_no_checkpointing_with_compile_keeps_all_activations():
     assert cfg.train.gradient_checkpointing is False
     model = prepare_for_training(load_model(cfg.model, for_training=True), cfg)
     layers = ck.decoder_layers(model)
-    assert all(layer._phy_compile and not layer._phy_checkpoint for layer in layers)
+    assert all(layer.attention_only.compile and not layer.attention_only.checkpoint for layer in layers)
     experts = [[m for m in layer.mlp.modules() if isinstance(m, Quant4bitExperts)] for layer in layers]
     assert all(e and all(m.keep_activations for m in e) for e in experts)
 
@@ -352,7 +377,7 @@ def test_compiled_attention_half_stays_one_graph_after_outputs_were_captured():
     from phyassist.config import load_config
     from phyassist.models.loading import load_model
     from phyassist.train.trainer import prepare_for_training
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
 
     torch._dynamo.reset()
     ck._compiled.clear()
@@ -389,7 +414,7 @@ def test_compiled_checkpointed_attention_replays_its_dropout_masks():
 
 
 def test_evaluation_and_generation_run_the_attention_half_eagerly():
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
     from phyassist.models.loading import load_model
 
     cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped"})
@@ -414,8 +439,8 @@ def test_compile_attention_refuses_whole_layer_checkpointing():
 
 def test_attention_only_checkpointing_patches_layers_and_experts():
     from phyassist.models.loading import load_model
-    from phyassist.models.quantize import Quant4bitExperts
-    from phyassist.train.checkpointing import checkpoint_attention_only
+    from phyassist.models.mixtral4bit.experts import Quant4bitExperts
+    from phyassist.models.mixtral4bit.checkpointing import checkpoint_attention_only
 
     cfg = load_config("smoke", {"model.name": "tiny-mixtral", "model.quant.experts_method": "grouped"})
     model = load_model(cfg.model, for_training=True)
@@ -432,7 +457,7 @@ def test_attention_only_checkpointing_keeps_accelerate_device_hooks():
     input to its device in a hook around ``forward``; the patched layers must keep calling it."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
     from phyassist.models.loading import load_model
 
     class Recorder(ModelHook):
@@ -464,7 +489,7 @@ def test_compiled_attention_half_traces_a_layer_split_by_accelerate():
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_execution_device_hook
     from torch._dynamo.utils import counters
 
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
     from phyassist.models.loading import load_model
     from phyassist.train.trainer import prepare_for_training
 
@@ -494,7 +519,7 @@ def test_moe_input_is_rounded_once_to_the_experts_dtype_under_autocast():
     bf16 (the router and the experts round it to bf16 anyway), without autocast it stays as is."""
     from torch import nn
 
-    from phyassist.train.checkpointing import attention_half
+    from phyassist.models.mixtral4bit.checkpointing import attention_half
 
     class Attn(nn.Module):
         def forward(self, hidden_states, **kw):
@@ -502,14 +527,12 @@ def test_moe_input_is_rounded_once_to_the_experts_dtype_under_autocast():
 
     layer = nn.Module()
     layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn = nn.Identity(), nn.Identity(), Attn()
-    layer._phy_moe_dtype = torch.bfloat16
     x = torch.randn(2, 3, 8)
-    h, normed = attention_half(layer, x)
+    h, normed = attention_half(layer, x, mlp_input_dtype=torch.bfloat16)
     assert normed.dtype == torch.float32 and h.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h, normed = attention_half(layer, x)
+        h, normed = attention_half(layer, x, mlp_input_dtype=torch.bfloat16)
     assert normed.dtype == torch.bfloat16 and h.dtype == torch.float32  # the residual stream keeps fp32
     assert torch.equal(normed, (3 * x).to(torch.bfloat16))
-    layer._phy_moe_dtype = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attention_half(layer, x)[1].dtype == torch.float32

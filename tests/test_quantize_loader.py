@@ -1,4 +1,4 @@
-"""Layer-by-layer 4-bit loader (phyassist.models.loader4bit) on the CPU with tiny random Mixtrals
+"""Layer-by-layer 4-bit loader (phyassist.models.mixtral4bit.loader) on the CPU with tiny random Mixtrals
 saved in both checkpoint layouts: per expert (original, sharded with an index) and fused."""
 
 import json
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from phyassist.config import load_config
-from phyassist.models.loader4bit import CheckpointError, load_quantized_moe
-from phyassist.models.quantize import iter_fused_experts, sixteen_bit_weights
+from phyassist.models.mixtral4bit.experts import iter_fused_experts, sixteen_bit_weights
+from phyassist.models.mixtral4bit.loader import CheckpointError, load_quantized_moe
 from phyassist.models.registry import get_spec, tiny_config
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -75,7 +75,7 @@ def _existing_path_model(path):
     from transformers import AutoModelForCausalLM
 
     from phyassist.models.loading import bnb_config
-    from phyassist.models.quantize import quantize_moe_experts
+    from phyassist.models.mixtral4bit.experts import quantize_moe_experts
 
     mcfg = _mcfg(path)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(mcfg),
@@ -153,12 +153,12 @@ def test_tensor_absent_from_index_is_named(checkpoints, tmp_path):
 
 def test_plan_splits_full_mixtral_over_two_24gb_gpus(monkeypatch):
     """The placement for the study (no GPU needed: meta model, explicit per-GPU cap)."""
-    from phyassist.models import loading
-    from phyassist.models.loader4bit import plan_device_map
+    from phyassist.models.mixtral4bit import loader
+    from phyassist.models.mixtral4bit.loader import plan_device_map
     from phyassist.train.dryrun import meta_model
 
     model, _ = meta_model("mixtral-8x7b-instruct")
-    monkeypatch.setattr(loading, "device_map", lambda mcfg: "balanced")
+    monkeypatch.setattr(loader, "device_map", lambda mcfg: "balanced")
     mcfg = load_config("paper").model.model_copy(update={"num_gpus": 2, "max_memory_per_gpu": "24GiB"})
     dmap = plan_device_map(mcfg, model, mcfg.quant)
     layers = [dmap[f"model.layers.{i}"] for i in range(32)]

@@ -203,7 +203,7 @@ def test_stacked_sft_rl_equals_rl_on_merged_sft(tmp_path, kind):
     import torch
     from peft import PeftModel
 
-    from phyassist.recipes.adapters import attach
+    from phyassist.models.inference import attach
 
     base = tiny_model(kind)
     base = random_adapter(base, tmp_path / "sft", 1, ["q_proj", "v_proj"])
@@ -221,14 +221,14 @@ def test_stacked_sft_rl_equals_rl_on_merged_sft(tmp_path, kind):
 
 
 def test_adapter_names_are_distinct():
-    from phyassist.recipes.adapters import adapter_names
+    from phyassist.models.inference import adapter_names
 
     assert adapter_names(["runs/x/sft/best_adapter", "runs/x/rl/adapter", "y/rl/adapter"]) == \
         ["best_adapter", "rl", "rl_2"]
 
 
 def test_not_an_adapter_folder_is_named(tmp_path):
-    from phyassist.recipes.adapters import attach
+    from phyassist.models.inference import attach
 
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
         attach(object(), [tmp_path])

@@ -13,6 +13,10 @@ import pytest
 
 from phyassist.config import load_config
 from phyassist.io import atomic_write_jsonl
+from phyassist.models.inference import ADAPTER_META, load_for_inference
+from phyassist.train import sft
+from phyassist.train.checks import TrainSetupError, check_hardware, last_checkpoint
+from phyassist.train.records import IGNORE, read_records, tokenize_record
 from phyassist.train import trainer as T
 
 QA = [("I feel anxious before exams. What can I do?",
@@ -38,46 +42,46 @@ def records(tok, n=12):
 
 def test_labels_cover_only_the_answer(tok):
     rec = records(tok, 1)[0]
-    row = T.tokenize_record(tok, rec, 512)
+    row = tokenize_record(tok, rec, 512)
     n_prompt = len(tok(rec["prompt"], add_special_tokens=False)["input_ids"])
-    assert all(x == T.IGNORE for x in row["labels"][:n_prompt])
+    assert all(x == IGNORE for x in row["labels"][:n_prompt])
     assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
-    full = T.tokenize_record(tok, rec, 512, completion_only=False)
+    full = tokenize_record(tok, rec, 512, completion_only=False)
     assert full["labels"] == full["input_ids"]
 
 
 def test_multi_turn_messages_train_on_every_assistant_turn(tok):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there."},
             {"role": "user", "content": "I am tired."}, {"role": "assistant", "content": "Rest a little."}]
-    row = T.tokenize_record(tok, {"messages": msgs}, 512)
-    text = tok.decode([t for t in row["labels"] if t != T.IGNORE])
+    row = tokenize_record(tok, {"messages": msgs}, 512)
+    text = tok.decode([t for t in row["labels"] if t != IGNORE])
     assert "Hello there." in text and "Rest a little." in text and "I am tired" not in text
     with pytest.raises(ValueError, match="record 3"):
-        T.tokenize_record(tok, {"question": "x"}, 512, index=3)
+        tokenize_record(tok, {"question": "x"}, 512, index=3)
 
 
 def test_missing_data_file_is_named(tmp_path):
     cfg = load_config("smoke", {"output_dir": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match=r"data/train.jsonl.*phyassist data"):
-        T.read_records(cfg)
+        read_records(cfg)
 
 
 def test_paper_profile_without_gpu_is_refused(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(T.TrainSetupError, match="no CUDA GPU"):
-        T.check_hardware(load_config("paper"))
+    with pytest.raises(TrainSetupError, match="no CUDA GPU"):
+        check_hardware(load_config("paper"))
 
 
 def test_checkpoint_of_another_base_model_is_refused(tmp_path):
     ck = tmp_path / "checkpoints" / "checkpoint-20"
     ck.mkdir(parents=True)
-    (ck / T.RUN_META).write_text(json.dumps({"base_model": "mixtral-8x7b-instruct"}))
+    (ck / ADAPTER_META).write_text(json.dumps({"base_model": "mixtral-8x7b-instruct"}))
     (ck / "trainer_state.json").write_text("{}")
     cfg = load_config("smoke", {"output_dir": str(tmp_path)})
-    with pytest.raises(T.TrainSetupError, match="mixtral-8x7b-instruct"):
-        T.last_checkpoint(tmp_path / "checkpoints", cfg)
+    with pytest.raises(TrainSetupError, match="mixtral-8x7b-instruct"):
+        last_checkpoint(tmp_path / "checkpoints", cfg)
 
 
 def test_resume_passes_over_a_checkpoint_killed_while_it_was_written(tmp_path):
@@ -91,7 +95,7 @@ def test_resume_passes_over_a_checkpoint_killed_while_it_was_written(tmp_path):
         if state is not None:
             (ckpts / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     cfg = load_config("smoke", {"output_dir": str(tmp_path)})
-    assert T.last_checkpoint(ckpts, cfg) == str(ckpts / "checkpoint-2")
+    assert last_checkpoint(ckpts, cfg) == str(ckpts / "checkpoint-2")
     assert last_complete_checkpoint(tmp_path / "none") is None
 
 
@@ -147,7 +151,7 @@ def test_smollm2_qlora_steps_decrease_loss_and_reload(tok, tmp_path):
     assert losses[max(losses)] < losses[1]
     assert (tmp_path / "images" / "train_loss.png").exists()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    model, tok2 = T.load_for_inference(cfg, adapter)
+    model, tok2 = load_for_inference(cfg, adapter)
     assert tok2.padding_side == "left" and model.peft_config["default"].r == cfg.train.lora.r
 
 
@@ -197,15 +201,15 @@ def test_best_eval_loss_checkpoint_is_kept_and_loaded(tok, tmp_path):
     assert state["best_metric"] == pytest.approx(evals[best])
     kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("checkpoint-*"))
     assert kept == sorted({best, steps}), kept  # rotation kept the best one beside the newest
-    meta = json.loads((adapter / T.RUN_META).read_text())
+    meta = json.loads((adapter / ADAPTER_META).read_text())
     assert meta["weights"] == "best" and meta["best_checkpoint"] == f"checkpoint-{best}"
     final = load_file(adapter / "adapter_model.safetensors")
     ck = {s: load_file(tmp_path / "checkpoints" / f"checkpoint-{s}" / "adapter_model.safetensors") for s in kept}
     assert final.keys() == ck[best].keys()
     assert all(torch.equal(final[k], ck[best][k]) for k in final)
     assert not all(torch.equal(final[k], ck[steps][k]) for k in final)
-    model, _ = T.load_for_inference(cfg, adapter)  # reloaded: its eval loss is the best one
-    row = T.tokenize_record(tok, val[0], 128)
+    model, _ = load_for_inference(cfg, adapter)  # reloaded: its eval loss is the best one
+    row = tokenize_record(tok, val[0], 128)
     with torch.no_grad():
         loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
     # the tiny random MoE model's loss differs by ~2e-3 between the Trainer's evaluation and a plain
@@ -223,7 +227,7 @@ def test_paper_path_trains_tiny_mixtral_with_the_compiled_attention_half(tok, tm
     import torch
     from torch._dynamo.utils import counters
 
-    import phyassist.train.checkpointing as ck
+    import phyassist.models.mixtral4bit.checkpointing as ck
 
     torch._dynamo.reset()
     ck._compiled.clear()
@@ -261,7 +265,7 @@ def test_deferred_metrics_log_what_trl_logs(tok, tmp_path, monkeypatch):
     micro-batch. The logs are those of TRL's own path (the same run with deferral off)."""
     import torch
 
-    base = T._trainer_class()
+    base = sft.trainer_class()
     reads = {"on": False, "n": 0}
 
     def counted(name):
@@ -302,7 +306,7 @@ def test_deferred_metrics_log_what_trl_logs(tok, tmp_path, monkeypatch):
                 finally:
                     reads["on"] = False
 
-        monkeypatch.setattr(T, "_trainer_class", lambda: Watched)
+        monkeypatch.setattr(T, "trainer_class", lambda: Watched)
         reads["n"] = 0
         out = tmp_path / ("deferred" if defer else "trl")
         cfg = load_config("smoke", {"output_dir": str(out), "model.name": "tiny-mixtral",

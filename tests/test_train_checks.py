@@ -10,7 +10,7 @@ from phyassist.config import load_config
 
 
 def test_too_little_gpu_memory_says_how_much_is_needed(monkeypatch):
-    from phyassist.train.trainer import TrainSetupError, check_hardware
+    from phyassist.train.checks import TrainSetupError, check_hardware
 
     from phyassist.train.dryrun import project
 

@@ -1,5 +1,5 @@
 from phyassist.config import load_config
-from phyassist.train.trainer import sft_config
+from phyassist.train.sft import sft_config
 
 
 def test_eval_batch_defaults_to_train_batch_and_can_be_set(tmp_path):
@@ -24,7 +24,7 @@ def test_study_hyperparameters_reach_trl(tmp_path):
 def test_load_best_model_at_end_reaches_trl_only_with_evaluation(tmp_path):
     import pytest
 
-    from phyassist.train.trainer import TrainSetupError
+    from phyassist.train.checks import TrainSetupError
 
     cfg = load_config("smoke", ["train.eval_steps=5", "train.save_steps=10", "train.load_best_model_at_end=true"])
     args = sft_config(cfg, tmp_path, has_eval=True)
@@ -65,7 +65,7 @@ def test_split_head_device_only_for_models_over_several_devices():
     split over devices (the study's two-GPU layer split); a one-device model is left alone."""
     import torch
 
-    from phyassist.train.trainer import split_head_device
+    from phyassist.train.sft import split_head_device
 
     class Model(torch.nn.Module):
         def __init__(self, dmap):

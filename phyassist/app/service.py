@@ -144,10 +144,10 @@ class CounselorService:
         sweep_leftovers(store)
         if not with_model:
             return cfg_cls(cfg, store, None, None)
-        from phyassist.models.loading import load_model, load_tokenizer
+        from phyassist.models.inference import load_for_inference
+        from phyassist.models.loading import load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.model, padding_side="left")
-        model = load_model(cfg.model, for_training=False)
+        model, tokenizer = load_for_inference(cfg)
         return cfg_cls.serve(cfg, store, model, tokenizer, load_tokenizer(cfg.model, padding_side="right"))
 
     @classmethod

@@ -42,25 +42,10 @@ def inference_config(cfg):
 
 
 def load_for_eval(cfg, adapter: Path | None):
-    """(model, tokenizer): the trainer's loader when present, else transformers + PEFT."""
-    cfg = inference_config(cfg)
-    try:
-        from phyassist.train.trainer import load_for_inference
-    except ImportError:
-        load_for_inference = None
-    if load_for_inference is not None:
-        model, tok = load_for_inference(cfg, adapter)
-    else:
-        from phyassist.models.loading import load_model, load_tokenizer
+    """(model, tokenizer): the kit's inference loader, ``evaluate.load_in_4bit`` applied."""
+    from phyassist.models.inference import load_for_inference
 
-        tok = load_tokenizer(cfg.model, padding_side="left")
-        model = load_model(cfg.model)
-        if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter))
-    tok.padding_side = "left"
-    return model.eval(), tok
+    return load_for_inference(inference_config(cfg), adapter)
 
 
 def generation_settings(cfg) -> dict:

@@ -6,20 +6,14 @@ from __future__ import annotations
 import os
 
 from phyassist.models.chat_templates import ensure_chat_template
+from phyassist.models.placement import device_map, max_memory, under_fsdp
+from phyassist.models.quant import bnb_config, torch_dtype
 from phyassist.models.registry import get_spec, resolve_model_path
 from phyassist.models.schema import ModelConfig
 
 
 def _offline(mcfg: ModelConfig) -> bool:
     return mcfg.local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1"
-
-
-def torch_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
 
 
 def load_tokenizer(mcfg: ModelConfig, padding_side: str = "right"):
@@ -36,57 +30,12 @@ def load_tokenizer(mcfg: ModelConfig, padding_side: str = "right"):
     return tok
 
 
-def under_fsdp() -> bool:
-    """Started by ``accelerate launch`` with an FSDP config."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def quant_storage(q) -> str:
-    """The 4-bit storage dtype: FSDP can only shard (and all-gather) floating-point tensors, and it
-    wants one dtype per wrapped block, so under FSDP the packed bytes are viewed as the compute dtype."""
-    if q.storage != "auto":
-        return q.storage
-    return q.compute_dtype if under_fsdp() else "uint8"
-
-
-def bnb_config(mcfg: ModelConfig):
-    from transformers import BitsAndBytesConfig
-
-    q = mcfg.quant
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
-                              bnb_4bit_quant_storage=torch_dtype(quant_storage(q)))
-
-
-def max_memory(mcfg: ModelConfig) -> dict | None:
-    """Per-GPU cap from the config (the study's profile: two 24 GB cards)."""
-    import torch
-
-    if not torch.cuda.is_available() or not mcfg.max_memory_per_gpu:
-        return None
-    n = mcfg.num_gpus or torch.cuda.device_count()
-    return {i: mcfg.max_memory_per_gpu for i in range(n)}
-
-
-def device_map(mcfg: ModelConfig):
-    import torch
-
-    if under_fsdp():  # FSDP places (and shards) the weights itself after the load
-        return None
-    if mcfg.device_map == "cpu" or not torch.cuda.is_available():
-        return {"": "cpu"}
-    if mcfg.device_map == "single":  # under `accelerate launch` each process takes its own GPU
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return mcfg.device_map  # "auto" / "balanced": accelerate places layers under max_memory
-
-
 def _is_moe(mcfg: ModelConfig, path: str) -> bool:
     """Fused-expert architectures are built layer by layer into 4 bit
-    (:mod:`phyassist.models.loader4bit`): bitsandbytes' load would bring their experts in 16 bit."""
+    (:mod:`phyassist.models.mixtral4bit.loader`): bitsandbytes' load would bring their experts in 16 bit."""
     from transformers import AutoConfig
 
-    from phyassist.models.loader4bit import has_fused_experts
+    from phyassist.models.mixtral4bit.loader import has_fused_experts
 
     config = AutoConfig.from_pretrained(path, revision=mcfg.revision, local_files_only=_offline(mcfg))
     return has_fused_experts(config)
@@ -94,13 +43,13 @@ def _is_moe(mcfg: ModelConfig, path: str) -> bool:
 
 def load_model(mcfg: ModelConfig, *, for_training: bool = False):
     """The causal LM, quantized per ``mcfg.quant``. MoE models in 4 bit are read layer by layer
-    straight into 4 bit, experts included (:mod:`phyassist.models.loader4bit`); others go through
-    bitsandbytes' load, then :func:`~phyassist.models.quantize.quantize_moe_experts`."""
+    straight into 4 bit, experts included (:mod:`phyassist.models.mixtral4bit.loader`); others go
+    through bitsandbytes' load, then :func:`~phyassist.models.mixtral4bit.experts.quantize_moe_experts`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(mcfg.name)
     if mcfg.quant.load_in_4bit and mcfg.quant.quantize_experts and _is_moe(mcfg, path):
-        from phyassist.models.loader4bit import load_quantized_moe
+        from phyassist.models.mixtral4bit.loader import load_quantized_moe
 
         if under_fsdp():
             raise ValueError(
@@ -121,7 +70,7 @@ def load_model(mcfg: ModelConfig, *, for_training: bool = False):
         kwargs["dtype"] = torch_dtype(mcfg.quant.compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if mcfg.quant.load_in_4bit and mcfg.quant.quantize_experts:
-        from phyassist.models.quantize import quantize_moe_experts
+        from phyassist.models.mixtral4bit.experts import quantize_moe_experts
 
         quantize_moe_experts(model, mcfg.quant, method=mcfg.quant.experts_method)
     if for_training:

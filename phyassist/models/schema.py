@@ -21,7 +21,7 @@ class QuantConfig(Section):
     experts_method: Literal["parametrize", "grouped"] = Field(
         "parametrize", description="How 4-bit experts run: bitsandbytes' parametrization under "
         "transformers' experts code, or the kit's grouped-GEMM module with fused SwiGLU "
-        "(phyassist.models.quantize; measured in bench/finetune_mixtral.md).")
+        "(phyassist.models.mixtral4bit; measured in bench/finetune_mixtral.md).")
     expert_gemm: Literal["grouped", "per_expert"] = Field(
         "grouped", description="GEMMs of the grouped experts on GPUs: torch's grouped GEMM (no host "
         "wait) or one cuBLAS GEMM per expert (faster on a router's uneven row counts, but the host "
@@ -29,8 +29,8 @@ class QuantConfig(Section):
     keep_dequantized_layers: int = Field(
         0, ge=0, description="Expert blocks (the last N layers) whose dequantized bf16 weights the "
         "forward saves for the backward instead of dequantizing them again: 2.6 GiB more per "
-        "Mixtral-8x7B layer for about 1.2 ms less per micro-batch on an H100 (experts_method: grouped; "
-        "configs/single-gpu.yaml). Measured in bench/finetune_mixtral.md.")
+        "Mixtral-8x7B layer, for the time bench/finetune_mixtral.md measures (experts_method: grouped; "
+        "configs/single-gpu.yaml).")
     storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the packed 4-bit bytes are stored as (bitsandbytes' quant_storage). "
         "FSDP shards only floating-point tensors, so 'auto' is uint8, or compute_dtype under "

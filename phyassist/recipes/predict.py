@@ -87,10 +87,10 @@ def finish(cfg, title: str, records: list[dict], preds: dict[str, list[str]], co
 
 def predict_covid(cfg, records: list[dict], sft_adapter, rl_adapter) -> dict:
     """SFT vs SFT + RL (stacked) on the test split: BLEU, ROUGE, mean length; length plot."""
-    from phyassist.recipes.adapters import activate, load_stacked
+    from phyassist.models.inference import activate, load_for_inference
     from phyassist.recipes.plots import plot_bars
 
-    model, tok = load_stacked(cfg, [sft_adapter, rl_adapter])
+    model, tok = load_for_inference(cfg, [sft_adapter, rl_adapter])
     names = list(model.peft_config)
     records = held_out(cfg, records)
     preds = run_variants(cfg, model, tok, records, {
@@ -104,10 +104,10 @@ def predict_covid(cfg, records: list[dict], sft_adapter, rl_adapter) -> dict:
 
 def evaluate_soulchat(cfg, records: list[dict], adapter) -> dict:
     """Base vs fine-tuned on the same held-out questions: BLEU, cosine, ROUGE-1, length quality."""
-    from phyassist.recipes.adapters import load_stacked
+    from phyassist.models.inference import load_for_inference
     from phyassist.recipes.plots import plot_grouped
 
-    model, tok = load_stacked(cfg, [adapter])
+    model, tok = load_for_inference(cfg, [adapter])
     records = held_out(cfg, records)
     variants = {"fine-tuned": contextlib.nullcontext}
     if cfg.recipe.predict.compare_base:

@@ -35,9 +35,9 @@ def rl_prompts(records: list[dict], max_prompt_chars: int | None, cap: int | Non
 def load_sft_merged(cfg, sft_adapter: str | Path):
     """(base with the SFT adapter merged in, left-padded tokenizer): the policy's starting point and
     the KL reference."""
-    from phyassist.recipes.adapters import load_stacked
+    from phyassist.models.inference import load_for_inference
 
-    model, tok = load_stacked(cfg, [sft_adapter])
+    model, tok = load_for_inference(cfg, [sft_adapter])
     return model.merge_and_unload(), tok
 
 

@@ -29,9 +29,9 @@ def sft_adapter_path(cfg) -> Path:
 
 def adapter_info(adapter: Path) -> dict:
     """What the trainer recorded about an adapter: weights (best/final), best checkpoint and metric."""
-    from phyassist.train.trainer import RUN_META
+    from phyassist.models.inference import ADAPTER_META
 
-    meta = Path(adapter) / RUN_META
+    meta = Path(adapter) / ADAPTER_META
     return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
 
 

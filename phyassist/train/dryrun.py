@@ -19,10 +19,12 @@ compares it with measured peaks):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-GIB = 2**30
+from phyassist.models.placement import GIB, balance_layers, parse_gib
+from phyassist.models.quant import four_bit_bytes, stored_in_4bit
+from phyassist.train.lora import router_parameter_names
+
 CUDA_OVERHEAD_GIB = 0.6  # CUDA context + cuBLAS workspace + allocator slack, per GPU
 
 
@@ -52,18 +54,28 @@ class Projection:
     layers_per_gpu: list[int] = field(default_factory=list)
     checkpointing: bool | str = True  # effective mode (``attention`` falls back to whole layers on dense models)
     kept_weights_gib: float = 0.0  # dequantized experts saved for the backward (keep_dequantized_layers)
+    on_gpu: bool = True  # False: a CPU profile (model.device_map: cpu), one device, no CUDA context
+    quantized: bool = True  # model.quant.load_in_4bit
+    dense_bits: int = 16  # the weights kept out of 4 bit: 16-bit, or 32 with a float32 profile
+    router_adapted: bool = False  # the LoRA adapts an MoE router (train.lora.target_router on an MoE model)
+
+    @property
+    def overhead_gib(self) -> float:
+        """Per device: the CUDA context, cuBLAS workspace and allocator slack of a GPU; nothing on a CPU."""
+        return CUDA_OVERHEAD_GIB if self.on_gpu else 0.0
 
     @property
     def weights_gib(self) -> float:
         return self.weights_4bit_dq_gib if self.double_quant else self.weights_4bit_gib
 
     def split(self, n: int) -> tuple[list[int], list[float]]:
-        """Balance layers over ``n`` GPUs (embeddings on the first, head + logits on the last)."""
+        """Layers over ``n`` GPUs as the loader places them (equal blocks, embeddings on the first,
+        head, logits and kept experts on the last) and each GPU's total."""
         per_layer = self.layer_weight_gib + self.boundary_gib_per_layer
-        fixed = [CUDA_OVERHEAD_GIB + self.layer_work_gib + self.lora_opt_gib / n for _ in range(n)]
+        fixed = [self.overhead_gib + self.layer_work_gib + self.lora_opt_gib / n for _ in range(n)]
         fixed[0] += self.embed_gib
         fixed[-1] += self.head_gib + self.logits_gib + self.kept_weights_gib
-        counts = balance_layers(self.layers, fixed, per_layer)
+        counts = balance_layers(self.layers, fixed)
         return counts, [f + c * per_layer for f, c in zip(fixed, counts)]
 
     def per_gpu_gib(self, n: int) -> float:
@@ -80,33 +92,6 @@ class Projection:
                 f"activations at {self.micro_batch}x{self.seq_len}")
 
 
-def balance_layers(n_layers: int, fixed: list[float], per_layer: float) -> list[int]:
-    """Layer counts per GPU minimising the largest GPU's total (greedy: each layer to the
-    GPU with least load, kept contiguous by assigning counts, not positions)."""
-    counts = [0] * len(fixed)
-    for _ in range(n_layers):
-        i = min(range(len(fixed)), key=lambda j: fixed[j] + (counts[j] + 1) * per_layer)
-        counts[i] += 1
-    return counts
-
-
-def layer_device_map(config, counts: list[int], devices: list | None = None) -> dict:
-    """An explicit ``device_map``: contiguous blocks of decoder layers per GPU, embeddings on
-    the first GPU, final norm and LM head on the last."""
-    devices = devices if devices is not None else list(range(len(counts)))
-    if sum(counts) != config.num_hidden_layers:
-        raise ValueError(f"layer counts {counts} do not add up to {config.num_hidden_layers} layers")
-    dmap = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
-    layer = 0
-    for dev, c in zip(devices, counts):
-        for _ in range(c):
-            dmap[f"model.layers.{layer}"] = dev
-            layer += 1
-    dmap["model.norm"] = devices[-1]
-    dmap["lm_head"] = devices[-1]
-    return dmap
-
-
 def meta_model(name: str):
     """The architecture on the meta device: shapes without memory or weights."""
     import torch
@@ -118,20 +103,6 @@ def meta_model(name: str):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return model, config
-
-
-def _is_quantized(name: str, p, quant_experts: bool) -> bool:
-    """Which parameters a QLoRA load stores in 4 bit: linear weights (not the LM head) and,
-    with ``quantize_experts``, the fused 3-D expert tensors."""
-    if p.dim() == 3:
-        return quant_experts
-    return p.dim() == 2 and name.endswith("proj.weight") or name.endswith(("fc1.weight", "fc2.weight"))
-
-
-def four_bit_bytes(n: int, double_quant: bool, blocksize: int = 64) -> float:
-    blocks = math.ceil(n / blocksize)
-    stats = blocks * 1 + math.ceil(blocks / 256) * 4 if double_quant else blocks * 4
-    return n / 2 + stats
 
 
 def count_trainable(model, lcfg) -> int:
@@ -154,7 +125,7 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
     q4 = m.quant.load_in_4bit
     dense_bytes = 2 if m.dtype != "float32" and m.quant.compute_dtype != "float32" else 4
     for name, p in model.named_parameters():
-        quant = q4 and _is_quantized(name, p, m.quant.quantize_experts)
+        quant = q4 and stored_in_4bit(name, p, m.quant.quantize_experts)
         if quant:
             q_params += p.numel()
         else:
@@ -162,6 +133,7 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
         if ".layers.0." in name:
             layer_q, layer_dense = (layer_q + p.numel(), layer_dense) if quant else (layer_q, layer_dense + p.numel())
     total = q_params + dense
+    routers = router_parameter_names(model, t.lora.router_parameters) if t.lora.target_router else []
     trainable = count_trainable(model, t.lora)
     hidden, layers = config.hidden_size, config.num_hidden_layers
     vocab = config.vocab_size
@@ -180,7 +152,7 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
     mlp_saved = tokens * (hidden + top_k * 2 * inter) * act if kit_experts else mlp_work
     ckpt = t.gradient_checkpointing
     if ckpt == "attention" and not kit_experts:
-        ckpt = True  # as the trainer does (phyassist.train.checkpointing.resolve_mode)
+        ckpt = True  # as the trainer does (phyassist.models.mixtral4bit.checkpointing.resolve_mode)
     # whole-layer checkpointing keeps each layer's input; attention-only also the MoE input; none
     # all of a layer's activations, with one layer's dequantized experts as the working set
     boundary = tokens * hidden * act * (2 if ckpt == "attention" else 1) if ckpt else attn_work + mlp_saved
@@ -199,21 +171,12 @@ def project(cfg, micro_batch: int | None = None, num_gpus: int | None = None) ->
         micro_batch=bsz, seq_len=seq, cap_gib=parse_gib(m.max_memory_per_gpu),
         num_gpus=num_gpus or m.num_gpus or 1, checkpointing=ckpt,
         # under whole-layer checkpointing they live only during one layer's recompute (working set)
-        kept_weights_gib=0.0 if ckpt is True else m.quant.keep_dequantized_layers * dequant_work / GIB)
+        kept_weights_gib=0.0 if ckpt is True else m.quant.keep_dequantized_layers * dequant_work / GIB,
+        on_gpu=m.device_map != "cpu", quantized=q4, dense_bits=8 * dense_bytes, router_adapted=bool(routers))
+    if not proj.on_gpu:
+        proj.num_gpus = 1  # a CPU profile runs on one device whatever model.num_gpus says
     proj.layers_per_gpu, proj.per_gpu = proj.split(proj.num_gpus)
     return proj
-
-
-def parse_gib(text: str | None) -> float | None:
-    """'24GiB' / '24GB' / '24000MiB' -> GiB."""
-    if not text:
-        return None
-    s = text.strip().upper().replace(" ", "")
-    units = {"GIB": 1.0, "GB": 1e9 / GIB, "MIB": 1 / 1024, "MB": 1e6 / GIB, "TIB": 1024.0}
-    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(u):
-            return float(s[: -len(u)]) * f
-    return float(s)
 
 
 def largest_micro_batch(cfg, cap_gib: float, num_gpus: int, limit: int = 64) -> int:
@@ -226,42 +189,72 @@ def largest_micro_batch(cfg, cap_gib: float, num_gpus: int, limit: int = 64) -> 
     return best
 
 
+def _row(label: str, gib: float, note: str = "") -> str:
+    return f"  {label:<38}{gib:8.2f}" + (f"   {note}" if note else "")
+
+
+def _device_label(proj: Projection, i: int) -> str:
+    """``GPU i: n layers`` with what else that GPU holds (``CPU: all n layers`` on a CPU profile)."""
+    device = f"GPU {i}" if proj.on_gpu else "CPU"
+    if len(proj.layers_per_gpu) == 1:
+        return f"{device}: all {proj.layers} layers"
+    parts = [f"{proj.layers_per_gpu[i]} layers"]
+    if i == 0:
+        parts.append("embeddings")
+    if i == len(proj.layers_per_gpu) - 1:
+        parts.append("head, logits" + (", kept experts" if proj.kept_weights_gib else ""))
+    return f"{device}: {' + '.join(parts)}"
+
+
 def report(cfg, proj: Projection) -> str:
-    """The dry run's printout: counts, the per-term projection and a clear verdict."""
+    """The dry run's printout: counts, the projection (whole-model terms, then what each device
+    holds) and a clear verdict."""
     n = proj.num_gpus
+    lora = cfg.train.lora
+    where = f"{n} GPU(s)" if proj.on_gpu else "the CPU"
+    last = "on the last GPU" if proj.on_gpu and n > 1 else ""
     lines = [
         f"model            {proj.model}  ({proj.total_params / 1e9:.2f} B parameters, {proj.layers} layers)",
-        f"trainable (LoRA) {proj.trainable:,}  (r={cfg.train.lora.r}, alpha={cfg.train.lora.alpha}, "
-        f"targets {', '.join(cfg.train.lora.target_modules)}{' + router' if cfg.train.lora.target_router else ''})",
+        f"trainable (LoRA) {proj.trainable:,}  (r={lora.r}, alpha={lora.alpha}, "
+        f"targets {', '.join(lora.target_modules)}{' + MoE router' if proj.router_adapted else ''})",
         f"micro-batch      {proj.micro_batch} x {proj.seq_len} tokens, gradient checkpointing "
         f"{ {True: 'on', False: 'off', 'attention': 'attention only'}[proj.checkpointing]}",
-        "memory projection (GiB)",
-        f"  weights, 4-bit without double quant   {proj.weights_4bit_gib:8.2f}",
-        f"  weights, 4-bit with double quant      {proj.weights_4bit_dq_gib:8.2f}"
-        f"{'   <- configured' if proj.double_quant else ''}",
-        f"  LoRA + gradients + Adam (fp32)        {proj.lora_opt_gib:8.2f}",
-        f"  activations: layer boundaries         {proj.boundary_gib_per_layer * proj.layers:8.2f}",
-        f"  activations: one layer's working set  {proj.layer_work_gib:8.2f}",
-        f"  activations: logits + loss            {proj.logits_gib:8.2f}",
-        *([f"  kept dequantized experts ({cfg.model.quant.keep_dequantized_layers} layers)".ljust(40)
-           + f"{proj.kept_weights_gib:8.2f}"] if proj.kept_weights_gib else []),
-        f"  CUDA context + workspace (per GPU)    {CUDA_OVERHEAD_GIB:8.2f}",
+        f"runs on          {where}",
+        "memory projection, whole model (GiB)",
     ]
-    for i, (c, g) in enumerate(zip(proj.layers_per_gpu, proj.per_gpu)):
-        lines.append(f"  GPU {i}: {c:3d} layers                      {g:8.2f}")
+    if proj.quantized:
+        lines += [_row("weights, 4-bit without double quant", proj.weights_4bit_gib,
+                       "" if proj.double_quant else "<- configured"),
+                  _row("weights, 4-bit with double quant", proj.weights_4bit_dq_gib,
+                       "<- configured" if proj.double_quant else "")]
+    else:
+        lines.append(_row(f"weights, {proj.dense_bits}-bit", proj.weights_gib))
+    lines += [
+        _row("LoRA + gradients + Adam (fp32)", proj.lora_opt_gib, f"split over the {n} GPUs" if n > 1 else ""),
+        _row("activations: layer boundaries", proj.boundary_gib_per_layer * proj.layers, "with each device's layers"),
+        _row("activations: logits + loss", proj.logits_gib, last),
+        *([_row(f"kept dequantized experts ({cfg.model.quant.keep_dequantized_layers} layers)",
+                proj.kept_weights_gib, last)] if proj.kept_weights_gib else []),
+        f"memory projection, per {'GPU' if proj.on_gpu else 'device'} (GiB)",
+        _row("activations: one layer's working set", proj.layer_work_gib),
+        *([_row("CUDA context + workspace", proj.overhead_gib)] if proj.on_gpu else []),
+    ]
+    lines += [_row(_device_label(proj, i), g, "total") for i, g in enumerate(proj.per_gpu)]
+    peak = max(proj.per_gpu)
     cap = proj.cap_gib
-    if cap is None:
-        lines.append(f"verdict: needs about {max(proj.per_gpu):.1f} GiB on {n} GPU(s) (no cap configured)")
+    if cap is None or not proj.on_gpu:
+        lines.append(f"verdict: needs about {peak:.1f} GiB " + (f"per GPU on {n} GPU(s) (no cap configured)"
+                                                               if proj.on_gpu else "of memory on the CPU"))
         return "\n".join(lines)
     if proj.fits():
-        lines.append(f"verdict: FITS - {max(proj.per_gpu):.1f} GiB peak per GPU under the {cap:.1f} GiB cap on {n} GPU(s)")
+        lines.append(f"verdict: FITS - {peak:.1f} GiB peak per GPU under the {cap:.1f} GiB cap on {n} GPU(s)")
     else:
         need = proj.gpus_needed(cap)
         mb = largest_micro_batch(cfg, cap, n)
         alt = [f"{need} GPUs of {cap:.0f} GiB" if need else f"no count of {cap:.0f} GiB GPUs"]
         if mb:
             alt.append(f"micro-batch {mb} (with more gradient accumulation)")
-        lines.append(f"verdict: DOES NOT FIT - {max(proj.per_gpu):.1f} GiB per GPU needed, cap {cap:.1f} GiB "
+        lines.append(f"verdict: DOES NOT FIT - {peak:.1f} GiB per GPU needed, cap {cap:.1f} GiB "
                      f"on {n} GPU(s). Would fit: {' or '.join(alt)}.")
     return "\n".join(lines)
 

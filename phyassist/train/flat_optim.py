@@ -1,9 +1,9 @@
 """An elementwise optimizer run on one flat tensor per parameter group instead of one per LoRA tensor.
 
 The study's LoRA is 320 small tensors on Mixtral (r=32 on q/k/v/o and the router of 32 layers).
-bitsandbytes' paged AdamW updates them one at a time, a Python call and a kernel launch each:
-the GPU sat idle for 39-52 ms of every optimizer step waiting for those launches
-(``--timeline`` of bench/finetune_mixtral.py). Here the trainable tensors become views into one
+bitsandbytes' paged AdamW updates them one at a time, a Python call and a kernel launch each,
+and the GPU sits idle waiting for those launches (measured with ``--timeline`` of
+bench/finetune_mixtral.py: bench/finetune_mixtral.md). Here the trainable tensors become views into one
 flat buffer per (group, device, dtype), so the same optimizer class with the same arguments
 updates all of them in one call.
 

@@ -46,9 +46,9 @@ class TrainConfig(Section):
         "same memory, bench/finetune_mixtral.md); false: none.")
     compile_attention: bool = Field(
         False, description="With gradient_checkpointing 'attention' or false: torch.compile each layer's attention "
-        "half (one graph for all layers; on an H100 the first step took 14-23 s at one sequence length, about 70 s of "
-        "compilation in all with many lengths) so its norms, rotary, LoRA dropout, "
-        "casts and residual adds run fused (bench/finetune_mixtral.md).")
+        "half (one graph for all layers; compiling makes the first steps slower, by how much: "
+        "bench/trainer_gpu.md) so its norms, rotary, LoRA dropout, casts and residual adds run fused "
+        "(bench/finetune_mixtral.md).")
     attention_memory_budget: Optional[float] = Field(
         None, ge=0, le=1, description="With compile_attention: instead of checkpointing the attention half, let "
         "the compiler's partitioner choose what to recompute within this fraction of its activation memory "

@@ -1,6 +1,6 @@
 """Generation-time expert MLP: read only the routed experts' NF4 bytes, never dequantize a whole layer.
 
-Why: the training path (:class:`~phyassist.models.quantize.Quant4bitExperts`' autograd node)
+Why: the training path (:class:`~phyassist.models.mixtral4bit.experts.Quant4bitExperts`' autograd node)
 dequantizes all eight experts of a layer to bf16 before its grouped GEMM: 2.8 GB written and read
 again per Mixtral-8x7B layer. For a training batch of thousands of tokens that cost is shared by every
 token; for one token per sequence it is the whole cost of the step (bench/generation_mixtral.md).
@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from phyassist.models.moe_kernels import _launch, gather_sum, swiglu_forward, triton, use_triton
+from phyassist.models.mixtral4bit.kernels import _launch, gather_sum, swiglu_forward, use_triton
+from phyassist.models.mixtral4bit.kernels import _triton as triton
 
 if triton is not None:
     import triton.language as tl
@@ -83,7 +84,7 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
                    token_of_row: torch.Tensor | None = None, split_bytes: int = SPLIT_BYTES) -> torch.Tensor:
     """``y[r] = x[src(r)] @ W[e(r)].T`` for ``rows`` rows sorted by expert; ``W`` stays NF4.
 
-    ``packed`` is a :class:`~phyassist.models.quantize.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
+    ``packed`` is a :class:`~phyassist.models.mixtral4bit.experts.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
     the end (exclusive) of expert ``e``'s rows; ``src(r) = token_of_row[r]`` (a gather) or ``r``.
     Each program covers ``split_bytes`` packed bytes of K (0: all of K); the partial sums are added
     in fp32 in a fixed order (deterministic, unlike atomics).
