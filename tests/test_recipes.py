@@ -127,7 +127,8 @@ def test_preference_formats_and_errors():
 
 
 def test_bundled_preferences_are_conversational(tmp_path):
-    train, val = load_preferences(smoke("covid-smoke", tmp_path))
+    train, val = load_preferences(smoke("covid-smoke", tmp_path, **{"recipe.preference.source": "file",
+                                                                    "recipe.preference.val_fraction": 0.25}))
     assert len(train) + len(val) == 8 and len(val) == 2
     assert train[0]["prompt"][0]["role"] == "user" and train[0]["chosen"][0]["role"] == "assistant"
 
