@@ -176,8 +176,8 @@ def report_markdown(report: dict) -> str:
         for name, s in r["constructions"].items():
             lines.append(f"| {split} | {name} | {s['pairs']} | {r['skipped'].get(name, 0)} | {s['chosen_length']} | "
                          f"{s['rejected_length']} | {s['chosen_longer']} |")
-        lines.append(f"| {split} | **all** | {r['pairs']} | {sum(r['skipped'].values())} | | | "
-                     f"{r['chosen_longer']} |")
+        longer = "-" if r["chosen_longer"] is None else r["chosen_longer"]
+        lines.append(f"| {split} | **all** | {r['pairs']} | {sum(r['skipped'].values())} | | | {longer} |")
     lines += ["", "| construction | what it teaches |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in CONSTRUCTIONS.items() if k in report["constructions"]]
     return "\n".join(lines) + "\n"
@@ -196,9 +196,9 @@ def build_preference_splits(cfg, splits: dict[str, list[dict]]) -> dict[str, lis
         pairs, skipped = build_pairs(records, split, p, lang, cfg.seed, expand)
         built[split] = pairs
         stats = construction_stats(pairs, lang) if pairs else {}
-        longer = sum(s["chosen_longer"] * s["pairs"] for s in stats.values()) / max(1, len(pairs))
+        longer = sum(s["chosen_longer"] * s["pairs"] for s in stats.values()) / len(pairs) if pairs else None
         report["splits"][split] = {"pairs": len(pairs), "skipped": skipped, "constructions": stats,
-                                   "chosen_longer": round(longer, 4)}
+                                   "chosen_longer": None if longer is None else round(longer, 4)}
     check_disjoint(built)
     out = pairs_dir(cfg)
     for split, pairs in built.items():

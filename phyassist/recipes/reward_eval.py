@@ -62,7 +62,8 @@ def verdict(report: dict) -> str:
     """One sentence: above chance? beyond what length explains?"""
     a = report["all"]
     rm, diff = a["reward_model"], a["reward_model_minus_length"]
-    above = "above chance" if rm["low"] > 0.5 else "NOT distinguishable from chance"
+    above = ("above chance" if rm["low"] > 0.5 else "BELOW chance" if rm["high"] < 0.5 else
+             "NOT distinguishable from chance")
     beyond = ("better than the length-only scorer" if diff["low"] > 0 else
               "worse than the length-only scorer" if diff["high"] < 0 else
               "not distinguishable from the length-only scorer")
