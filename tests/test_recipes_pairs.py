@@ -82,7 +82,8 @@ def test_each_construction_is_what_it_says():
         assert abs(r - c) <= 0.5 * c and p["donor"]
     for p in groups["spliced"]:
         assert len(text(p, "rejected")) == len(text(p, "chosen"))
-        assert text(p, "rejected")[:len(text(p, "chosen")) * 2 // 5] == text(p, "chosen")[:len(text(p, "chosen")) * 2 // 5]
+        head = len(text(p, "chosen")) * 2 // 5  # at least 40 % of the real reply is kept
+        assert text(p, "rejected")[:head] == text(p, "chosen")[:head]
 
 
 def test_constructions_come_in_equal_shares_and_are_seeded():

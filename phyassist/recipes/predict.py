@@ -4,8 +4,9 @@ score them against the reference answers (the kit's metrics, Chinese tokenizatio
 Recipe A compares the base (adapters disabled) with the fine-tuned model; recipe B compares the
 SFT adapter alone with SFT + RL stacked, and plots the mean answer length of each (the case
 study's observation: RL made answers longer); recipe B also scores every answer with the reward
-model and gives each metric a bootstrap interval over test dialogues (:mod:`.bootstrap`). Each variant's predictions are written as soon as
-it finishes, so a rerun after a crash only generates what is missing.
+model and gives each metric a bootstrap interval over test dialogues (:mod:`.bootstrap`). Each
+variant's predictions are written as soon as it finishes, so a rerun after a crash only generates
+what is missing.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def side_by_side(records: list[dict], preds: dict[str, list[str]], rewards: dict
     lines = ["# Side-by-side answers (test split)", ""]
     for i in picks:
         rec = records[i]
-        lines += [f"## {rec['id']}", "", f"**Patient** (last turn): {prompt_messages(rec)[-1]['content'][:max_chars]}", ""]
+        patient = prompt_messages(rec)[-1]["content"][:max_chars]
+        lines += [f"## {rec['id']}", "", f"**Patient** (last turn): {patient}", ""]
         answers = {"reference (doctor)": ("reference", reference(rec))} | {n: (n, p[i]) for n, p in preds.items()}
         for label, (name, text) in answers.items():
             rm = f" (reward {rewards[name][i]:.2f})" if rewards else ""

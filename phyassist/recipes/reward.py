@@ -40,7 +40,8 @@ def reward_args(cfg, output_dir: Path, has_eval: bool):
     r = cfg.recipe.reward
     return RewardConfig(
         learning_rate=r.learning_rate, num_train_epochs=r.num_train_epochs, max_steps=r.max_steps,
-        per_device_train_batch_size=r.per_device_train_batch_size, per_device_eval_batch_size=r.per_device_eval_batch_size,
+        per_device_train_batch_size=r.per_device_train_batch_size,
+        per_device_eval_batch_size=r.per_device_eval_batch_size,
         gradient_accumulation_steps=r.gradient_accumulation_steps, lr_scheduler_type=r.lr_scheduler_type,
         max_length=r.max_length, logging_steps=r.logging_steps, logging_first_step=True, save_steps=r.save_steps,
         eval_strategy="epoch" if has_eval else "no", gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
