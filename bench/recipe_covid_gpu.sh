@@ -111,7 +111,7 @@ print('python', __import__('sys').version.split()[0], 'torch', torch.__version__
     echo "[recipe_covid_gpu] recipe rc=$rc after $(( $(date +%s) - T0 )) s (124: stopped by --budget; call run again to continue)"
   fi
   echo "[recipe_covid_gpu] still to run: $(todo)"
-  grep -h "done in" "$OUT/log.txt" 2>/dev/null | sed 's/: {.*//; s/: \/.*//'
+  grep -a "^\[recipe [a-z]*\] [a-z]* done in" "$OUT/log.txt" 2>/dev/null | sed "s/: [{/].*//; s/^/[timing] /"
   pack
   echo "[recipe_covid_gpu] finished after $(( $(date +%s) - T0 )) s"
 } 2>&1 | tee -a "$OUT/log.txt"

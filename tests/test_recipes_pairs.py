@@ -146,6 +146,9 @@ def test_covid_sample_pairs_from_the_data_step(tmp_path):
     s = preference_splits(cfg)
     assert s["train"] and s["held_out"] and cfg.recipe.preference.source == "dialogues"
     assert all(p["split"] == "test" for p in s["held_out"])
+    capped = preference_splits(load_config("recipes/covid-smoke", {"output_dir": str(tmp_path),
+                                                                   "recipe.preference.max_held_out_pairs": 1}))
+    assert len(capped["held_out"]) == 1 and capped["held_out"][0] in s["held_out"]
 
 
 def test_soulchat_conversations_become_one_pair_per_counselor_turn(tmp_path):

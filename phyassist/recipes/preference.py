@@ -91,7 +91,7 @@ def preference_splits(cfg) -> dict[str, list[dict]]:
                          "(replies shorter than preference.min_reply_chars, or prompts over max_prompt_chars?)")
     return {"train": seeded_cap(built["train"], p.max_samples, cfg.seed),
             "val": seeded_cap(built.get("val", []), p.max_eval_pairs, cfg.seed),
-            "held_out": built.get("test") or built.get("validate") or []}
+            "held_out": seeded_cap(built.get("test") or built.get("validate") or [], p.max_held_out_pairs, cfg.seed)}
 
 
 def load_preferences(cfg) -> tuple[list[dict], list[dict]]:

@@ -74,6 +74,8 @@ class PreferenceDataConfig(Section):
                                             "(the reward trainer drops pairs over reward.max_length tokens).")
     max_eval_pairs: Optional[int] = Field(None, gt=0, description="Seeded cap on validation pairs "
                                           "(evaluated during reward training).")
+    max_held_out_pairs: Optional[int] = Field(None, gt=0, description="Seeded cap on the held-out pairs the "
+                                              "reward model's accuracy is measured on (None: all).")
 
     @model_validator(mode="after")
     def _check(self):
