@@ -102,8 +102,8 @@ def counts_markdown(kind: str, counts: dict[str, int], stats: dict) -> str:
         lines += ["", "The case study reported " + " / ".join(f"{v:,} {k}" for k, v in ref.items()) +
                   " samples after a filtering it does not describe. This kit keeps every doctor turn "
                   "with a non-empty answer (each with all earlier turns as history), so its counts are the "
-                  "raw doctor-turn counts of the files; the `val` split is the 5 % of train held out for "
-                  "SFT validation. `recipe.data.max_chars`, `min_response_chars` and `max_history_turns` "
+                  "raw doctor-turn counts of the files; the `val` split is the 5 % of the train dialogues "
+                  "held out (whole dialogues) for SFT validation. `recipe.data.max_chars`, `min_response_chars` and `max_history_turns` "
                   "filter further when set."]
     return "\n".join(lines) + "\n"
 

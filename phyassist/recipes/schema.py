@@ -32,9 +32,10 @@ class DialogueDataConfig(Section):
         "conversation", description="conversation: one record per dialogue (loss on every assistant turn); "
         "turn: one record per assistant turn with the earlier turns as history.")
     system_prompt: Optional[str] = None
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of train held out for validation "
-                                "when no validation file is given.")
-    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share held out as test when no test file.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the train dialogues held out (whole "
+                                "dialogues) for validation.")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the train dialogues held out as test "
+                                 "when no test file.")
     max_samples: Optional[int] = Field(None, gt=0, description="Seeded cap per split (None: all).")
     max_history_turns: Optional[int] = Field(None, gt=0, description="Keep at most this many earlier "
                                              "turns as history (None: all).")
