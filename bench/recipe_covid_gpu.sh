@@ -108,7 +108,8 @@ print('python', __import__('sys').version.split()[0], 'torch', torch.__version__
       "recipe.data.path=$COVID" $EXTRA --steps $steps
     rc=$?
     kill "$smi" 2>/dev/null
-    echo "[recipe_covid_gpu] recipe rc=$rc after $(( $(date +%s) - T0 )) s (124: stopped by --budget; call run again to continue)"
+    echo "[recipe_covid_gpu] recipe rc=$rc after $(( $(date +%s) - T0 )) s"
+    [ "$rc" = 124 ] && echo "[recipe_covid_gpu] stopped by --budget: call run again (same --work) to continue"
   fi
   echo "[recipe_covid_gpu] still to run: $(todo)"
   grep -a "^\[recipe [a-z]*\] [a-z]* done in" "$OUT/log.txt" 2>/dev/null | sed "s/: [{/].*//; s/^/[timing] /"

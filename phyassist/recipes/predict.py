@@ -151,7 +151,8 @@ def intervals_markdown(title: str, iv: dict) -> str:
 
     cols = list(dict.fromkeys(c for row in iv["metrics"].values() for c in row))
     lines = [f"# {title}", "", f"{iv['n']} test samples from {iv['dialogues']} dialogues; value [95 % bootstrap "
-             "interval over dialogues]. The last model column is the paired difference.", "",
+             "interval over dialogues]. `SFT+RL − SFT` is the paired difference; `reference` scores the doctor's "
+             "replies.", "",
              "| metric | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for metric, row in iv["metrics"].items():
         lines.append(f"| {INTERVAL_LABELS.get(metric, metric)} | " +
