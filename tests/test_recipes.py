@@ -127,7 +127,8 @@ def test_preference_formats_and_errors():
 
 
 def test_bundled_preferences_are_conversational(tmp_path):
-    train, val = load_preferences(smoke("covid-smoke", tmp_path))
+    train, val = load_preferences(smoke("covid-smoke", tmp_path, **{"recipe.preference.source": "file",
+                                                                    "recipe.preference.val_fraction": 0.25}))
     assert len(train) + len(val) == 8 and len(val) == 2
     assert train[0]["prompt"][0]["role"] == "user" and train[0]["chosen"][0]["role"] == "assistant"
 
@@ -146,7 +147,7 @@ def test_rl_generates_several_steps_at_once(tmp_path):
     cfg = load_config("recipes/covid-gpu-smollm2", [f"output_dir={tmp_path}"])
     args = rloo_args(cfg, tmp_path)
     assert (args.per_device_train_batch_size, args.num_generations, args.steps_per_generation) == (16, 4, 8)
-    assert args.generation_batch_size == 128 and args.max_steps == 200
+    assert args.generation_batch_size == 128 and args.max_steps == 100
     cfg = smoke("covid-smoke", tmp_path, **{"recipe.rl.num_generations": 4, "recipe.rl.steps_per_generation": 3})
     with pytest.raises(ValueError, match="multiple of num_generations"):  # 2 completions x 3 steps
         rloo_args(cfg, tmp_path)

@@ -24,9 +24,20 @@ def test_covid_chain_writes_every_artifact(covid_run):
         assert (out / step / "adapter_config.json").exists(), step
     sft = json.loads((out / "sft/adapter/phyassist_train.json").read_text())
     assert sft["weights"] == "best" and sft["best_checkpoint"].startswith("checkpoint-")  # lowest eval loss
-    for img in ("sft_loss", "reward_loss", "rl_reward", "rl_kl", "covid_length"):
+    for img in ("sft_loss", "reward_loss", "rl_reward", "rl_kl", "rl_length", "covid_length"):
         assert (out / "images" / f"{img}.png").read_bytes()[:4] == b"\x89PNG", img
     assert (out / "config.resolved.yaml").exists()
+
+
+def test_reward_model_learned_from_pairs_built_from_the_dialogues(covid_run):
+    report = json.loads((covid_run / "preference/report.json").read_text())
+    assert report["splits"]["train"]["pairs"] > 0 and report["splits"]["test"]["pairs"] > 0
+    held = json.loads((covid_run / "reward/eval.json").read_text())
+    assert held["chance"] == 0.5 and held["all"]["pairs"] == report["splits"]["test"]["pairs"]
+    for key in ("reward_model", "length_baseline", "reward_model_minus_length"):
+        iv = held["all"][key]
+        assert iv["low"] <= iv["value"] <= iv["high"], key
+    assert "length baseline" in (covid_run / "reward/eval.md").read_text(encoding="utf-8")
 
 
 def test_reward_adapter_carries_the_scalar_head(covid_run):
@@ -47,6 +58,17 @@ def test_predictions_compare_sft_with_stacked_sft_rl(covid_run):
     assert {"bleu", "rouge1", "rougeL", "mean_length"} <= set(metrics["SFT"])
     rows = [json.loads(x) for x in (covid_run / "predict/SFT_RL.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 1 and rows[0]["reference"] and rows[0]["prompt"][-1]["role"] == "user"
+
+
+def test_predictions_carry_intervals_reward_scores_and_side_by_side(covid_run):
+    iv = json.loads((covid_run / "predict/intervals.json").read_text())
+    assert set(iv["metrics"]) == {"bleu", "rouge1", "rouge2", "rougeL", "reward", "mean_length"}
+    assert set(iv["metrics"]["reward"]) == {"SFT", "SFT+RL", "SFT+RL − SFT", "reference"}
+    metrics = json.loads((covid_run / "predict/metrics.json").read_text())
+    assert iv["metrics"]["bleu"]["SFT"]["value"] == pytest.approx(metrics["SFT"]["bleu"], abs=1e-3)
+    assert iv["metrics"]["reward"]["SFT+RL"]["value"] == pytest.approx(metrics["SFT+RL"]["reward"], abs=1e-3)
+    side = (covid_run / "predict/side_by_side.md").read_text(encoding="utf-8")
+    assert "**reference (doctor)**" in side and "**SFT+RL** (reward" in side
 
 
 def test_predict_rerun_reuses_finished_predictions(covid_run):

@@ -43,7 +43,7 @@ def split_files(cfg) -> dict[str, Path]:
     files = cfg.recipe.data.files or DEFAULT_FILES[cfg.recipe.kind]
     if "train" not in files:
         raise ValueError("recipe.data.files: needs a 'train' entry (split -> file name)")
-    out = {split: root / name for split, name in files.items()}
+    out = {split: root / name for split, name in files.items() if name}
     for split, path in out.items():
         if not path.is_file():
             raise FileNotFoundError(f"{path}: {split} file of recipe.data not found "
@@ -72,14 +72,15 @@ def load_split(cfg, split: str, path: Path) -> tuple[list[dict], dict]:
 
 
 def build_splits(cfg) -> tuple[dict[str, list[dict]], dict]:
-    """All splits, with the seeded validation/test hold-outs carved from train when no file."""
+    """All splits, with the seeded validation/test hold-outs carved from train when no file: whole
+    dialogues are held out, so no dialogue has turns on both sides."""
     d, seed = cfg.recipe.data, cfg.seed
     splits, stats = {}, {}
     for split, path in split_files(cfg).items():
         splits[split], stats[split] = load_split(cfg, split, path)
     if "test" not in splits and d.test_fraction > 0:
-        splits["train"], splits["test"] = dlg.split_off(splits["train"], d.test_fraction, seed)
-    splits["train"], splits["val"] = dlg.split_off(splits["train"], d.val_fraction, seed + 1)
+        splits["train"], splits["test"] = dlg.split_off_dialogues(splits["train"], d.test_fraction, seed)
+    splits["train"], splits["val"] = dlg.split_off_dialogues(splits["train"], d.val_fraction, seed + 1)
     for split in list(splits):
         splits[split] = dlg.seeded_cap(splits[split], d.max_samples, seed)
     return splits, stats
@@ -101,8 +102,8 @@ def counts_markdown(kind: str, counts: dict[str, int], stats: dict) -> str:
         lines += ["", "The case study reported " + " / ".join(f"{v:,} {k}" for k, v in ref.items()) +
                   " samples after a filtering it does not describe. This kit keeps every doctor turn "
                   "with a non-empty answer (each with all earlier turns as history), so its counts are the "
-                  "raw doctor-turn counts of the files; the `val` split is the 5 % of train held out for "
-                  "SFT validation. `recipe.data.max_chars`, `min_response_chars` and `max_history_turns` "
+                  "raw doctor-turn counts of the files; the `val` split is the 5 % of the train dialogues "
+                  "held out (whole dialogues) for SFT validation. `recipe.data.max_chars`, `min_response_chars` and `max_history_turns` "
                   "filter further when set."]
     return "\n".join(lines) + "\n"
 

@@ -179,6 +179,24 @@ def split_off(records: list[dict], fraction: float, seed: int) -> tuple[list[dic
             [r for i, r in enumerate(records) if i in held])
 
 
+def dialogue_key(rec: dict) -> str:
+    """The dialogue a sample came from: ``<source file>:<record index>``. Turn samples carry ids
+    ``<record>-<turn>``, so every doctor turn of one dialogue shares the key."""
+    return f"{rec.get('source', '')}:{str(rec['id']).split('-')[0]}"
+
+
+def split_off_dialogues(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded hold-out of whole dialogues: (rest, held_out), no dialogue on both sides.
+
+    Turn samples of one dialogue share most of their text (the history), so a sample-level split
+    would put the same conversation in training and evaluation."""
+    keys = list(dict.fromkeys(dialogue_key(r) for r in records))
+    _, held = split_off([{"key": k} for k in keys], fraction, seed)
+    held_keys = {h["key"] for h in held}
+    return ([r for r in records if dialogue_key(r) not in held_keys],
+            [r for r in records if dialogue_key(r) in held_keys])
+
+
 def seeded_cap(records: list[dict], n: int | None, seed: int) -> list[dict]:
     if n is None or len(records) <= n:
         return list(records)

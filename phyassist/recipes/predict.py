@@ -3,8 +3,10 @@ score them against the reference answers (the kit's metrics, Chinese tokenizatio
 
 Recipe A compares the base (adapters disabled) with the fine-tuned model; recipe B compares the
 SFT adapter alone with SFT + RL stacked, and plots the mean answer length of each (the case
-study's observation: RL made answers longer). Each variant's predictions are written as soon as
-it finishes, so a rerun after a crash only generates what is missing.
+study's observation: RL made answers longer); recipe B also scores every answer with the reward
+model and gives each metric a bootstrap interval over test dialogues (:mod:`.bootstrap`). Each
+variant's predictions are written as soon as it finishes, so a rerun after a crash only generates
+what is missing.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from phyassist.recipes.common import images_dir, step_dir
 from phyassist.recipes.dialogues import prompt_messages, reference, seeded_cap
 
 LABELS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "cosine": "cosine",
-          "length_quality": "length quality", "mean_length": "mean length (chars)",
-          "mean_length_ref": "reference length (chars)"}
+          "length_quality": "length quality", "reward": "reward-model score", "reward_ref": "reference's reward",
+          "mean_length": "mean length (chars)", "mean_length_ref": "reference length (chars)"}
 
 
 def held_out(cfg, records: list[dict]) -> list[dict]:
@@ -76,17 +78,110 @@ def safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def finish(cfg, title: str, records: list[dict], preds: dict[str, list[str]], cosine: bool) -> dict:
+def finish(cfg, title: str, records: list[dict], preds: dict[str, list[str]], cosine: bool,
+           rewards: dict[str, list[float]] | None = None) -> dict:
     refs = [reference(r) for r in records]
     scores = score_variants(preds, refs, cfg.recipe.lang, cosine, cfg.recipe.predict.embedding_model)
+    for name in scores if rewards else ():
+        scores[name]["reward"] = round(sum(rewards[name]) / len(rewards[name]), 4)
+        scores[name]["reward_ref"] = round(sum(rewards["reference"]) / len(rewards["reference"]), 4)
     out = step_dir(cfg, "predict")
     atomic_write_json(out / "metrics.json", scores)
     atomic_write_text(out / "metrics.md", metrics_markdown(title, scores, len(records)))
     return scores
 
 
-def predict_covid(cfg, records: list[dict], sft_adapter, rl_adapter) -> dict:
-    """SFT vs SFT + RL (stacked) on the test split: BLEU, ROUGE, mean length; length plot."""
+def reward_scores(cfg, reward_adapter, records: list[dict], preds: dict[str, list[str]]) -> dict[str, list[float]]:
+    """The reward model's score of every answer (each variant's and the reference), in context."""
+    from phyassist.recipes.reward import load_reward_model, score
+
+    model, tok = load_reward_model(cfg, reward_adapter)
+    answers = {**preds, "reference": [reference(r) for r in records]}
+    return {name: score(model, tok, [prompt_messages(r) + [{"role": "assistant", "content": a}]
+                                     for r, a in zip(records, texts)], cfg.recipe.reward.per_device_eval_batch_size)
+            for name, texts in answers.items()}
+
+
+def per_example_stats(preds: list[str], refs: list[str], rewards: list[float] | None, lang: str) -> dict:
+    """name -> ((n, k) statistics, score function) for the bootstrap: corpus BLEU from sentence
+    statistics, means of ROUGE, length and reward."""
+    import numpy as np
+
+    from phyassist.evaluate.metrics import text_length
+    from phyassist.recipes.bootstrap import bleu_score, bleu_stats, mean_score, mean_stats, rouge_per_example
+
+    out = {"bleu": (bleu_stats(preds, refs, lang), bleu_score)}
+    out.update({k: (mean_stats(v), mean_score) for k, v in rouge_per_example(preds, refs, lang).items()})
+    if rewards is not None:
+        out["reward"] = (mean_stats(rewards), mean_score)
+    out["mean_length"] = (mean_stats(np.array([text_length(p, lang) for p in preds])), mean_score)
+    return out
+
+
+INTERVAL_LABELS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
+                   "reward": "reward-model score", "mean_length": "mean length"}
+
+
+def intervals(records: list[dict], preds: dict[str, list[str]], rewards: dict[str, list[float]] | None,
+              lang: str, seed: int) -> dict:
+    """Every metric of every variant with a 95 % bootstrap interval over test dialogues, and the
+    paired difference last variant − first (SFT+RL − SFT)."""
+    from phyassist.recipes.bootstrap import interval, paired_interval
+    from phyassist.recipes.dialogues import dialogue_key
+
+    refs, groups = [reference(r) for r in records], [dialogue_key(r) for r in records]
+    stats = {name: per_example_stats(p, refs, rewards and rewards[name], lang) for name, p in preds.items()}
+    first, last = list(preds)[0], list(preds)[-1]
+    table = {}
+    for metric in stats[first]:
+        row = {name: interval(stats[name][metric][0], stats[name][metric][1], groups, seed=seed) for name in preds}
+        if len(preds) > 1:
+            row[f"{last} − {first}"] = paired_interval(stats[first][metric][0], stats[last][metric][0],
+                                                        stats[first][metric][1], groups, seed=seed)
+        table[metric] = row
+    ref_stats = per_example_stats(refs, refs, rewards and rewards["reference"], lang)
+    for metric in ("reward", "mean_length"):
+        if metric in table:
+            table[metric]["reference"] = interval(ref_stats[metric][0], ref_stats[metric][1], groups, seed=seed)
+    return {"n": len(records), "dialogues": len(set(groups)), "level": 0.95, "metrics": table}
+
+
+def intervals_markdown(title: str, iv: dict) -> str:
+    from phyassist.recipes.bootstrap import formatted
+
+    cols = list(dict.fromkeys(c for row in iv["metrics"].values() for c in row))
+    lines = [f"# {title}", "", f"{iv['n']} test samples from {iv['dialogues']} dialogues; value [95 % bootstrap "
+             "interval over dialogues]. `SFT+RL − SFT` is the paired difference; `reference` scores the doctor's "
+             "replies.", "",
+             "| metric | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for metric, row in iv["metrics"].items():
+        lines.append(f"| {INTERVAL_LABELS.get(metric, metric)} | " +
+                     " | ".join(formatted(row[c]) if c in row else "" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def side_by_side(records: list[dict], preds: dict[str, list[str]], rewards: dict[str, list[float]] | None,
+                 k: int, seed: int, max_chars: int = 300) -> str:
+    """A few test samples (seeded): the patient's last turn, the doctor's reply and each model's."""
+    import random
+
+    picks = sorted(random.Random(seed).sample(range(len(records)), min(k, len(records))))
+    lines = ["# Side-by-side answers (test split)", ""]
+    for i in picks:
+        rec = records[i]
+        patient = prompt_messages(rec)[-1]["content"][:max_chars]
+        lines += [f"## {rec['id']}", "", f"**Patient** (last turn): {patient}", ""]
+        answers = {"reference (doctor)": ("reference", reference(rec))} | {n: (n, p[i]) for n, p in preds.items()}
+        for label, (name, text) in answers.items():
+            rm = f" (reward {rewards[name][i]:.2f})" if rewards else ""
+            lines += [f"* **{label}**{rm}: {text[:max_chars]}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def predict_covid(cfg, records: list[dict], sft_adapter, rl_adapter, reward_adapter=None) -> dict:
+    """SFT vs SFT + RL (stacked) on the test split: BLEU, ROUGE, reward-model score, mean length,
+    each with a bootstrap interval; length plot; a few answers side by side."""
     from phyassist.models.inference import activate, load_for_inference
     from phyassist.recipes.plots import plot_bars
 
@@ -96,7 +191,19 @@ def predict_covid(cfg, records: list[dict], sft_adapter, rl_adapter) -> dict:
     preds = run_variants(cfg, model, tok, records, {
         "SFT": lambda: _active(model, activate, names[:1]),
         "SFT+RL": lambda: _active(model, activate, names)})
-    scores = finish(cfg, "Recipe B: SFT vs SFT + RL on the test split", records, preds, cosine=False)
+    del model
+    rewards = None
+    if reward_adapter is not None and (Path(reward_adapter) / "adapter_config.json").exists():
+        rewards = reward_scores(cfg, reward_adapter, records, preds)
+    else:
+        print(f"[recipe] predict: no reward adapter at {reward_adapter}; answers are not scored by it", flush=True)
+    scores = finish(cfg, "Recipe B: SFT vs SFT + RL on the test split", records, preds, cosine=False, rewards=rewards)
+    out, pc = step_dir(cfg, "predict"), cfg.recipe.predict
+    iv = intervals(records, preds, rewards, cfg.recipe.lang, cfg.seed)
+    atomic_write_json(out / "intervals.json", iv)
+    atomic_write_text(out / "intervals.md", intervals_markdown("Recipe B: SFT vs SFT + RL, test split", iv))
+    if pc.side_by_side:
+        atomic_write_text(out / "side_by_side.md", side_by_side(records, preds, rewards, pc.side_by_side, cfg.seed))
     plot_bars({k: v["mean_length"] for k, v in scores.items()} | {"reference": scores["SFT"]["mean_length_ref"]},
               "Mean answer length on the test split", images_dir(cfg) / "covid_length.png", "characters")
     return scores

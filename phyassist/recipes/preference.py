@@ -1,8 +1,10 @@
 """Preference pairs for the reward model, as TRL's conversational format.
 
-Reads comparison_gpt4_data_zh's layout (``instruction``, ``input``, ``output: [chosen, rejected]``)
-or plain ``prompt``/``chosen``/``rejected`` records; writes ``{prompt: [user], chosen: [assistant],
-rejected: [assistant]}`` so the reward model sees the same chat template as the policy.
+``recipe.preference.source: file`` reads comparison_gpt4_data_zh's layout (``instruction``,
+``input``, ``output: [chosen, rejected]``) or plain ``prompt``/``chosen``/``rejected`` records and
+makes ``{prompt: [user], chosen: [assistant], rejected: [assistant]}`` so the reward model sees the
+same chat template as the policy. ``source: dialogues`` builds the pairs from the data step's
+splits instead (:mod:`phyassist.recipes.pairs`), with the whole history as the prompt.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def preference_path(cfg) -> Path:
     return Path(p.path).expanduser() if p.path else SAMPLE_PREFERENCES
 
 
-def load_preferences(cfg) -> tuple[list[dict], list[dict]]:
-    """(train, val) conversational preference records; identical chosen/rejected pairs are dropped."""
+def file_preferences(cfg) -> tuple[list[dict], list[dict]]:
+    """(train, val) from the configured file; identical chosen/rejected pairs are dropped."""
     path = preference_path(cfg)
     rows = []
     for i, item in enumerate(load_json_records(path)):
@@ -64,3 +66,35 @@ def load_preferences(cfg) -> tuple[list[dict], list[dict]]:
         raise ValueError(f"{path}: no usable preference pairs")
     rows = seeded_cap(rows, cfg.recipe.preference.max_samples, cfg.seed)
     return split_off(rows, cfg.recipe.preference.val_fraction, cfg.seed)
+
+
+def dialogue_preferences(cfg) -> dict[str, list[dict]]:
+    """Pairs built from every split the data step wrote (train, val, validate, test)."""
+    from phyassist.recipes.data import read_split
+    from phyassist.recipes.pairs import build_preference_splits
+
+    splits = {s: read_split(cfg, s) for s in ("train", "val", "validate", "test")
+              if (cfg.out / "data" / f"{s}.jsonl").exists() or s == "train"}
+    return build_preference_splits(cfg, splits)
+
+
+def preference_splits(cfg) -> dict[str, list[dict]]:
+    """``train`` and ``val`` (seen by the reward trainer) and ``held_out`` (its accuracy is measured
+    there): the test split's pairs when built from dialogues; the file's validation share else."""
+    p = cfg.recipe.preference
+    if p.source == "file":
+        train, val = file_preferences(cfg)
+        return {"train": train, "val": val, "held_out": val}
+    built = dialogue_preferences(cfg)
+    if not built["train"]:
+        raise ValueError("recipe.preference: no training pair could be built from data/train.jsonl "
+                         "(replies shorter than preference.min_reply_chars, or prompts over max_prompt_chars?)")
+    return {"train": seeded_cap(built["train"], p.max_samples, cfg.seed),
+            "val": seeded_cap(built.get("val", []), p.max_eval_pairs, cfg.seed),
+            "held_out": seeded_cap(built.get("test") or built.get("validate") or [], p.max_held_out_pairs, cfg.seed)}
+
+
+def load_preferences(cfg) -> tuple[list[dict], list[dict]]:
+    """(train, val) conversational preference records for the reward trainer."""
+    s = preference_splits(cfg)
+    return s["train"], s["val"]

@@ -40,11 +40,20 @@ def reward_args(cfg, output_dir: Path, has_eval: bool):
     r = cfg.recipe.reward
     return RewardConfig(
         learning_rate=r.learning_rate, num_train_epochs=r.num_train_epochs, max_steps=r.max_steps,
-        per_device_train_batch_size=r.per_device_train_batch_size, per_device_eval_batch_size=1,
+        per_device_train_batch_size=r.per_device_train_batch_size,
+        per_device_eval_batch_size=r.per_device_eval_batch_size,
         gradient_accumulation_steps=r.gradient_accumulation_steps, lr_scheduler_type=r.lr_scheduler_type,
         max_length=r.max_length, logging_steps=r.logging_steps, logging_first_step=True, save_steps=r.save_steps,
         eval_strategy="epoch" if has_eval else "no", gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False}, **trainer_common(cfg, output_dir))
+
+
+TRAINER_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def trainer_rows(rows: list[dict]) -> list[dict]:
+    """Only the columns the trainer reads (built pairs also carry construction, dialogue, donor)."""
+    return [{k: r[k] for k in TRAINER_COLUMNS} for r in rows]
 
 
 def train_reward(cfg, train_rows: list[dict], eval_rows: list[dict] | None = None) -> Path:
@@ -58,8 +67,8 @@ def train_reward(cfg, train_rows: list[dict], eval_rows: list[dict] | None = Non
     model, tok = load_reward_base(cfg)
     ckpt = out / "checkpoints"
     trainer = RewardTrainer(model=model, args=reward_args(cfg, ckpt, bool(eval_rows)), processing_class=tok,
-                            train_dataset=Dataset.from_list(train_rows),
-                            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                            train_dataset=Dataset.from_list(trainer_rows(train_rows)),
+                            eval_dataset=Dataset.from_list(trainer_rows(eval_rows)) if eval_rows else None,
                             peft_config=lora_config(cfg.recipe.reward.lora, "SEQ_CLS"))
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(ckpt))
     history = trainer.state.log_history  # restored from the checkpoint on resume, so complete
@@ -85,13 +94,18 @@ def load_reward_model(cfg, adapter_dir: str | Path):
 
 
 def score(model, tok, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
-    """Reward of each full conversation (prompt + answer), rendered with the chat template."""
+    """Reward of each full conversation (prompt + answer), rendered with the chat template; batches
+    of similar length (little padding), results in input order."""
     import torch
 
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out: list[float] = [0.0] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            out += model(**enc.to(model.device)).logits[:, 0].float().tolist()
+            vals = model(**enc.to(model.device)).logits[:, 0].float().tolist()
+        for i, v in zip(idx, vals):
+            out[i] = v
     return out

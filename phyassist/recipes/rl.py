@@ -86,4 +86,7 @@ def train_rl(cfg, records: list[dict], sft_adapter: str | Path, reward_adapter: 
                 "RL: mean reward per step", img / "rl_reward.png", "reward")
     plot_curves(history, {"kl": "KL(policy || SFT reference), per token"},
                 "RL: KL to the SFT model", img / "rl_kl.png", "KL")
+    plot_curves(history, {"completions/mean_length": "mean completion length",
+                          "completions/mean_terminated_length": "mean length of completions that ended"},
+                "RL: response length per generation round", img / "rl_length.png", "tokens")
     return adapter

@@ -21,7 +21,8 @@ class DialogueDataConfig(Section):
                                 "in data/sample/recipes/.")
     download: bool = Field(False, description="Fetch from `source` into `path` (or the cache) first.")
     source: Optional[str] = Field(None, description="Download id/URL (ModelScope dataset id, GitHub repo).")
-    files: dict[str, str] = Field(default_factory=dict, description="split -> file name inside `path`.")
+    files: dict[str, Optional[str]] = Field(default_factory=dict, description="split -> file name inside `path`; "
+                                            "null drops a split a base config lists (configs merge key by key).")
     format: Literal["auto", "messages", "sharegpt", "instruction", "prefixed"] = Field(
         "auto", description="messages: {messages:[{role,content}]}; sharegpt: {conversations:[{from,value}]}; "
         "instruction: {instruction,input,output}; prefixed: lists of 'speaker：text' utterances.")
@@ -31,9 +32,10 @@ class DialogueDataConfig(Section):
         "conversation", description="conversation: one record per dialogue (loss on every assistant turn); "
         "turn: one record per assistant turn with the earlier turns as history.")
     system_prompt: Optional[str] = None
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of train held out for validation "
-                                "when no validation file is given.")
-    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share held out as test when no test file.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the train dialogues held out (whole "
+                                "dialogues) for validation.")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the train dialogues held out as test "
+                                 "when no test file.")
     max_samples: Optional[int] = Field(None, gt=0, description="Seeded cap per split (None: all).")
     max_history_turns: Optional[int] = Field(None, gt=0, description="Keep at most this many earlier "
                                              "turns as history (None: all).")
@@ -41,15 +43,52 @@ class DialogueDataConfig(Section):
     max_chars: Optional[int] = Field(None, gt=0, description="Drop samples whose prompt+answer is longer.")
 
 
-class PreferenceDataConfig(Section):
-    """Preference pairs (prompt / chosen / rejected) for the reward model."""
+CONSTRUCTION_NAMES = ("other_patient", "truncated", "off_topic_tail", "spliced")
 
+
+class PreferenceDataConfig(Section):
+    """Preference pairs (prompt / chosen / rejected) for the reward model: read from a file, or built
+    from the recipe's own dialogues (``source: dialogues``; :mod:`phyassist.recipes.pairs`)."""
+
+    source: Literal["file", "dialogues"] = Field(
+        "file", description="file: pairs from `path` (or `url`); dialogues: built from the data step's splits, "
+        "the real reply as chosen against a constructed rejected one (docs/recipes.md), no download.")
     path: Optional[str] = Field(None, description="JSON/JSONL file; None: the bundled synthetic sample.")
     download: bool = False
     url: str = Field("https://raw.githubusercontent.com/hiyouga/ChatGLM-Efficient-Tuning/main/data/"
                      "comparison_gpt4_data_zh.json", description="comparison_gpt4_zh, as the case study used.")
-    val_fraction: float = Field(0.05, ge=0, lt=1)
-    max_samples: Optional[int] = Field(None, gt=0)
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="source file: share held out for validation "
+                                "(source dialogues uses the data step's val split).")
+    max_samples: Optional[int] = Field(None, gt=0, description="Seeded cap on training pairs.")
+    constructions: list[Literal[CONSTRUCTION_NAMES]] = Field(
+        default_factory=lambda: list(CONSTRUCTION_NAMES), min_length=1,
+        description="source dialogues: how rejected replies are made (assigned round-robin over the samples).")
+    pairs_per_sample: int = Field(1, gt=0, description="source dialogues: pairs per reply, each with another "
+                                  "construction (at most the number of constructions).")
+    length_tolerance: float = Field(0.2, gt=0, lt=1, description="other_patient/spliced/off_topic_tail: the "
+                                    "donor reply's length within this share of the real reply's.")
+    truncate_range: tuple[float, float] = Field((0.3, 0.7), description="truncated: keep this share of the "
+                                                "reply (uniform in the range).")
+    min_reply_chars: int = Field(8, ge=2, description="source dialogues: shorter replies make no pair "
+                                 "(a cut of a two-character reply teaches nothing).")
+    max_prompt_chars: Optional[int] = Field(None, gt=0, description="Drop pairs with a longer prompt "
+                                            "(the reward trainer drops pairs over reward.max_length tokens).")
+    max_eval_pairs: Optional[int] = Field(None, gt=0, description="Seeded cap on validation pairs "
+                                          "(evaluated during reward training).")
+    max_held_out_pairs: Optional[int] = Field(None, gt=0, description="Seeded cap on the held-out pairs the "
+                                              "reward model's accuracy is measured on (None: all).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.truncate_range
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"truncate_range: need 0 < low <= high < 1, got {list(self.truncate_range)}")
+        if self.pairs_per_sample > len(self.constructions):
+            raise ValueError(f"pairs_per_sample: {self.pairs_per_sample} is more than the "
+                             f"{len(self.constructions)} constructions")
+        if len(set(self.constructions)) != len(self.constructions):
+            raise ValueError(f"constructions: listed twice: {self.constructions}")
+        return self
 
 
 class LoraSpec(Section):
@@ -68,9 +107,12 @@ class RewardConfig(Section):
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1: num_train_epochs.")
     per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Pairs scored at once (validation, held-out "
+                                            "accuracy, and the predict step's reward scores).")
     gradient_accumulation_steps: int = Field(4, gt=0)
     lr_scheduler_type: str = "cosine"
-    max_length: int = Field(1024, gt=0)
+    max_length: int = Field(1024, gt=0, description="Pairs with a longer prompt + reply (tokens) are dropped "
+                            "by the trainer.")
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
 
@@ -103,6 +145,8 @@ class PredictConfig(Section):
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(8, gt=0)
     compare_base: bool = Field(True, description="Recipe A: also generate with the base model.")
+    side_by_side: int = Field(5, ge=0, description="Recipe B: this many test samples (seeded) with every "
+                              "model's answer in predict/side_by_side.md (0: none).")
     embedding_model: Optional[str] = Field(None, description="Sentence-embedding model for cosine; None: "
                                            "the kit's default (all-MiniLM-L6-v2, offline).")
 

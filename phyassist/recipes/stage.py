@@ -35,10 +35,13 @@ def run_step(cfg, step: str):
 
         return train_sft(cfg, data.read_split(cfg, "train"), data.read_split(cfg, "val"))
     if step == "reward":
-        from phyassist.recipes.preference import load_preferences
+        from phyassist.recipes.preference import preference_splits
         from phyassist.recipes.reward import train_reward
+        from phyassist.recipes.reward_eval import evaluate_reward
 
-        return train_reward(cfg, *load_preferences(cfg))
+        pairs = preference_splits(cfg)
+        adapter = train_reward(cfg, pairs["train"], pairs["val"])
+        return {"adapter": str(adapter), "held_out": evaluate_reward(cfg, adapter, pairs["held_out"]).get("all")}
     if step == "rl":
         from phyassist.recipes.rl import train_rl
         from phyassist.recipes.sft import sft_adapter_path
@@ -57,7 +60,8 @@ def predict(cfg) -> dict:
 
     test = data.read_split(cfg, "test")
     if cfg.recipe.kind == "covid":
-        return predict_covid(cfg, test, sft_adapter_path(cfg), step_dir(cfg, "rl") / "adapter")
+        return predict_covid(cfg, test, sft_adapter_path(cfg), step_dir(cfg, "rl") / "adapter",
+                             reward_adapter_path(cfg))
     return evaluate_soulchat(cfg, test, sft_adapter_path(cfg))
 
 
