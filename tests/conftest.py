@@ -48,3 +48,20 @@ def run_concurrently(fn, calls) -> list[BaseException]:
     for t in threads:
         t.join()
     return errors
+
+
+def run_in_triton_interpreter(checks: str) -> None:
+    """Run ``checks`` (Python statements; ``k`` is the kit's kernel module) in a subprocess under
+    Triton's CPU interpreter: TRITON_INTERPRET is read when Triton is imported."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import sys; sys.path.insert(0, 'tests'); "  # test modules import helpers from this conftest
+            "import torch, phyassist.models.mixtral4bit.kernels as k; assert k.use_triton(torch.zeros(1)); "
+            f"{checks}; print('ok')")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

@@ -3,12 +3,10 @@ training path's experts, and the routed NF4 expert kernel against the dequantize
 CPU tests run in ``make test``; ``gpu`` tests run on a CUDA machine (bench/gpu_tests.md)."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 from phyassist.config import load_config
 from phyassist.models.generation import _adapter_state, generate
@@ -180,13 +178,7 @@ def test_routed_experts_match_the_training_path():
 
 
 def test_routed_kernel_matches_in_triton_interpreter():
-    pytest.importorskip("triton")
-    code = ("import tests.test_generation as t, phyassist.models.mixtral4bit.kernels as k, torch; "
-            "assert k.use_triton(torch.zeros(1)); t.check_routed(); print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter("import tests.test_generation as t; t.check_routed()")
 
 
 @pytest.mark.gpu

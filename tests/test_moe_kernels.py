@@ -1,12 +1,9 @@
 """The fused SwiGLU kernels against the plain formula: the torch fallback here, the Triton
 kernels in Triton's CPU interpreter (a subprocess, since TRITON_INTERPRET is read at import)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 from phyassist.models.mixtral4bit.kernels import gather_sum, swiglu_backward_, swiglu_forward
 
@@ -58,13 +55,7 @@ def test_torch_fallback_matches_formula():
 
 
 def test_triton_kernels_match_formula_in_interpreter():
-    pytest.importorskip("triton")
-    code = ("import tests.test_moe_kernels as t, phyassist.models.mixtral4bit.kernels as k; "
-            "assert k.use_triton(k.torch.zeros(1)); t.check(); t.check_gather_sum(); print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter("import tests.test_moe_kernels as t; t.check(); t.check_gather_sum()")
 
 
 def check_dequantize(out_dtype=torch.float32):
@@ -98,10 +89,5 @@ def test_dequantize_without_triton_is_bitsandbytes():
 
 
 def test_dequantize_kernel_matches_bitsandbytes_in_interpreter():
-    pytest.importorskip("triton")
-    code = ("import tests.test_moe_kernels as t, phyassist.models.mixtral4bit.kernels as k, torch; "
-            "assert k.use_triton(torch.zeros(1)); t.check_dequantize(); t.check_dequantize(torch.bfloat16); print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter(
+        "import tests.test_moe_kernels as t; t.check_dequantize(); t.check_dequantize(torch.bfloat16)")
