@@ -161,3 +161,19 @@ def test_rules_partition_rows(pairs):
         assert len(out.kept) + len(out.removed) == len(rows)
         assert {r.origin for r in out.kept} | {r.row.origin for r in out.removed} == {r.origin for r in rows}
         assert all(r.rule and r.detail for r in out.removed)
+
+
+def test_training_post_hidden_by_mojibake_and_spacing_is_dropped_as_test_overlap():
+    """The real case (MultiWD val vs Irf test): the same post with "can‚Äôt" and letters spaced apart."""
+    from phyassist.data.split import leakage, test_keys
+
+    post = "I can’t sleep and I want to disappear, nobody would notice."
+    wrap = 'Consider this post: "{}" Question: Does the poster suffer from loneliness?'
+    test = [row(q=wrap.format(post), source="Irf", i=7)]
+    hidden = post.replace("’", "‚Äô").replace("want", "w a n t")
+    train = [row(q=wrap.format(hidden), source="MultiWD", i=1), row(q=wrap.format("Lovely day at the beach."), i=2)]
+    out = clean.drop_test_overlap(train, test_keys(test))
+    assert [r.row.origin for r in out.removed] == ["f.csv:1"]
+    assert "mojibake or spacing" in out.removed[0].detail
+    report = leakage([{"question": r.question} for r in train], {"Irf": test})
+    assert report["Irf"]["canonical_post"] == 1 and report["Irf"]["normalised_post"] == 0

@@ -202,12 +202,16 @@ def drop_held_out_split(rows: list[Row], split: str) -> Outcome:
 
 
 def drop_test_overlap(rows: list[Row], test_keys: set[str]) -> Outcome:
-    """Rows whose group (normalised post, or the source's own id) or question is a test item's."""
-    from phyassist.data.sources import group_of, normalise
+    """Rows whose group (normalised post, or the source's own id) or question is a test item's, or
+    whose post is one after mojibake repair and with spacing dropped (``split.test_keys``)."""
+    from phyassist.data.split import canonical_key
+    from phyassist.data.sources import group_of, normalise, post_of
 
     def why(r: Row) -> str | None:
         if group_of(r) in test_keys:
             return "post appears in a test set"
+        if canonical_key(post_of(r.question)) in test_keys:
+            return "post appears in a test set (through mojibake or spacing)"
         if normalise(r.question) in test_keys:
             return "question appears in a test set"
         return None

@@ -57,9 +57,20 @@ def split_train_val(records: list[dict], groups: dict[str, str], val_fraction: f
     return train, val
 
 
+def canonical_key(post: str) -> str:
+    """A post's key through mojibake and spacing tricks (``dedup.canonical``), marked so that it
+    never equals a normalised key; empty posts give no key."""
+    from phyassist.data.dedup import canonical
+
+    key = canonical(post)
+    return f"canonical:{key}" if key else ""
+
+
 def test_keys(rows: list[Row]) -> set[str]:
-    """Normalised posts and questions of test items (what a training row must not repeat)."""
-    return {normalise(r.question) for r in rows} | {group_of(r) for r in rows}
+    """Normalised posts and questions of test items, and their posts' canonical keys (what a
+    training row must not repeat)."""
+    keys = {normalise(r.question) for r in rows} | {group_of(r) for r in rows}
+    return (keys | {canonical_key(post_of(r.question)) for r in rows}) - {""}
 
 
 def leakage(train: list[dict], tests: dict[str, list[Row]], examples: int = 3) -> dict:
@@ -67,13 +78,16 @@ def leakage(train: list[dict], tests: dict[str, list[Row]], examples: int = 3) -
     exact_q = {r["question"] for r in train}
     norm_q = {normalise(r["question"]): r for r in train}
     norm_p = {normalise(post_of(r["question"])): r for r in train}
+    canon_p = {canonical_key(post_of(r["question"])) for r in train} - {""}
     out = {}
     for name, rows in tests.items():
         hits_exact = [t for t in rows if t.question in exact_q]
         hits_norm = [t for t in rows if normalise(t.question) in norm_q]
         hits_post = [t for t in rows if normalise(post_of(t.question)) in norm_p]
+        hits_canon = [t for t in rows if canonical_key(post_of(t.question)) in canon_p]
         out[name] = {"test_rows": len(rows), "exact_question": len(hits_exact),
                      "normalised_question": len(hits_norm), "normalised_post": len(hits_post),
+                     "canonical_post": len(hits_canon),
                      "examples": [{"test": t.origin, "question": snippet(t.question)}
-                                  for t in (hits_post or hits_norm)[:examples]]}
+                                  for t in (hits_canon or hits_post or hits_norm)[:examples]]}
     return out
