@@ -76,16 +76,6 @@ STAGES: dict[str, Stage] = {
 LAYOUT_NOTE = "<out> is the run's output folder: output_dir of the config (runs/<name>), or --output-dir."
 
 
-def _stage_module(stage: str):
-    module_name = STAGES[stage].module
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None
-        raise
-
-
 def top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m phyassist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -133,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         top_parser().parse_args(argv[:1] or ["--help"])
         return 2
     stage, rest = argv[0], argv[1:]
-    module = _stage_module(stage)
-    if module is None:
-        print(f"stage '{stage}' is not implemented yet in this version of the kit.", file=sys.stderr)
-        return 2
+    module = importlib.import_module(STAGES[stage].module)
     args = build_parser(stage, module).parse_args(rest)
     cfg = None
     if STAGES[stage].uses_config:
