@@ -18,12 +18,12 @@ def _reference(h, w, grad_a):
     return a.detach(), h.grad, w.grad
 
 
-def check(dtype=torch.float32, rows=37, inter=1500, atol=1e-5):
+def check(dtype=torch.float32, rows=37, inter=1500, atol=1e-5, device="cpu"):
     torch.manual_seed(0)
-    h = torch.randn(rows, 2 * inter).to(dtype)
-    w = torch.rand(rows)
-    grad_a = torch.randn(rows, inter).to(dtype)
-    a_ref, gh_ref, gw_ref = _reference(h, w, grad_a)
+    h = torch.randn(rows, 2 * inter).to(device, dtype)
+    w = torch.rand(rows, device=device)
+    grad_a = torch.randn(rows, inter).to(device, dtype)
+    a_ref, gh_ref, gw_ref = (t.to(device) for t in _reference(h.cpu(), w.cpu(), grad_a.cpu()))
     a = swiglu_forward(h, w)
     assert torch.allclose(a.double(), a_ref, atol=atol, rtol=1e-3), (a.double() - a_ref).abs().max()
     gh, gw = swiglu_backward_(h.clone(), grad_a, w)
@@ -33,13 +33,13 @@ def check(dtype=torch.float32, rows=37, inter=1500, atol=1e-5):
     assert not torch.allclose(a.double(), a_ref / w[:, None].double(), atol=atol)
 
 
-def check_gather_sum():
+def check_gather_sum(device="cpu"):
     """Each token's k rows, gathered through a permutation and summed; bf16 sums rounded once."""
     torch.manual_seed(0)
     for k, tokens, width in [(2, 37, 1500), (1, 5, 64), (3, 9, 2100)]:
-        index = torch.randperm(tokens * k)
+        index = torch.randperm(tokens * k).to(device)
         for dtype in (torch.float32, torch.bfloat16):
-            src = torch.randn(tokens * k, width).to(dtype)
+            src = torch.randn(tokens * k, width).to(device, dtype)
             ref = src.double()[index].view(tokens, k, width).sum(1).to(dtype)
             out = gather_sum(src, index, k)
             assert out.dtype == dtype and out.shape == (tokens, width)
@@ -58,7 +58,7 @@ def test_triton_kernels_match_formula_in_interpreter():
     run_in_triton_interpreter("import tests.test_moe_kernels as t; t.check(); t.check_gather_sum()")
 
 
-def check_dequantize(out_dtype=torch.float32):
+def check_dequantize(out_dtype=torch.float32, device="cpu"):
     """The NF4 kernel gives bitsandbytes' values, nested (double-quant) scales or not. In fp32 they
     must be equal; the interpreter's bf16 cast truncates where CUDA rounds, so bf16 is checked on
     GPUs (bench/finetune_mixtral.py) and here only within one bf16 step."""
@@ -71,7 +71,7 @@ def check_dequantize(out_dtype=torch.float32):
         # rows a multiple of the block size (bitsandbytes-CPU mis-dequantizes blocks that straddle rows);
         # 600 blocks > 256 exercises the nested scales' second level
         for shape in [(600, 64), (2, 33 * 64), (5, 6, 128)]:
-            w = torch.randn(*shape, dtype=torch.bfloat16) * 0.02
+            w = torch.randn(*shape, dtype=torch.bfloat16).to(device) * 0.02
             packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
             ref = bnbf.dequantize_4bit(packed, state).float().view(shape)
             state.dtype = out_dtype
@@ -91,3 +91,14 @@ def test_dequantize_without_triton_is_bitsandbytes():
 def test_dequantize_kernel_matches_bitsandbytes_in_interpreter():
     run_in_triton_interpreter(
         "import tests.test_moe_kernels as t; t.check_dequantize(); t.check_dequantize(torch.bfloat16)")
+
+
+@pytest.mark.gpu
+def test_gpu_triton_kernels_match_formula_and_bitsandbytes(has_gpu):
+    """The same checks with CUDA tensors (the kernels compiled for the GPU); bf16 dequantization
+    must round as bitsandbytes' CUDA kernel does (within one bf16 step)."""
+    check(device="cuda")
+    check(torch.bfloat16, atol=3e-2, device="cuda")
+    check_gather_sum("cuda")
+    check_dequantize(device="cuda")
+    check_dequantize(torch.bfloat16, device="cuda")
