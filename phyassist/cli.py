@@ -26,7 +26,7 @@ class Stage:
     summary: str
     example: str
     writes: str  # the output layout, for --help
-    uses_config: bool = True
+    uses_config: bool | str = True  # "optional": config flags, read only when --config is given
 
 
 STAGES: dict[str, Stage] = {
@@ -54,7 +54,8 @@ STAGES: dict[str, Stage] = {
                       "<out>/eval/comparison.md/.csv/.png     the comparison table; results.json"),
     "score": Stage("phyassist.evaluate.score", "score a file of prediction/reference records",
                    "python -m phyassist score --input preds.jsonl --output scores.json --task DR",
-                   "the --output JSON: every metric that applies", uses_config=False),
+                   "the --output JSON: every metric that applies; with --config ... --answers: <out>/eval/ "
+                   "(comparison table with intervals, results.json)", uses_config="optional"),
     "publish": Stage("phyassist.publish.stage", "package the adapter and model card; push to the Hub",
                      "python -m phyassist publish --config smoke --dry-run",
                      "<out>/publish/package/                 adapter, tokenizer, model card, config, eval report\n"
@@ -94,8 +95,10 @@ def build_parser(stage: str, module=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m phyassist {stage}", description=s.summary, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if s.uses_config:
-        parser.add_argument("--config", "-c", default="smoke",
-                            help="YAML file or profile name in configs/ (default: smoke)")
+        optional = s.uses_config == "optional"
+        parser.add_argument("--config", "-c", default=None if optional else "smoke",
+                            help="YAML file or profile name in configs/ "
+                                 + ("(only with --answers)" if optional else "(default: smoke)"))
         parser.add_argument("--output-dir", "-o", default=None, help="the run's output folder (default: runs/<name>)")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="config overrides, e.g. train.max_steps=10 model.name=tiny-mixtral "
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[stage].module)
     args = build_parser(stage, module).parse_args(rest)
     cfg = None
-    if STAGES[stage].uses_config:
+    if STAGES[stage].uses_config and args.config is not None:
         overrides = list(args.overrides)
         if args.output_dir:
             overrides.append(f"output_dir={args.output_dir}")

