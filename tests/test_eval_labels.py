@@ -7,7 +7,10 @@ the order of the phrases, each set's default class and its phrase list. The robu
 checked on the released gold reshaped (preambled, truncated, reasoning-first) and on paraphrases.
 """
 
+import gzip
+import json
 import random
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -226,3 +229,92 @@ def test_paired_bootstrap_p_values():
     assert paired_bootstrap(gold, good, good, ["no", "yes"])["p"] == 1.0  # never better than itself
     with pytest.raises(ValueError, match="300 gold, 300 and 2"):
         paired_bootstrap(gold, good, good[:2], ["no", "yes"])
+
+
+# ------------------------------------------- an independent re-implementation of IMHI.py's rules
+#
+# Written from reading MentalLLaMA's src/IMHI.py (commit 8472866, ``calculate_f1``), kept apart from
+# phyassist.evaluate.labels on purpose: a table per set of (phrase, class) in the order IMHI.py tests
+# them, substring tests on the lower-cased text before the first case-sensitive "Reasoning:", and
+# the class IMHI.py appends when nothing matched. The kit's official mode must give the same class
+# on every answer (the kit names classes as MentalLLaMA's label_inference.py does).
+
+_BINARY = ([("yes", "yes"), ("no", "no")], "no")
+IMHI_PY_ANSWER_RULES = {
+    **{s: _BINARY for s in ("DR", "dreaddit", "Irf", "MultiWD", "loneliness", "CLP")},
+    "SAD": ([("school", "school"), ("financial", "financial"), ("family", "family"), ("social", "social"),
+             ("work", "work"), ("health", "health"), ("emotional", "emotional"), ("decision", "everyday"),
+             ("other", "other")], "other"),
+    "CAMS": ([("none", "none"), ("bias", "bias"), ("jobs", "job"), ("medication", "medication"),
+              ("relationship", "relation"), ("alienation", "alienation")], "none"),
+    "t-sid": ([("depression", "depression"), ("suicide", "suicide"), ("ptsd", "ptsd"),
+               ("no mental", "control")], "control"),
+    "swmh": ([("no mental", "no mental"), ("suicide", "suicide"), ("depression", "depression"),
+              ("anxiety", "anxiety"), ("bipolar", "bipolar")], "no mental"),
+}
+
+
+def imhi_py_answer_label(output, task):
+    """(class, counted as OOD) exactly as IMHI.py labels one generated answer."""
+    part = str(output).split("Reasoning:")[0].lower()
+    rules, default = IMHI_PY_ANSWER_RULES[task]
+    for phrase, cls in rules:
+        if phrase in part:
+            return cls, False
+    return default, True
+
+
+REAL_ANSWERS = sorted((Path(__file__).resolve().parents[1] / "bench" / "real_eval").glob("answers_*.jsonl.gz"))
+
+
+def _answers(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_official_mode_equals_imhi_py_on_every_released_gold_answer(shared_data):
+    """On the released gold read as if generated: the same class as IMHI.py on every answer of every
+    set; the kit's documented gold fix changes the class of the SAD "emotion turmoil" answers only, and
+    stops counting CAMS "no causes" answers as OOD (their class stays "none")."""
+    fixed = 0
+    for task in ("DR", "dreaddit", "Irf", "MultiWD", "SAD", "CAMS", "t-sid", "loneliness"):
+        for g in _gold(shared_data, task):
+            assert L.parse_official(g, task, gold_fix=False) == imhi_py_answer_label(g, task), (task, g[:120])
+            head = g.split("Reasoning:")[0].lower()
+            if L.parse_official(g, task)[0] != imhi_py_answer_label(g, task)[0]:
+                assert task == "SAD" and "emotion turmoil" in head, g[:120]
+                fixed += 1
+            elif L.parse_official(g, task) != imhi_py_answer_label(g, task):  # same class, not counted OOD
+                assert task == "CAMS" and "no causes" in head, g[:120]
+    assert fixed > 0
+
+
+@pytest.mark.skipif(not REAL_ANSWERS, reason="bench/real_eval/answers_*.jsonl.gz not present")
+@pytest.mark.parametrize("path", REAL_ANSWERS, ids=[p.name for p in REAL_ANSWERS])
+def test_official_mode_equals_imhi_py_on_the_committed_generated_answers(path):
+    """Every answer SmolLM2 generated in the real-data run (bench/real_eval.md), base and fine-tuned:
+    the kit's official class (without the gold fix) and IMHI.py's agree, OOD counts included."""
+    rows = _answers(path)
+    assert len(rows) == 6057 and {r["set"] for r in rows} == {"DR", "dreaddit", "Irf", "MultiWD", "SAD"}
+    for r in rows:
+        assert L.parse_official(r["answer"], r["set"], gold_fix=False) == imhi_py_answer_label(r["answer"], r["set"]), r
+    # the answers are varied enough to exercise the rules: several classes and some OOD answers per file
+    assert len({L.parse_official(r["answer"], r["set"])[0] for r in rows if r["set"] == "SAD"}) >= 3
+
+
+@pytest.mark.skipif(not REAL_ANSWERS, reason="bench/real_eval/answers_*.jsonl.gz not present")
+def test_official_scores_equal_imhi_py_metrics_on_generated_answers(shared_data):
+    """IMHI.py's metrics (scikit-learn on its labels) against the kit's official label_metrics, per set,
+    on the fine-tuned model's generated answers and the released gold."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rows = _answers(REAL_ANSWERS[-1])
+    for task in ("DR", "dreaddit", "Irf", "MultiWD", "SAD"):
+        gold = _gold(shared_data, task)
+        preds = [r["answer"] for r in sorted((r for r in rows if r["set"] == task), key=lambda r: r["i"])]
+        assert len(preds) == len(gold)
+        gold_labels = L.parse_gold(gold, task, OFFICIAL)
+        mine = [imhi_py_answer_label(p, task)[0] for p in preds]
+        kit = label_metrics(gold_labels, [L.parse_official(p, task, gold_fix=False)[0] for p in preds], task)
+        assert kit["weighted_f1"] == pytest.approx(100 * f1_score(gold_labels, mine, average="weighted"), abs=0.006)
+        assert kit["accuracy"] == pytest.approx(100 * accuracy_score(gold_labels, mine), abs=0.006)

@@ -129,8 +129,9 @@ def embedding_cosine(preds: Sequence[str], refs: Sequence[str], model_name: str 
     """
     check_pairs(preds, refs)
     model = _sentence_model(model_name or default_embedding_model())
+    # a progress bar where encoding takes minutes on a CPU (thousands of answers), none for small sets
     kw = dict(batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True,
-              show_progress_bar=False)
+              show_progress_bar=len(preds) >= 1000)
     a, b = model.encode(_clean(preds), **kw), model.encode(_clean(refs), **kw)
     return round(float((a * b).sum(dim=1).mean()), 4)
 
