@@ -49,6 +49,7 @@ the NF4 dequantization kernel is compared with bitsandbytes' on one layer's gate
 
     python bench/finetune_mixtral.py                      # GPU, full size
     python bench/finetune_mixtral.py --tiny --steps 2     # CPU check of the script
+    python bench/finetune_mixtral.py --from-json bench/finetune_mixtral.json   # its tables again, from the raw JSON
 """
 
 from __future__ import annotations
@@ -148,11 +149,16 @@ def flops_per_token(cfg, seq: int) -> float:
     return 4 * active_params(cfg) + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq
 
 
+def peak_flops(device: str) -> float:
+    """Dense bf16 peak of a GPU named ``device`` (nan when not in PEAKS)."""
+    return next((v for k, v in PEAKS.items() if k in device), float("nan"))
+
+
 def gpu_peak() -> tuple[str, float]:
     if not torch.cuda.is_available():
         return "cpu", float("nan")
     name = torch.cuda.get_device_name()
-    return name, next((v for k, v in PEAKS.items() if k in name), float("nan"))
+    return name, peak_flops(name)
 
 
 def check_experts(dev, tokens: int = 4096) -> dict:
@@ -547,8 +553,114 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+# --- tables rebuilt from the raw JSON (--from-json): no GPU, no model --------------------------
+
+def _fmt(x: float, digits: int) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def recompute(path) -> dict:
+    """One raw JSON of this script with every figure derived again from the per-step times it keeps
+    (``times``): true median (``statistics.median``) of each pass, tokens/s and MFU from it
+    (MFU as in this script: flops_per_token of the architecture at the run's sequence length,
+    the JSON's ``peak_tflops``), and "vs plain" against the first plain pass of the file, as
+    ``table`` prints it. ``step_s`` of the JSON is kept as ``recorded_s``: the runs of 2026-11-24
+    recorded the upper median (``sorted(t)[n // 2]``) of their even number of steps."""
+    data = json.loads(Path(path).read_text())
+    meta = data["meta"]
+    tokens = meta["batch"] * meta["seq"] * meta.get("accum", 1)
+    peak = meta["peak_tflops"] * 1e12
+    rows = []
+    for r in data["rows"]:
+        if "error" in r:
+            continue
+        t = r["times"]
+        med = statistics.median(t)
+        fpt = flops_per_token(mixtral_config(False, r["layers"]), meta["seq"])
+        rows.append(dict(variant=r["variant"], part=r["part"], peak_gib=r["peak_gib"], steps=len(t), times=t,
+                         median_s=med, recorded_s=r["step_s"], tokens_per_s=tokens / med,
+                         mfu=tokens / med * fpt / peak if r["part"] == "full" else None))
+    base = next((r["tokens_per_s"] for r in rows if r["variant"] == "plain" and r["part"] == "full"), None)
+    for r in rows:
+        r["vs_plain"] = r["tokens_per_s"] / base if base and r["part"] == "full" else None
+    return dict(path=str(path), date=meta["date"], device=meta["device"], argv=meta["argv"], tokens=tokens,
+                peak=peak, seq=meta["seq"], rows=rows)
+
+
+def pooled(runs: list[dict]) -> list[dict]:
+    """Per (variant, part) over all passes of ``runs``: the true median of all their steps, and the
+    range of the passes' medians."""
+    groups: dict = {}
+    for run in runs:
+        for r in run["rows"]:
+            g = groups.setdefault((r["variant"], r["part"]), dict(variant=r["variant"], part=r["part"], times=[],
+                                                                  passes=[], peak_gib=r["peak_gib"], run=run))
+            g["times"] += r["times"]
+            g["passes"].append(r)
+    out = []
+    for g in groups.values():
+        med = statistics.median(g["times"])
+        run = g["run"]
+        mfu = None
+        if g["part"] == "full":
+            fpt = flops_per_token(mixtral_config(False), run["seq"])
+            mfu = run["tokens"] / med * fpt / run["peak"]
+        out.append(dict(variant=g["variant"], part=g["part"], peak_gib=g["peak_gib"], steps=len(g["times"]),
+                        median_s=med, mfu=mfu, passes=g["passes"]))
+    return out
+
+
+def report(paths) -> str:
+    """Markdown tables of the raw JSONs ``paths`` (one per file, then pooled per variant)."""
+    runs = [recompute(p) for p in paths]
+    lines = []
+    for run in runs:
+        lines += [f"{run['path']}: {run['date']}, {run['device']}, {run['tokens']:,} tokens a step",
+                  f"argv: {' '.join(run['argv'])}", "",
+                  "| variant | part | peak GiB | steps | median s | recorded s | tokens/s | MFU | vs plain |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in run["rows"]:
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
+            rel = f"{r['vs_plain']:.2f}x" if r["vs_plain"] is not None else "-"
+            lines.append(f"| {r['variant']} | {r['part']} | {r['peak_gib']:.2f} | {r['steps']} | {r['median_s']:.4f} | "
+                         f"{r['recorded_s']:.4f} | {_fmt(r['tokens_per_s'], 0)} | {mfu} | {rel} |")
+        lines.append("")
+    lines += ["pooled over the files above (true median of all steps; the passes' medians and MFU):", "",
+              "| variant | part | peak GiB | steps | pooled median s | MFU | vs plain | passes (median s) | passes (MFU) |",
+              "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    groups = pooled(runs)
+    base = next((g["median_s"] for g in groups if g["variant"] == "plain" and g["part"] == "full"), None)
+    for g in groups:
+        mfu = f"{100 * g['mfu']:.1f} %" if g["mfu"] is not None else "-"
+        rel = f"{base / g['median_s']:.2f}x" if base and g["part"] == "full" else "-"
+        meds = ", ".join(f"{p['median_s']:.4f}" for p in g["passes"])
+        mfus = ", ".join(f"{100 * p['mfu']:.1f}" for p in g["passes"] if p["mfu"] is not None) or "-"
+        lines.append(f"| {g['variant']} | {g['part']} | {g['peak_gib']:.2f} | {g['steps']} | {g['median_s']:.4f} | "
+                     f"{mfu} | {rel} | {meds} | {mfus} |")
+    return "\n".join(lines)
+
+
+def smi_summary(path, busy_w: float = 300.0) -> dict:
+    """An ``nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active
+    --format=csv -lms 250`` log: the samples drawing more than ``busy_w`` (the GPU at work), their
+    median power and SM clock, the clock's range, and how many name the software power cap (0x4)."""
+    import csv
+
+    rows = list(csv.reader(Path(path).read_text().splitlines()))[1:]
+    samples = [(float(r[1].split()[0]), float(r[2].split()[0]), int(r[3].strip(), 16)) for r in rows if len(r) >= 4]
+    busy = [s for s in samples if s[1] > busy_w]
+    return dict(samples=len(samples), busy=len(busy), median_w=statistics.median(s[1] for s in busy),
+                median_sm_mhz=statistics.median(s[0] for s in busy), sm_mhz_range=(min(s[0] for s in busy),
+                                                                                 max(s[0] for s in busy)),
+                power_cap=sum(1 for s in busy if s[2] & 0x4))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--from-json", nargs="+", metavar="JSON", default=None,
+                    help="print the tables of these raw JSONs, recomputed from their per-step times (no GPU)")
+    ap.add_argument("--smi", nargs="+", metavar="CSV", default=None,
+                    help="summarize nvidia-smi logs (samples above 300 W: median power, SM clock, power cap)")
     ap.add_argument("--tiny", action="store_true", help="tiny Mixtral on the CPU (script check)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
     ap.add_argument("--variants", default="plain,fused,fused-attn,fused-attn-stockce,fused-nockpt")
@@ -567,6 +679,12 @@ def main(argv=None) -> int:
     ap.add_argument("--timeline", default="", help="variants whose GPU idle time is broken down (one step)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
+    if args.from_json or args.smi:
+        if args.from_json:
+            print(report(args.from_json))
+        for path in args.smi or []:
+            print(f"{path}: {json.dumps(smi_summary(path))}")
+        return 0
     dev = torch.device("cuda", 0) if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
     gpu, peak = gpu_peak()
     ceiling = matmul_ceiling(dev)

@@ -22,6 +22,7 @@ Recipes (overrides of configs/single-gpu.yaml):
     python bench/trainer_gpu.py --tokenizer .whl_app/mistral-v1-tokenizer --out /root/out/trainer
     python bench/trainer_gpu.py ... --vary          # records of many lengths: compile and recompile times
     python bench/trainer_gpu.py ... --profile flat  # kernels, CPU ops and GPU idle of the last step
+    python bench/trainer_gpu.py --from-json bench/trainer_gpu.json  # its table again, from the raw JSON
 """
 
 from __future__ import annotations
@@ -189,12 +190,76 @@ def run(recipe: str, args, tokenizer) -> dict:
     return row
 
 
+TOKENS_PER_STEP = 16 * 1024  # batch 4 x accumulation 4, every record cut at 1,024 tokens
+
+
+def recompute(path) -> dict:
+    """One raw JSON of this script with its figures derived again from the timed optimizer steps it
+    keeps (``step_times``): the true median (``statistics.median``), tokens/s, MFU (as
+    bench/finetune_mixtral.py counts it: flops_per_token of Mixtral-8x7B at 1,024 tokens over the
+    GPU's dense bf16 peak) and "vs plain" against the file's first plain pass, as ``main`` writes
+    it. ``step_s`` of the JSON is kept as ``recorded_s``: the runs of 2026-11-24 recorded the upper
+    median (``sorted(t)[n // 2]``) of their four timed steps."""
+    from bench.finetune_mixtral import flops_per_token, mixtral_config, peak_flops
+
+    data = json.loads(Path(path).read_text())
+    meta = data["meta"]
+    fpt = flops_per_token(mixtral_config(False), 1024)
+    peak = peak_flops(meta["device"])
+    rows = []
+    for r in data["rows"]:
+        if "error" in r:
+            continue
+        med = statistics.median(r["step_times"])
+        tps = TOKENS_PER_STEP / med if r.get("tokens_per_s") else None  # None: --vary, lengths differ
+        rows.append(dict(recipe=r["recipe"], peak_gib=r["peak_gib"], times=r["step_times"], steps=len(r["step_times"]), median_s=med,
+                         recorded_s=r["step_s"], tokens_per_s=tps, mfu=tps * fpt / peak if tps else None,
+                         losses=r["losses"]))
+    base = next((r["tokens_per_s"] for r in rows if r["recipe"] == "plain" and r["tokens_per_s"]), None)
+    for r in rows:
+        r["vs_plain"] = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
+    return dict(path=str(path), date=meta["date"], device=meta["device"], argv=meta["argv"], rows=rows)
+
+
+def report(paths) -> str:
+    """Markdown tables of the raw JSONs ``paths``, one per file, then each recipe pooled over them all."""
+    from bench.finetune_mixtral import flops_per_token, mixtral_config, peak_flops
+
+    lines, pool = [], {}
+    runs = [recompute(p) for p in paths]
+    for run in runs:
+        for r in run["rows"]:
+            if r["tokens_per_s"]:
+                g = pool.setdefault(r["recipe"], dict(times=[], passes=[], peak=peak_flops(run["device"])))
+                g["times"] += r["times"]
+                g["passes"].append(r["median_s"])
+    for run in runs:
+        lines += [f"{run['path']}: {run['date']}, {run['device']}, {TOKENS_PER_STEP:,} tokens an optimizer step",
+                  f"argv: {' '.join(run['argv'])}", "",
+                  "| recipe | peak GiB | steps | median s | recorded s | tokens/s | MFU | vs plain | last loss |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in run["rows"]:
+            tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "-"
+            rel = f"{r['vs_plain']:.2f}x" if r["vs_plain"] else "-"
+            loss = f"{r['losses'][-1]:.4f}" if r["losses"] else "-"
+            lines.append(f"| {r['recipe']} | {r['peak_gib']:.2f} | {r['steps']} | {r['median_s']:.4f} | "
+                         f"{r['recorded_s']:.3f} | {tps} | {mfu} | {rel} | {loss} |")
+        lines.append("")
+    fpt = flops_per_token(mixtral_config(False), 1024)
+    lines += ["pooled over the files above (true median of all timed steps):", "",
+              "| recipe | steps | pooled median s | tokens/s | MFU | passes (median s) |", "|---|---:|---:|---:|---:|---|"]
+    for recipe, g in pool.items():
+        med = statistics.median(g["times"])
+        lines.append(f"| {recipe} | {len(g['times'])} | {med:.4f} | {TOKENS_PER_STEP / med:,.0f} | "
+                     f"{100 * TOKENS_PER_STEP / med * fpt / g['peak']:.1f} % | {', '.join(f'{m:.4f}' for m in g['passes'])} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    import torch
-
-    from bench.app_bench import _mixtral_tokenizer
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--from-json", nargs="+", metavar="JSON", default=None,
+                    help="only print the tables of these raw JSONs, recomputed from their step times (no GPU)")
     ap.add_argument("--recipes", default="plain,compiled,flat")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps (16 sequences of 1,024 tokens each)")
     ap.add_argument("--skip", type=int, default=2, help="first steps not timed (compilation, warm-up)")
@@ -206,6 +271,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="", help="recipes whose last optimizer step is profiled, not timed "
                     "(kernels, CPU ops, GPU idle time): trainer_profile_<recipe>.txt and the row's gpu_idle")
     args = ap.parse_args(argv)
+    if args.from_json:  # no GPU, no tokenizer: the tables of committed raw JSONs
+        print(report(args.from_json))
+        return 0
+    import torch
+
+    from bench.app_bench import _mixtral_tokenizer
+
     tok = _mixtral_tokenizer(args.tokenizer, "right")
     rows = []
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -238,10 +238,10 @@ class CounselorService:
     def warm_up(self) -> float:
         """Short analyses of made-up words through the prompt and streaming code of a real one, at
         start-up, so that the first counselor's first token does not pay for GPU start-up (kernels
-        loaded on first use, allocator, cuBLAS: 4.1 s cold vs 0.8 s warm on an H100, bench/app_gpu.md).
-        On a GPU, prompts of several lengths up to the whole context budget: each prefill length
-        picks its own GEMM kernels (a single full-length warm-up still left 1.3 s for the first real
-        analysis). No patient, nothing stored or audited. Returns its seconds (also in ``warmup_s``)."""
+        loaded on first use, allocator, cuBLAS; measured in bench/app_gpu.md). On a GPU, prompts of
+        several lengths up to the whole context budget: each prefill length picks its own GEMM kernels,
+        so one full-length warm-up does not cover them. No patient, nothing stored or audited. Returns
+        its seconds (also in ``warmup_s``)."""
         fractions = WARMUP_FRACTIONS if self._on_gpu() else (None,)
         prompts = [self.warmup_prompt(f) for f in fractions]
         self.warmup_prompt_tokens = [self._count_tokens(p) for p in prompts]
