@@ -27,7 +27,8 @@ RESULTS_TABLES = {
                                                  "trainer_gpu.json", "trainer_gpu_keepw.json"],
     "Generation": ["generation_mixtral/run_1738.json"],
     "App": ["app.json", "app_gpu.json"],
-    "Evaluation on IMHI": None,
+    "Evaluation on IMHI": ["real_eval/scores/results.json", "real_eval/scores/comparison.csv",
+                           "real_eval/data_mix.json"],
     "Recipes": None,
 }
 # the JSON keys a table's figures are read from (so that a figure cannot match an unrelated value of the file)
@@ -93,6 +94,7 @@ def cell_numbers(cell: str) -> list[tuple[float, int, bool]]:
     """(value, decimals, is a ratio) of each figure in a cell, leaving out targets and code spans."""
     cell = re.sub(r"\([^)]*target[^)]*\)", "", cell)
     cell = re.sub(r"`[^`]*`", "", cell)
+    cell = re.sub(r"<\s*\d[\d.]*", "", cell)  # a bound ("p < 0.001"), not a measured figure
     return [(float((m.group(1) + "." + (m.group(2) or "0")).replace(",", "")), len(m.group(2) or ""), bool(m.group(3)))
             for m in NUMBER.finditer(cell)]
 
