@@ -9,12 +9,14 @@ from phyassist.cli import main as cli_main
 
 TINY = ["model.max_seq_length=128", "recipe.rl.max_completion_length=4", "recipe.predict.max_examples=1",
         "recipe.predict.max_new_tokens=4", "recipe.rl.max_prompts=2"]
+# sft_sample first: the first reply of every split's shuffle gets it, so each split has one
+WITH_SFT_SAMPLE = "recipe.preference.constructions=[sft_sample,other_patient,truncated,off_topic_tail,spliced]"
 
 
 @pytest.fixture(scope="module")
 def covid_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("covid")
-    assert cli_main(["recipe", "--config", "recipes/covid-smoke", "-o", str(out), *TINY]) == 0
+    assert cli_main(["recipe", "--config", "recipes/covid-smoke", "-o", str(out), *TINY, WITH_SFT_SAMPLE]) == 0
     return out
 
 
@@ -38,6 +40,30 @@ def test_reward_model_learned_from_pairs_built_from_the_dialogues(covid_run):
         iv = held["all"][key]
         assert iv["low"] <= iv["value"] <= iv["high"], key
     assert "length baseline" in (covid_run / "reward/eval.md").read_text(encoding="utf-8")
+
+
+def test_sft_sample_pairs_hold_the_sft_models_cached_replies(covid_run, monkeypatch):
+    """The reward step generated the SFT model's reply for the sft_sample pairs (every split, each on
+    its own split's prompt), cached them, and a rebuild of the pairs generates nothing."""
+    from phyassist.config import load_config
+    from phyassist.recipes import sft_samples
+    from phyassist.recipes.common import text_key
+    from phyassist.recipes.preference import dialogue_preferences
+
+    def rows(path):
+        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+    cached = {c["prompt"]: c["text"] for c in rows(covid_run / "preference/sft_samples.jsonl")}
+    pairs = {s: rows(covid_run / f"preference/{s}.jsonl") for s in ("train", "val", "validate", "test")}
+    mine = [p for ps in pairs.values() for p in ps if p["construction"] == "sft_sample"]
+    assert {"train", "test"} <= {p["split"] for p in mine}
+    for p in mine:
+        assert p["rejected"][0]["content"] == cached[text_key(p["prompt"])] and p["donor"] is None
+    eval_md = (covid_run / "reward/eval.md").read_text(encoding="utf-8")
+    assert "construction: sft_sample" in eval_md  # the held-out accuracy has its own row
+    monkeypatch.setattr(sft_samples, "generate", lambda *a, **k: pytest.fail("SFT replies generated again"))
+    cfg = load_config("recipes/covid-smoke", [*TINY, WITH_SFT_SAMPLE, f"output_dir={covid_run}"])
+    assert dialogue_preferences(cfg)["test"] == pairs["test"]
 
 
 def test_reward_adapter_carries_the_scalar_head(covid_run):

@@ -12,7 +12,8 @@ from phyassist.config import CONFIG_DIR, ConfigError, load_config
 from phyassist.recipes import bootstrap as bs
 from phyassist.recipes import dialogues as dlg
 from phyassist.recipes.data import prepare
-from phyassist.recipes.pairs import build_pairs, build_preference_splits, check_disjoint, units
+from phyassist.recipes.pairs import (build_pairs, build_preference_splits, check_disjoint, generation_requests,
+                                     units)
 from phyassist.recipes.preference import preference_splits
 from phyassist.recipes.reward_eval import accuracy_report, report_markdown, verdict
 
@@ -129,6 +130,42 @@ def test_pair_splits_never_share_a_dialogue(tmp_path):
     assert report["splits"]["train"]["pairs"] == len(built["train"])
     with pytest.raises(ValueError, match="has preference pairs in both train and test"):
         check_disjoint({"train": built["train"][:1], "test": [dict(built["train"][0], split="test")]})
+
+
+ALL5 = ["other_patient", "truncated", "off_topic_tail", "spliced", "sft_sample"]
+
+
+def test_sft_sample_takes_the_generated_reply_of_the_same_prompt():
+    recs, p = zh_records(20), pcfg(length_tolerance=0.5, constructions=ALL5)
+    asked = generation_requests(recs, "train", p, seed=1)
+    assert len(asked) == 8 and len({c["key"] for c in asked}) == 8  # a fifth of the 40 replies
+    assert generation_requests(recs, "train", pcfg(length_tolerance=0.5), seed=1) == []  # not in the defaults
+    model_says = {c["key"]: f"模型的回答{i}：多休息。" for i, c in enumerate(asked)}
+    model_says[asked[0]["key"]] = asked[0]["reply"]  # the model reproduced the doctor: no pair
+    pairs, skipped = build_pairs(recs, "train", p, "zh", seed=1, generated=model_says)
+    mine = by_name(pairs)["sft_sample"]
+    assert len(mine) == len(asked) - 1 and skipped.get("sft_sample") == 1
+    by_prompt = {json.dumps(c["prompt"], ensure_ascii=False): model_says[c["key"]] for c in asked}
+    for pair in mine:
+        assert text(pair, "rejected") == by_prompt[json.dumps(pair["prompt"], ensure_ascii=False)]
+        assert pair["donor"] is None and text(pair, "chosen") != text(pair, "rejected")
+    # the other constructions draw as before: the requests are the plan build_pairs follows
+    assert [x for x in pairs if x["construction"] != "sft_sample"] == \
+        [x for x in build_pairs(recs, "train", p, "zh", seed=1)[0]]
+    none, skipped = build_pairs(recs, "train", p, "zh", seed=1)  # nothing generated: skipped, not invented
+    assert "sft_sample" not in by_name(none) and skipped["sft_sample"] == len(asked)
+
+
+def test_sft_sample_without_an_sft_adapter_is_skipped_and_said(tmp_path, capsys):
+    cfg = load_config("recipes/covid-smoke", {"output_dir": str(tmp_path), "recipe.preference.constructions": ALL5})
+    prepare(cfg)
+    s = preference_splits(cfg)
+    assert s["train"] and not any(x["construction"] == "sft_sample" for x in s["train"])
+    report = json.loads((tmp_path / "preference/report.json").read_text())
+    assert report["splits"]["train"]["skipped"]["sft_sample"] > 0
+    assert "no SFT adapter" in report["notes"][0] and "run the recipe's sft step" in report["notes"][0]
+    assert "Note: sft_sample pairs not built" in (tmp_path / "preference/report.md").read_text(encoding="utf-8")
+    assert "sft_sample pairs not built" in capsys.readouterr().out
 
 
 def test_preference_config_errors_name_the_key():

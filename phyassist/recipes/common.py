@@ -59,3 +59,68 @@ def save_folder(target: Path, write) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_weights(adapter_dir) -> Path | None:
+    """The weights file of a PEFT adapter folder (None: not there)."""
+    return next((Path(adapter_dir) / n for n in ADAPTER_WEIGHTS if (Path(adapter_dir) / n).is_file()), None)
+
+
+def adapter_problem(adapter_dir, what: str = "adapter") -> str | None:
+    """Why ``adapter_dir`` cannot be loaded (no folder, no config, no weights, as in a run folder copied
+    without its weights); None when it can."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return f"no {what} at {adapter_dir} (no adapter_config.json)"
+    if adapter_weights(adapter_dir) is None:
+        return (f"the {what} at {adapter_dir} has no weights ({' / '.join(ADAPTER_WEIGHTS)} missing, e.g. a run "
+                f"folder copied without its weights)")
+    return None
+
+
+def adapter_fingerprint(adapter_dir) -> str:
+    """A short hash of an adapter's weights: ties a cached result to the adapter that made it."""
+    import hashlib
+
+    weights = adapter_weights(adapter_dir)
+    if weights is None:
+        raise FileNotFoundError(adapter_problem(adapter_dir))
+    h = hashlib.sha1()
+    with open(weights, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def text_key(*parts) -> str:
+    """A short hash of JSON-able parts (prompts, answers, settings): a changed input is noticed."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(parts, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def scoring_device(cfg):
+    """Where a model used for inference inside a recipe step (reward scoring, SFT samples) runs: the
+    process's GPU when there is one and ``model.device_map`` is not ``cpu``, else the CPU."""
+    import os
+
+    import torch
+
+    if cfg.model.device_map == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def free_accelerator_memory() -> None:
+    """Give a dropped model's GPU memory back before the next model loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

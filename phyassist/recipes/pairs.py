@@ -13,6 +13,12 @@ What each construction teaches the reward model (:data:`CONSTRUCTIONS`):
   ``truncated``'s length cue: "longer is better" scores 0 on these pairs.
 * ``spliced``: the reply's first half joined to the second half of another patient's reply, with
   the same length as the real one: the answer must stay on this patient to the end (coherence).
+* ``sft_sample`` (optional, not in the default list): the SFT model's own reply to the same prompt
+  (greedy or sampled), generated in the reward step (:mod:`.sft_samples`). The reward model learns to
+  prefer the real doctor over the current policy: the signal RL needs. Caveat: the SFT reply may be
+  as good as the real one (noisy labels), and its length is whatever the model writes, so the
+  report's "chosen longer" column must be checked for a length cue. No donor: the reply comes from
+  the model (trained on the train split) answering this split's own prompt.
 
 The constructions are assigned round-robin over a seeded shuffle of the replies, so they come in
 equal shares and a length-only scorer sits near chance overall (the reward step measures it).
@@ -36,6 +42,8 @@ CONSTRUCTIONS = {
     "truncated": "the reply cut off part-way: completeness (shorter by construction)",
     "off_topic_tail": "the reply plus another patient's reply: no off-topic filler (longer by construction)",
     "spliced": "first half of the reply + second half of another patient's, same length: coherence",
+    "sft_sample": "the SFT model's own reply to this prompt: prefer the real doctor over the current policy "
+                  "(the signal RL needs; check the length column)",
 }
 SPLICE_RANGE = (0.4, 0.6)
 DONOR_TRIES = 20
@@ -72,7 +80,8 @@ def candidates(records: list[dict], expand_turns: bool, min_reply_chars: int,
         prompt = msgs[:-1]
         if max_prompt_chars and sum(len(m["content"]) for m in prompt) > max_prompt_chars:
             continue
-        out.append({"prompt": prompt, "reply": msgs[-1]["content"], "dialogue": dialogue_key(s)})
+        out.append({"prompt": prompt, "reply": msgs[-1]["content"], "dialogue": dialogue_key(s),
+                    "key": f"{s.get('source', '')}:{s['id']}"})
     return out
 
 
@@ -124,6 +133,29 @@ def spliced(cand: dict, pool: DonorPool, pcfg, lang: str, rng: random.Random):
 
 MAKERS = {"other_patient": other_patient, "truncated": truncated, "off_topic_tail": off_topic_tail,
           "spliced": spliced}
+GENERATED = ("sft_sample",)  # made by a model (:mod:`.sft_samples`), not from the dialogues
+
+
+def assignments(cands: list[dict], split: str, pcfg, seed: int) -> tuple[list[tuple[int, str]], random.Random]:
+    """(candidate index, construction) in build order: round-robin over a seeded shuffle; and the
+    random generator the constructions then draw from."""
+    rng = random.Random(f"{seed}:{split}")
+    order = list(range(len(cands)))
+    rng.shuffle(order)
+    names = list(pcfg.constructions)
+    return [(i, names[(rank + j) % len(names)]) for rank, i in enumerate(order)
+            for j in range(pcfg.pairs_per_sample)], rng
+
+
+def generation_requests(records: list[dict], split: str, pcfg, seed: int,
+                        expand_turns: bool = False) -> list[dict]:
+    """The candidates (``{prompt, reply, dialogue, key}``) that :func:`build_pairs` will give an
+    ``sft_sample`` construction: the prompts whose SFT reply must be generated first."""
+    if not set(GENERATED) & set(pcfg.constructions):
+        return []
+    cands = candidates(records, expand_turns, pcfg.min_reply_chars, pcfg.max_prompt_chars)
+    plan, _ = assignments(cands, split, pcfg, seed)
+    return [cands[i] for i, name in plan if name in GENERATED]
 
 
 def pair_record(cand: dict, rejected: str, construction: str, donor: str | None, split: str) -> dict:
@@ -133,22 +165,26 @@ def pair_record(cand: dict, rejected: str, construction: str, donor: str | None,
             "dialogue": cand["dialogue"], "donor": donor, "split": split}
 
 
-def build_pairs(records: list[dict], split: str, pcfg, lang: str, seed: int,
-                expand_turns: bool = False) -> tuple[list[dict], dict[str, int]]:
-    """(pairs, skipped per construction) for one split; seeded, so a rebuild gives the same pairs."""
+def build_pairs(records: list[dict], split: str, pcfg, lang: str, seed: int, expand_turns: bool = False,
+                generated: dict[str, str] | None = None) -> tuple[list[dict], dict[str, int]]:
+    """(pairs, skipped per construction) for one split; seeded, so a rebuild gives the same pairs.
+
+    ``generated``: candidate key -> the SFT model's reply (``sft_sample``); a candidate without one
+    (no SFT adapter, or not generated) is skipped, as is a reply equal to the real one."""
     cands = candidates(records, expand_turns, pcfg.min_reply_chars, pcfg.max_prompt_chars)
-    pool, rng = DonorPool(cands, lang), random.Random(f"{seed}:{split}")
-    order = list(range(len(cands)))
-    rng.shuffle(order)
-    names, pairs, skipped = list(pcfg.constructions), [], Counter()
-    for rank, i in enumerate(order):
-        for j in range(pcfg.pairs_per_sample):
-            name = names[(rank + j) % len(names)]
+    pool = DonorPool(cands, lang)
+    plan, rng = assignments(cands, split, pcfg, seed)
+    pairs, skipped = [], Counter()
+    for i, name in plan:
+        if name in GENERATED:
+            text = (generated or {}).get(cands[i]["key"])
+            made = (text, None) if text else None
+        else:
             made = MAKERS[name](cands[i], pool, pcfg, lang, rng)
-            if made is None or not made[0] or made[0] == cands[i]["reply"]:
-                skipped[name] += 1
-                continue
-            pairs.append(pair_record(cands[i], made[0], name, made[1], split))
+        if made is None or not made[0] or made[0] == cands[i]["reply"]:
+            skipped[name] += 1
+            continue
+        pairs.append(pair_record(cands[i], made[0], name, made[1], split))
     return pairs, dict(skipped)
 
 
@@ -178,6 +214,7 @@ def report_markdown(report: dict) -> str:
                          f"{s['rejected_length']} | {s['chosen_longer']} |")
         longer = "-" if r["chosen_longer"] is None else r["chosen_longer"]
         lines.append(f"| {split} | **all** | {r['pairs']} | {sum(r['skipped'].values())} | | | {longer} |")
+    lines += [f"\nNote: {n}." for n in report.get("notes", [])]
     lines += ["", "| construction | what it teaches |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in CONSTRUCTIONS.items() if k in report["constructions"]]
     return "\n".join(lines) + "\n"
@@ -187,13 +224,15 @@ def pairs_dir(cfg) -> Path:
     return cfg.out / "preference"
 
 
-def build_preference_splits(cfg, splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
+def build_preference_splits(cfg, splits: dict[str, list[dict]], generated: dict[str, str] | None = None,
+                            notes: list[str] | None = None) -> dict[str, list[dict]]:
     """Pairs for every split of the data step (train, val, test ...); writes them with a report
-    under ``<out>/preference`` and checks no dialogue appears in two splits' pairs."""
+    under ``<out>/preference`` and checks no dialogue appears in two splits' pairs.
+    ``generated``: the SFT model's replies for ``sft_sample`` (:func:`phyassist.recipes.sft_samples.sft_samples`)."""
     p, lang, expand = cfg.recipe.preference, cfg.recipe.lang, cfg.recipe.data.unit == "conversation"
-    built, report = {}, {"constructions": list(p.constructions), "splits": {}}
+    built, report = {}, {"constructions": list(p.constructions), "splits": {}, "notes": list(notes or [])}
     for split, records in splits.items():
-        pairs, skipped = build_pairs(records, split, p, lang, cfg.seed, expand)
+        pairs, skipped = build_pairs(records, split, p, lang, cfg.seed, expand, generated)
         built[split] = pairs
         stats = construction_stats(pairs, lang) if pairs else {}
         longer = sum(s["chosen_longer"] * s["pairs"] for s in stats.values()) / len(pairs) if pairs else None

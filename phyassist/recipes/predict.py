@@ -6,16 +6,22 @@ SFT adapter alone with SFT + RL stacked, and plots the mean answer length of eac
 study's observation: RL made answers longer); recipe B also scores every answer with the reward
 model and gives each metric a bootstrap interval over test dialogues (:mod:`.bootstrap`). Each
 variant's predictions are written as soon as it finishes, so a rerun after a crash only generates
-what is missing.
+what is missing, and loads no generation model at all when every variant's predictions exist (the
+adapters' weights are then not needed). The reward scores are cached too (``predict/rewards.json``,
+tied to the reward adapter's weights and the answers). Without usable reward-adapter weights the
+text metrics and their intervals are still written, with a line saying the reward score was not
+computed and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 from phyassist.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from phyassist.recipes.common import images_dir, step_dir
+from phyassist.recipes.common import (adapter_fingerprint, adapter_problem, free_accelerator_memory, images_dir,
+                                      step_dir, text_key)
 from phyassist.recipes.dialogues import prompt_messages, reference, seeded_cap
 
 LABELS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "cosine": "cosine",
@@ -32,14 +38,22 @@ def chat_prompts(tok, records: list[dict]) -> list[str]:
             for r in records]
 
 
-def generate_variant(model, tok, records: list[dict], path: Path, pcfg, desc: str) -> list[str]:
-    """Answers for ``records`` (read back from ``path`` when a previous run finished them)."""
-    from phyassist.evaluate.generate import generate_batched
-
+def finished_predictions(path: Path, records: list[dict]) -> list[str] | None:
+    """The answers a previous run wrote to ``path`` for exactly these records (None: not there)."""
     if path.exists():
         done = read_jsonl(path)
         if [d["id"] for d in done] == [r["id"] for r in records]:
             return [d["prediction"] for d in done]
+    return None
+
+
+def generate_variant(model, tok, records: list[dict], path: Path, pcfg, desc: str) -> list[str]:
+    """Answers for ``records`` (read back from ``path`` when a previous run finished them)."""
+    from phyassist.evaluate.generate import generate_batched
+
+    done = finished_predictions(path, records)
+    if done is not None:
+        return done
     preds = generate_batched(model, tok, chat_prompts(tok, records), max_new_tokens=pcfg.max_new_tokens,
                              batch_size=pcfg.batch_size, desc=desc)
     atomic_write_jsonl(path, [{"id": r["id"], "prompt": prompt_messages(r), "prediction": p,
@@ -55,22 +69,39 @@ def score_variants(preds: dict[str, list[str]], refs: list[str], lang: str, cosi
             for name, p in preds.items()}
 
 
-def metrics_markdown(title: str, scores: dict[str, dict], n: int) -> str:
+def reward_note(reason: str) -> str:
+    return f"**Reward-model score: not computed**: {reason}."
+
+
+def metrics_markdown(title: str, scores: dict[str, dict], n: int, reward_missing: str | None = None) -> str:
     keys = [k for k in LABELS if k in next(iter(scores.values()))]
     lines = [f"# {title}", "", f"{n} held-out samples.", "",
              "| model | " + " | ".join(LABELS[k] for k in keys) + " |", "| --- |" + " --- |" * len(keys)]
     for name, s in scores.items():
         lines.append(f"| {name} | " + " | ".join(f"{s[k]:.4g}" for k in keys) + " |")
+    if reward_missing:
+        lines += ["", reward_note(reward_missing)]
     return "\n".join(lines) + "\n"
 
 
-def run_variants(cfg, model, tok, records: list[dict], variants: dict) -> dict[str, list[str]]:
-    """``variants``: name -> context manager factory that sets the adapters for that name."""
+def run_variants(cfg, load, records: list[dict], names: list[str]) -> dict[str, list[str]]:
+    """Each variant's answers, generated only where ``predict/<variant>.jsonl`` does not hold them yet.
+
+    ``load()`` -> (model, tokenizer, name -> context manager factory that sets the adapters for that
+    name); it is called only when some variant is missing, so a finished run loads no model."""
     out = step_dir(cfg, "predict")
-    preds = {}
-    for name, setup in variants.items():
-        with setup():
+    preds = {name: finished_predictions(out / f"{safe(name)}.jsonl", records) for name in names}
+    todo = [name for name, p in preds.items() if p is None]
+    if not todo:
+        print(f"[recipe] predict: predictions of {', '.join(names)} exist in {out}; nothing generated",
+              flush=True)
+        return preds
+    model, tok, setups = load()
+    for name in todo:
+        with setups[name]():
             preds[name] = generate_variant(model, tok, records, out / f"{safe(name)}.jsonl", cfg.recipe.predict, name)
+    del model, setups
+    free_accelerator_memory()
     return preds
 
 
@@ -79,7 +110,7 @@ def safe(name: str) -> str:
 
 
 def finish(cfg, title: str, records: list[dict], preds: dict[str, list[str]], cosine: bool,
-           rewards: dict[str, list[float]] | None = None) -> dict:
+           rewards: dict[str, list[float]] | None = None, reward_missing: str | None = None) -> dict:
     refs = [reference(r) for r in records]
     scores = score_variants(preds, refs, cfg.recipe.lang, cosine, cfg.recipe.predict.embedding_model)
     for name in scores if rewards else ():
@@ -87,19 +118,44 @@ def finish(cfg, title: str, records: list[dict], preds: dict[str, list[str]], co
         scores[name]["reward_ref"] = round(sum(rewards["reference"]) / len(rewards["reference"]), 4)
     out = step_dir(cfg, "predict")
     atomic_write_json(out / "metrics.json", scores)
-    atomic_write_text(out / "metrics.md", metrics_markdown(title, scores, len(records)))
+    atomic_write_text(out / "metrics.md", metrics_markdown(title, scores, len(records), reward_missing))
     return scores
 
 
 def reward_scores(cfg, reward_adapter, records: list[dict], preds: dict[str, list[str]]) -> dict[str, list[float]]:
-    """The reward model's score of every answer (each variant's and the reference), in context."""
+    """The reward model's score of every answer (each variant's and the reference), in context.
+
+    All answers go through ONE batched pass (:func:`~phyassist.recipes.reward.score`: batches of
+    ``recipe.reward.per_device_eval_batch_size`` on the model's device, no autograd, a progress bar).
+    Scores are cached in ``predict/rewards.json`` per answer set, tied to the reward adapter's weights,
+    so a resumed run scores only what changed (and loads no reward model when nothing did)."""
     from phyassist.recipes.reward import load_reward_model, score
 
+    rc, path = cfg.recipe.reward, step_dir(cfg, "predict") / "rewards.json"
+    answers = {**preds, "reference": [reference(rec) for rec in records]}
+    adapter = adapter_fingerprint(reward_adapter)
+    keys = {name: text_key([rec["id"] for rec in records], texts, rc.max_length) for name, texts in answers.items()}
+    cache = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    cached = cache.get("variants", {}) if cache.get("adapter") == adapter else {}
+    out = {name: cached[name]["scores"] for name in answers
+           if name in cached and cached[name].get("key") == keys[name]}
+    todo = [name for name in answers if name not in out]
+    if not todo:
+        print(f"[recipe] predict: reward scores read from {path}", flush=True)
+        return out
+    convs = [prompt_messages(rec) + [{"role": "assistant", "content": a}]
+             for name in todo for rec, a in zip(records, answers[name])]
     model, tok = load_reward_model(cfg, reward_adapter)
-    answers = {**preds, "reference": [reference(r) for r in records]}
-    return {name: score(model, tok, [prompt_messages(r) + [{"role": "assistant", "content": a}]
-                                     for r, a in zip(records, texts)], cfg.recipe.reward.per_device_eval_batch_size)
-            for name, texts in answers.items()}
+    print(f"[recipe] predict: scoring {len(convs)} answers ({', '.join(todo)}) with the reward model on "
+          f"{model.device}, batches of {rc.per_device_eval_batch_size}", flush=True)
+    flat = score(model, tok, convs, rc.per_device_eval_batch_size, rc.max_length, desc="reward scores")
+    del model
+    free_accelerator_memory()
+    for k, name in enumerate(todo):
+        out[name] = flat[k * len(records):(k + 1) * len(records)]
+    atomic_write_json(path, {"adapter": adapter, "variants": {name: {"key": keys[name], "scores": out[name]}
+                                                               for name in answers}})
+    return {name: out[name] for name in answers}
 
 
 def per_example_stats(preds: list[str], refs: list[str], rewards: list[float] | None, lang: str) -> dict:
@@ -123,7 +179,7 @@ INTERVAL_LABELS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "ro
 
 
 def intervals(records: list[dict], preds: dict[str, list[str]], rewards: dict[str, list[float]] | None,
-              lang: str, seed: int) -> dict:
+              lang: str, seed: int, reward_missing: str | None = None) -> dict:
     """Every metric of every variant with a 95 % bootstrap interval over test dialogues, and the
     paired difference last variant − first (SFT+RL − SFT)."""
     from phyassist.recipes.bootstrap import interval, paired_interval
@@ -143,7 +199,10 @@ def intervals(records: list[dict], preds: dict[str, list[str]], rewards: dict[st
     for metric in ("reward", "mean_length"):
         if metric in table:
             table[metric]["reference"] = interval(ref_stats[metric][0], ref_stats[metric][1], groups, seed=seed)
-    return {"n": len(records), "dialogues": len(set(groups)), "level": 0.95, "metrics": table}
+    out = {"n": len(records), "dialogues": len(set(groups)), "level": 0.95, "metrics": table}
+    if reward_missing:
+        out["reward_not_computed"] = reward_missing
+    return out
 
 
 def intervals_markdown(title: str, iv: dict) -> str:
@@ -157,6 +216,8 @@ def intervals_markdown(title: str, iv: dict) -> str:
     for metric, row in iv["metrics"].items():
         lines.append(f"| {INTERVAL_LABELS.get(metric, metric)} | " +
                      " | ".join(formatted(row[c]) if c in row else "" for c in cols) + " |")
+    if iv.get("reward_not_computed"):
+        lines += ["", reward_note(iv["reward_not_computed"])]
     return "\n".join(lines) + "\n"
 
 
@@ -185,21 +246,26 @@ def predict_covid(cfg, records: list[dict], sft_adapter, rl_adapter, reward_adap
     from phyassist.models.inference import activate, load_for_inference
     from phyassist.recipes.plots import plot_bars
 
-    model, tok = load_for_inference(cfg, [sft_adapter, rl_adapter])
-    names = list(model.peft_config)
+    def load():
+        model, tok = load_for_inference(cfg, [sft_adapter, rl_adapter])
+        names = list(model.peft_config)
+        return model, tok, {"SFT": lambda: _active(model, activate, names[:1]),
+                            "SFT+RL": lambda: _active(model, activate, names)}
+
     records = held_out(cfg, records)
-    preds = run_variants(cfg, model, tok, records, {
-        "SFT": lambda: _active(model, activate, names[:1]),
-        "SFT+RL": lambda: _active(model, activate, names)})
-    del model
+    preds = run_variants(cfg, load, records, ["SFT", "SFT+RL"])
     rewards = None
-    if reward_adapter is not None and (Path(reward_adapter) / "adapter_config.json").exists():
+    missing = ("no reward adapter configured" if reward_adapter is None
+               else adapter_problem(reward_adapter, "reward adapter"))
+    if missing is None:
         rewards = reward_scores(cfg, reward_adapter, records, preds)
     else:
-        print(f"[recipe] predict: no reward adapter at {reward_adapter}; answers are not scored by it", flush=True)
-    scores = finish(cfg, "Recipe B: SFT vs SFT + RL on the test split", records, preds, cosine=False, rewards=rewards)
+        print(f"[recipe] predict: reward-model score NOT computed: {missing}. BLEU, ROUGE and mean length "
+              f"(with intervals) are written without it.", flush=True)
+    scores = finish(cfg, "Recipe B: SFT vs SFT + RL on the test split", records, preds, cosine=False, rewards=rewards,
+                    reward_missing=missing)
     out, pc = step_dir(cfg, "predict"), cfg.recipe.predict
-    iv = intervals(records, preds, rewards, cfg.recipe.lang, cfg.seed)
+    iv = intervals(records, preds, rewards, cfg.recipe.lang, cfg.seed, missing)
     atomic_write_json(out / "intervals.json", iv)
     atomic_write_text(out / "intervals.md", intervals_markdown("Recipe B: SFT vs SFT + RL, test split", iv))
     if pc.side_by_side:
@@ -214,12 +280,13 @@ def evaluate_soulchat(cfg, records: list[dict], adapter) -> dict:
     from phyassist.models.inference import load_for_inference
     from phyassist.recipes.plots import plot_grouped
 
-    model, tok = load_for_inference(cfg, [adapter])
+    def load():
+        model, tok = load_for_inference(cfg, [adapter])
+        return model, tok, {"base": model.disable_adapter, "fine-tuned": contextlib.nullcontext}
+
     records = held_out(cfg, records)
-    variants = {"fine-tuned": contextlib.nullcontext}
-    if cfg.recipe.predict.compare_base:
-        variants = {"base": model.disable_adapter, **variants}
-    preds = run_variants(cfg, model, tok, records, variants)
+    names = (["base"] if cfg.recipe.predict.compare_base else []) + ["fine-tuned"]
+    preds = run_variants(cfg, load, records, names)
     scores = finish(cfg, "Recipe A: base vs fine-tuned on held-out questions", records, preds, cosine=True)
     table = {"BLEU/100": {m: s["bleu"] / 100 for m, s in scores.items()},
              "cosine": {m: s["cosine"] for m, s in scores.items()},

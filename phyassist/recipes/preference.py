@@ -69,13 +69,23 @@ def file_preferences(cfg) -> tuple[list[dict], list[dict]]:
 
 
 def dialogue_preferences(cfg) -> dict[str, list[dict]]:
-    """Pairs built from every split the data step wrote (train, val, validate, test)."""
+    """Pairs built from every split the data step wrote (train, val, validate, test). With the
+    ``sft_sample`` construction, the SFT model first answers the prompts assigned to it
+    (:mod:`phyassist.recipes.sft_samples`: batched, cached)."""
     from phyassist.recipes.data import read_split
-    from phyassist.recipes.pairs import build_preference_splits
+    from phyassist.recipes.pairs import build_preference_splits, generation_requests
 
+    p, expand = cfg.recipe.preference, cfg.recipe.data.unit == "conversation"
     splits = {s: read_split(cfg, s) for s in ("train", "val", "validate", "test")
               if (cfg.out / "data" / f"{s}.jsonl").exists() or s == "train"}
-    return build_preference_splits(cfg, splits)
+    requests = [c for split, recs in splits.items() for c in generation_requests(recs, split, p, cfg.seed, expand)]
+    generated, notes = None, []
+    if requests:
+        from phyassist.recipes.sft_samples import sft_samples
+
+        generated, note = sft_samples(cfg, requests)
+        notes += [note] if note else []
+    return build_preference_splits(cfg, splits, generated, notes)
 
 
 def preference_splits(cfg) -> dict[str, list[dict]]:

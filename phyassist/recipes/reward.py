@@ -79,33 +79,62 @@ def train_reward(cfg, train_rows: list[dict], eval_rows: list[dict] | None = Non
     return adapter
 
 
-def load_reward_model(cfg, adapter_dir: str | Path):
-    """(merged reward model in eval mode, its tokenizer) from a reward adapter folder."""
+def load_reward_model(cfg, adapter_dir: str | Path, device=None):
+    """(merged reward model in eval mode ON ``device``, its tokenizer) from a reward adapter folder.
+
+    ``device``: None is :func:`~phyassist.recipes.common.scoring_device` (the GPU when there is one).
+    The sequence-classification base loads on the CPU (``from_pretrained`` without a device map), so
+    without this move every score would be computed there: the predict step's 1,371 answers took
+    minutes on a GPU machine. On the CPU, 16-bit weights are cast to float32 (CPU kernels for bf16 are
+    slow)."""
+    import torch
     from peft import PeftModel
 
+    from phyassist.recipes.common import adapter_problem, scoring_device
+
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter_dir}: no reward adapter here (run the recipe's reward step, or set "
-                                f"recipe.reward_adapter)")
+    problem = adapter_problem(adapter_dir, "reward adapter")
+    if problem:
+        raise FileNotFoundError(f"{problem}: run the recipe's reward step, or set recipe.reward_adapter")
     model, tok = load_reward_base(cfg)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    device = torch.device(device) if device is not None else scoring_device(cfg)
+    if device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
+        model = model.float()
+    model.to(device)
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
     return model, tok
 
 
-def score(model, tok, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
-    """Reward of each full conversation (prompt + answer), rendered with the chat template; batches
-    of similar length (little padding), results in input order."""
+def score(model, tok, conversations: list[list[dict]], batch_size: int = 8, max_length: int | None = None,
+          desc: str = "reward scores", progress: bool = True) -> list[float]:
+    """Reward of each full conversation (prompt + answer), rendered with the chat template: batches
+    of ``batch_size`` of similar length (little padding) on the model's device, no autograd, a
+    progress bar; results in input order. ``max_length``: longer conversations keep their LAST
+    ``max_length`` tokens (the answer being scored; the reward trainer drops pairs over its max_length)."""
     import torch
+    from tqdm.auto import tqdm
 
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out: list[float] = [0.0] * len(texts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+    device = model.device
+    side = tok.truncation_side
+    tok.truncation_side = "left"
+    bar = tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress)
+    try:
         with torch.inference_mode():
-            vals = model(**enc.to(model.device)).logits[:, 0].float().tolist()
-        for i, v in zip(idx, vals):
-            out[i] = v
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False,
+                          truncation=max_length is not None, max_length=max_length)
+                vals = model(**enc.to(device)).logits[:, 0].float().tolist()
+                for i, v in zip(idx, vals):
+                    out[i] = v
+                bar.update(len(idx))
+    finally:
+        tok.truncation_side = side
+        bar.close()
     return out

@@ -88,7 +88,7 @@ def report_markdown(report: dict, title: str = "Reward model on held-out prefere
 
 def evaluate_reward(cfg, adapter_dir: str | Path, pairs: list[dict]) -> dict:
     """Score the held-out pairs with the trained reward model; writes ``<out>/reward/eval.json/.md``."""
-    from phyassist.recipes.common import step_dir
+    from phyassist.recipes.common import free_accelerator_memory, step_dir
     from phyassist.recipes.reward import load_reward_model, score
 
     out = step_dir(cfg, "reward")
@@ -96,9 +96,12 @@ def evaluate_reward(cfg, adapter_dir: str | Path, pairs: list[dict]) -> dict:
         print("[recipe] reward: no held-out preference pairs; accuracy not measured", flush=True)
         return {}
     model, tok = load_reward_model(cfg, adapter_dir)
-    bs = cfg.recipe.reward.per_device_eval_batch_size
-    chosen = score(model, tok, [p["prompt"] + p["chosen"] for p in pairs], bs)
-    rejected = score(model, tok, [p["prompt"] + p["rejected"] for p in pairs], bs)
+    r = cfg.recipe.reward
+    convs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+    scores = score(model, tok, convs, r.per_device_eval_batch_size, r.max_length, desc="reward model: held-out pairs")
+    chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
+    del model
+    free_accelerator_memory()
     report = accuracy_report(pairs, chosen, rejected, cfg.recipe.lang, cfg.seed)
     atomic_write_json(out / "eval.json", report)
     atomic_write_text(out / "eval.md", report_markdown(report))

@@ -43,7 +43,19 @@ class DialogueDataConfig(Section):
     max_chars: Optional[int] = Field(None, gt=0, description="Drop samples whose prompt+answer is longer.")
 
 
-CONSTRUCTION_NAMES = ("other_patient", "truncated", "off_topic_tail", "spliced")
+CONSTRUCTION_NAMES = ("other_patient", "truncated", "off_topic_tail", "spliced", "sft_sample")
+DEFAULT_CONSTRUCTIONS = ("other_patient", "truncated", "off_topic_tail", "spliced")  # need no model
+
+
+class SftSampleConfig(Section):
+    """The ``sft_sample`` construction: the SFT model's own reply to the prompt as ``rejected``,
+    generated in the reward step (cached in ``<out>/preference/sft_samples.jsonl``)."""
+
+    max_new_tokens: Optional[int] = Field(None, gt=0, description="None: recipe.predict.max_new_tokens.")
+    batch_size: Optional[int] = Field(None, gt=0, description="Prompts generated at once; None: "
+                                      "recipe.predict.batch_size.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (the policy's most likely reply); > 0: "
+                               "sampled at this temperature (seeded), as RL samples.")
 
 
 class PreferenceDataConfig(Section):
@@ -61,8 +73,10 @@ class PreferenceDataConfig(Section):
                                 "(source dialogues uses the data step's val split).")
     max_samples: Optional[int] = Field(None, gt=0, description="Seeded cap on training pairs.")
     constructions: list[Literal[CONSTRUCTION_NAMES]] = Field(
-        default_factory=lambda: list(CONSTRUCTION_NAMES), min_length=1,
-        description="source dialogues: how rejected replies are made (assigned round-robin over the samples).")
+        default_factory=lambda: list(DEFAULT_CONSTRUCTIONS), min_length=1,
+        description="source dialogues: how rejected replies are made (assigned round-robin over the samples); "
+        "sft_sample (not by default) generates the SFT model's reply in the reward step.")
+    sft_sample: SftSampleConfig = Field(default_factory=SftSampleConfig)
     pairs_per_sample: int = Field(1, gt=0, description="source dialogues: pairs per reply, each with another "
                                   "construction (at most the number of constructions).")
     length_tolerance: float = Field(0.2, gt=0, lt=1, description="other_patient/spliced/off_topic_tail: the "
