@@ -19,8 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
-# README results table (the bold heading above it) -> raw files behind its figures. None: a table whose raw
-# files are still being added (the real-data evaluation and the recipe GPU run); list them here once committed.
+# README results table (the bold heading above it) -> raw files behind its figures.
 RESULTS_TABLES = {
     "Fine-tuning Mixtral-8x7B in 4-bit QLoRA": ["finetune_mixtral.json", "finetune_mixtral_keepw.json",
                                                  "finetune_mixtral_keepw_confirm.json", "trainer_gpu_0951.json",
@@ -29,7 +28,7 @@ RESULTS_TABLES = {
     "App": ["app.json", "app_gpu.json"],
     "Evaluation on IMHI": ["real_eval/scores/results.json", "real_eval/scores/comparison.csv",
                            "real_eval/data_mix.json"],
-    "Recipes": None,
+    "Recipes": ["recipe_covid_gpu/intervals.json"],
 }
 # the JSON keys a table's figures are read from (so that a figure cannot match an unrelated value of the file)
 RESULT_KEYS = {
