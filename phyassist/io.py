@@ -82,6 +82,40 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Append rows to a resumable job's log and fsync: every batch written survives a kill."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        # after a kill mid-line, start on a fresh line so the torn row alone is lost
+        fh.write(("\n" if torn else "") + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def read_appended_jsonl(path: str | Path) -> Iterator[dict]:
+    """The object rows of an :func:`append_jsonl` log; a line torn by a kill mid-write is skipped
+    (the job redoes that row), and a missing file has none."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
 def last_complete_checkpoint(folder: str | Path) -> str | None:
     """The newest ``checkpoint-N`` in ``folder`` that a Trainer finished writing, or None.
 

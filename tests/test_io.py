@@ -36,3 +36,17 @@ def test_failed_write_leaves_nothing(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_appended_jsonl_survives_a_torn_last_line(tmp_path):
+    from phyassist.io import append_jsonl, read_appended_jsonl
+
+    log = tmp_path / "sub" / "log.jsonl"
+    assert list(read_appended_jsonl(log)) == []
+    append_jsonl(log, [{"i": 0, "text": "a"}, {"i": 1, "text": "ü"}])
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write('{"i": 2, "te')  # a kill mid-write
+    append_jsonl(log, [{"i": 3}])
+    assert list(read_appended_jsonl(log)) == [{"i": 0, "text": "a"}, {"i": 1, "text": "ü"}, {"i": 3}]
+    log.write_text('[1]\n{"i": 4}\n', encoding="utf-8")  # not an object: skipped
+    assert list(read_appended_jsonl(log)) == [{"i": 4}]

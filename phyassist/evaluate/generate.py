@@ -9,14 +9,12 @@ layout) is written atomically once the set is complete.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from phyassist.io import atomic_path
+from phyassist.io import append_jsonl, atomic_path, read_appended_jsonl
 
 
 def chat_prompts(tokenizer, queries: Sequence[str], system: str | None = None) -> list[str]:
@@ -96,25 +94,16 @@ def query_key(query: str) -> str:
 def read_partial(path: Path, queries: Sequence[str]) -> dict[int, str]:
     """Answers already saved for these queries; lines for other queries (or torn) are ignored."""
     done: dict[int, str] = {}
-    if not path.exists():
-        return done
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-                i = int(rec["i"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a kill mid-write
-            if 0 <= i < len(queries) and rec.get("key") == query_key(queries[i]):
-                done[i] = rec["text"]
+    for rec in read_appended_jsonl(path):
+        try:
+            i = int(rec["i"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if 0 <= i < len(queries) and rec.get("key") == query_key(queries[i]) and isinstance(rec.get("text"), str):
+            done[i] = rec["text"]
     return done
 
 
-def _append(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def write_outputs_csv(path: Path, goldens: Sequence[str], generated: Sequence[str]) -> Path:
@@ -164,14 +153,14 @@ def generate_set(model, tokenizer, queries: Sequence[str], goldens: Sequence[str
             pending.extend({"i": todo[j], "key": query_key(queries[todo[j]]), "text": t}
                            for j, t in zip(idx, texts))
             if len(pending) >= batch_size * chunk_batches:
-                _append(partial, pending)
+                append_jsonl(partial, pending)
                 pending.clear()
 
         texts = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, progress,
                                  desc=f"generate {csv_path.parent.name}/{csv_path.stem}",
                                  on_batch=checkpoint, **gen_kwargs)
         if pending:
-            _append(partial, pending)
+            append_jsonl(partial, pending)
         done.update({i: t for i, t in zip(todo, texts)})
     generated = [done[i] for i in range(len(queries))]
     write_outputs_csv(csv_path, goldens, generated)

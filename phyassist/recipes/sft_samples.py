@@ -15,10 +15,9 @@ to that same prompt: no text of another dialogue (the pair's ``donor`` is empty)
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from phyassist.io import append_jsonl, read_appended_jsonl
 from phyassist.recipes.common import (adapter_fingerprint, adapter_problem, free_accelerator_memory, text_key)
 from phyassist.recipes.pairs import pairs_dir
 
@@ -36,26 +35,8 @@ def settings(cfg) -> dict:
 
 def read_cache(path: Path, tag: str) -> dict[str, dict]:
     """key -> cached row made with ``tag``; other tags and lines torn by a kill are ignored."""
-    rows: dict[str, dict] = {}
-    if not path.exists():
-        return rows
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("tag") == tag and isinstance(row.get("text"), str):
-                rows[row.get("key")] = row
-    return rows
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())
+    return {row.get("key"): row for row in read_appended_jsonl(path)
+            if row.get("tag") == tag and isinstance(row.get("text"), str)}
 
 
 def generate(cfg, adapter: Path, todo: list[dict], st: dict, on_batch) -> None:
@@ -104,7 +85,7 @@ def sft_samples(cfg, requests: list[dict]) -> tuple[dict[str, str], str | None]:
     if todo:
         def keep(cands: list[dict], texts: list[str]) -> None:
             texts = [t.rstrip("\ufffd").strip() for t in texts]  # a character cut at max_new_tokens
-            append_rows(path, [{"key": c["key"], "prompt": want[c["key"]], "tag": tag, "text": t}
+            append_jsonl(path, [{"key": c["key"], "prompt": want[c["key"]], "tag": tag, "text": t}
                                for c, t in zip(cands, texts)])
             out.update({c["key"]: t for c, t in zip(cands, texts)})
 
