@@ -14,6 +14,12 @@ the GPU: nothing waits for the host, so a whole decode step can be captured in a
 measured too and lost to dequantizing the layer once at every row count (bench/generation_mixtral.md),
 so past a few rows the training path's dequantization serves.
 
+That GEMV reads ~0.3 TB/s on an H200: per packed byte it issues about six loads (the byte, the nested scale
+chain per element, two code lookups). The v2 kernels (issue 22; ``kernel="gemv2" | "mm2" | "v2"``, off by
+default until ``bench/decode_kernels.py`` has measured them) load aligned vectors of bytes, one scale per
+quant block, and decode with one or two table lookups per byte; ``mm2`` is a new tensor-core kernel whose
+rows of one expert share each decoded tile (the removed one decoded like v1).
+
 :func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
 gather-sum back to token order. Without Triton (CPU builds of torch) the same maths runs on the
 dequantized experts.
