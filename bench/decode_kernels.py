@@ -166,7 +166,8 @@ def main(argv=None) -> None:
                         nbytes = nf4_bytes(packed, E if m == "dequant+grouped" else used)
                         config = str(getattr(tuner, "best_config", None)) if cuda and tuner is not None else None
                         cell = {"nested": nested, "dist": dist, "rows": rows, "expert_rows": counts, "matmul": name,
-                                "N": N, "K": K, "method": m, "median_ms": round(ms, 4), "nf4_mb": round(nbytes / 1e6, 1),
+                                "N": N, "K": K, "method": m, "median_ms": round(ms, 4),
+                                "nf4_mb": round(nbytes / 1e6, 1),
                                 "gbps": round(nbytes / ms / 1e6, 1), "max_rel_err": err, "config": config,
                                 "times_ms": [round(t, 4) for t in times]}
                         res["cells"].append(cell)

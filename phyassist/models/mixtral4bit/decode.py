@@ -85,19 +85,23 @@ if triton is not None:
     # ---- v2: one tile of [BLOCK_N columns, NB quant blocks x 32 bytes] at a time (issue 22) ----
 
     @triton.jit
-    def _nf4_tile(packed_ptr, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask, jb, bmask, KH,
-                  NESTED: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr):
-        """NF4 codes of the tile ``[BLOCK_N, NB, 32]`` packed bytes (quant blocks ``jb`` of the weight rows
-        ``wrow``) as fp32 ``(hi, lo)``, each ``[BLOCK_N, NB, 32]``, and the blocks' scales ``[BLOCK_N, NB]``.
+    def _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH):
+        """The packed bytes of quant blocks ``jb`` of the weight rows ``wrow``: ``[BLOCK_N, NB, 32]``.
+        The addresses are ``wrow * KH + 32 * jb + [0, 32)``: ``KH = K // 2`` is a multiple of 16 that Triton
+        sees (an int argument divisible by 16 is specialized), so each thread's run of bytes is one aligned
+        vector load."""
+        offs = wrow[:, None, None] * KH + jb[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+        return tl.load(packed_ptr + offs, mask=cmask[:, None, None] & bmask[None, :, None], other=0)
 
-        The byte addresses are ``wrow * KH + 32 * jb + [0, 32)``: ``KH = K // 2`` is a multiple of 16 that
-        Triton sees (an int argument divisible by 16 is specialized), so each thread's run of bytes is one
-        aligned vector load. A scale is loaded once per (column, quant block), the nested chain
+    @triton.jit
+    def _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask, jb, bmask, KH,
+                     NESTED: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr):
+        """NF4 codes of a :func:`_packed_tile` as fp32 ``(hi, lo)``, each ``[BLOCK_N, NB, 32]``, and the
+        blocks' scales ``[BLOCK_N, NB]``. A scale is loaded once per (column, quant block), the nested chain
         (absmax byte -> code2 -> x absmax2 + offset) too. ``LUT`` 0: two gathers per byte into the 16-entry
         code (64 bytes, one L1 line); 1: one gather per byte into the 256-entry table of code pairs
         (:func:`_pair_table`, 2 KiB)."""
-        offs = wrow[:, None, None] * KH + jb[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
-        byte = tl.load(packed_ptr + offs, mask=cmask[:, None, None] & bmask[None, :, None], other=0).to(tl.int32)
+        byte = byte.to(tl.int32)
         if LUT == 1:
             pair = tl.load(lut_ptr + byte)  # int64: code[byte >> 4] in the high word, code[byte & 15] in the low
             hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -133,7 +137,8 @@ if triton is not None:
     def _nf4_gemv_v2_kernel(x_ptr, xw_ptr, tok_ptr, row_expert_ptr, packed_ptr, lut_ptr, absmax_ptr, code2_ptr,
                             absmax2_ptr, offset_ptr, y_ptr, N, KH, ROWS, CHUNK, NESTED: tl.constexpr,
                             GATHER: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr,
-                            HALF_BITS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                            HALF_BITS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                            PREFETCH: tl.constexpr):
         """v2 GEMV: one row, one tile of ``BLOCK_N`` output columns, ``CHUNK`` quant blocks of K (a split),
         ``NB`` blocks a step. Each block's dot product is summed over its 64 codes first and scaled once:
         ``y = sum_blocks scale * sum_k code * x`` in fp32 (the weights are never rounded to the compute
@@ -149,11 +154,21 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
         first = split * CHUNK
         last = first + CHUNK
+        if PREFETCH:
+            nxt = _packed_tile(packed_ptr, wrow, cmask, first + tl.arange(0, NB), first + tl.arange(0, NB) < last, KH)
         for j0 in range(first, last, NB):
             jb = j0 + tl.arange(0, NB)
             bmask = jb < last
-            hi, lo, scale = _nf4_tile(packed_ptr, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
-                                      jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
+            if PREFETCH:
+                # the next step's bytes are requested before this step's are decoded, so the loop's DRAM
+                # stream is in flight while it computes (Triton pipelines only loads that feed tl.dot);
+                # costs byte moves and registers, so the autotuner chooses
+                byte = nxt
+                nxt = _packed_tile(packed_ptr, wrow, cmask, jb + NB, jb + NB < last, KH)
+            else:
+                byte = _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH)
+            hi, lo, scale = _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
+                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
             xw = tl.load(xw_ptr + src * KH + jb[:, None] * 32 + tl.arange(0, 32)[None, :], mask=bmask[:, None], other=0)
             xe, xo = _split_pairs(xw, x_ptr.dtype.element_ty, HALF_BITS)
             part = tl.sum(hi * xe.to(tl.float32)[None, :, :] + lo * xo.to(tl.float32)[None, :, :], axis=2)
@@ -203,8 +218,9 @@ if triton is not None:
         for j0 in range(first, last, NB):
             jb = j0 + tl.arange(0, NB)
             bmask = jb < last
-            hi, lo, scale = _nf4_tile(packed_ptr, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
-                                      jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
+            byte = _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH)
+            hi, lo, scale = _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
+                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
             w_hi = tl.reshape((hi * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, NB * 32))
             w_lo = tl.reshape((lo * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, NB * 32))
             ks = j0 * 32 + tl.arange(0, NB * 32)
@@ -224,10 +240,11 @@ if triton is not None:
         during a generation warm-up costs little."""
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-    # Tiles of 1-2 quant blocks and 64-256 columns: the compiler gives each thread whole columns' blocks
-    # (more columns per thread reuse its inputs), 40-64 registers, no spills (sm_90, Triton 3.6 offline).
-    _GEMV2_CONFIGS = [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=w)
-                      for bn, nb, w in [(64, 1, 2), (128, 1, 4), (256, 1, 4), (128, 2, 4)]]
+    # Tiles of one quant block and 64-256 columns, the next tile prefetched or not: the compiler gives each
+    # thread whole columns' blocks (more columns per thread reuse its inputs), 40-128 registers, no spills
+    # (sm_90, Triton 3.6, compiled offline).
+    _GEMV2_CONFIGS = [triton.Config({"BLOCK_N": bn, "NB": 1, "PREFETCH": pf}, num_warps=w)
+                      for pf in (False, True) for bn, w in [(64, 2), (128, 4), (256, 4)]]
     _nf4_gemv_v2_tuned = triton.autotune(_GEMV2_CONFIGS, key=["N", "KH", "CHUNK", "NESTED", "LUT"],
                                          restore_value=[], do_bench=_quick_bench)(_nf4_gemv_v2_kernel)
     _MM2_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb}, num_warps=w, num_stages=s)
@@ -291,7 +308,8 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
 
 
 # the interpreter (CPU tests) runs fixed tiles, small enough to be quick and to leave partial tiles
-INTERPRETER_TILES = {"gemv": {"BLOCK_N": 32, "NB": 2}, "mm": {"BLOCK_M": 16, "BLOCK_N": 32, "NB": 2}}
+INTERPRETER_TILES = {"gemv": {"BLOCK_N": 32, "NB": 2, "PREFETCH": True},
+                     "mm": {"BLOCK_M": 16, "BLOCK_N": 32, "NB": 2}}
 
 
 def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, pair: bool, tiles=None):
