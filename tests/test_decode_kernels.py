@@ -13,9 +13,10 @@ from phyassist.models.mixtral4bit.experts import Packed4bit
 
 
 def _weights(E, N, K, nested, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(E, N, K, generator=g) * 0.05
-    return Packed4bit(w.to(device, dtype), "nf4", double_quant=nested)
+    """Random experts quantized by bitsandbytes; drawn on their device (Mixtral's are 8 x 117 M values)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(E, N, K, generator=g, device=device) * 0.05
+    return Packed4bit(w.to(dtype), "nf4", double_quant=nested)
 
 
 def _rows(counts, K, dtype, device, gather, seed=1):
