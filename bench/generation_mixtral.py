@@ -9,7 +9,8 @@ Random weights of the full architecture, built layer by layer straight into NF4 
 * ``routed-hf``: the same ``generate``, experts reading only the routed experts' NF4 bytes.
 * ``kit``: :func:`phyassist.models.generation.generate` (static cache, CUDA graphs, routed experts).
 * ``kit-v2`` / ``kit-v2pair``: the same with the v2 routed kernels (issue 22; nibbles decoded through the
-  16-entry code / the 256-entry pair table) at every batch size (GEMV up to 4 rows, multi-row kernel above).
+  16-entry code / the 256-entry pair table) for every decode step up to batch 128 (GEMV up to 4 rows,
+  multi-row kernel above); prefill still dequantizes.
 * ``plain-hf``: bitsandbytes' ``replace_parameter_4bit`` on the fused experts, ``generate``.
 
 Random routers spread tokens almost evenly; a trained Mixtral does not. ``--skew A`` adds a fixed
@@ -135,10 +136,12 @@ V2 = {"kit-v2": "code", "kit-v2pair": "pair"}  # the v2 kernels (issue 22), ever
 
 def set_routed(model, variant: str) -> None:
     """kit-hf: the training path's experts; kit-nosplit: the GEMV over all of K in one program; kit-v2 /
-    kit-v2pair: the v2 kernels (GEMV up to 4 rows, multi-row kernel above) at every batch size."""
+    kit-v2pair: the v2 kernels (GEMV up to 4 rows, multi-row kernel above) up to 256 rows (decode steps)."""
     for m in model.modules():
         if hasattr(m, "decode_max_rows"):
-            m.decode_max_rows = 0 if variant == "kit-hf" else 1 << 20 if variant in V2 else 16
+            # v2: every decode step up to batch 128 routed; prefill chunks (thousands of rows) still
+            # dequantize the layer once (the multi-row kernel decodes the weights once per row tile)
+            m.decode_max_rows = 0 if variant == "kit-hf" else 256 if variant in V2 else 16
             m.decode_split_bytes = 0 if variant == "kit-nosplit" else 512
             m.decode_kernel, m.decode_lut = ("v2", V2[variant]) if variant in V2 else ("v1", "code")
 
