@@ -73,7 +73,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90; per packed byte a thread handles in one loop step")
     ptrs = dict(x_ptr="*bf16", xw_ptr="*i32", tok_ptr="*i64", row_expert_ptr="*i64", ends_ptr="*i32",
                 packed_ptr="*u8", code_ptr="*fp32", absmax_ptr="*u8", code2_ptr="*fp32", absmax2_ptr="*fp32",
-                offset_ptr="*fp32", y_ptr="*fp32", N="i32", K="i32", KH="i32", ROWS="i32", CHUNK="i32")
+                offset_ptr="*fp32", y_ptr="*fp32", N="i32", K="i32", KH="i32", ROWS="i32", CHUNK="i32",
+                ROW_BUCKET="i32")
     runs = [("v1", d._nf4_moe_gemv_kernel, c, {"QBLOCK": 64}, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_B"])
             for c in d._GEMV_CONFIGS]
     for lut in (0, 1):

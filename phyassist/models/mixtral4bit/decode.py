@@ -177,7 +177,7 @@ if triton is not None:
 
     @triton.jit
     def _nf4_mm_v2_kernel(x_ptr, xw_ptr, tok_ptr, ends_ptr, packed_ptr, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
-                          offset_ptr, y_ptr, N, KH, ROWS, CHUNK, E: tl.constexpr, E_POW2: tl.constexpr,
+                          offset_ptr, y_ptr, N, KH, ROWS, CHUNK, ROW_BUCKET, E: tl.constexpr, E_POW2: tl.constexpr,
                           NESTED: tl.constexpr, GATHER: tl.constexpr, LUT: tl.constexpr,
                           BLOCKS_PER_BLOCK2: tl.constexpr, HALF_BITS: tl.constexpr, PRECISION: tl.constexpr,
                           DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
@@ -250,7 +250,8 @@ if triton is not None:
     _MM2_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb}, num_warps=w, num_stages=s)
                     for bm, bn, nb, w, s in [(16, 64, 2, 4, 2), (16, 128, 1, 4, 1), (32, 64, 2, 4, 2),
                                              (64, 64, 2, 4, 2), (32, 128, 2, 8, 2)]]
-    _nf4_mm_v2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "KH", "ROWS", "CHUNK", "NESTED", "LUT"],
+    # tuned per power-of-two row count (ROW_BUCKET, read only by the autotuner), not per exact count
+    _nf4_mm_v2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "KH", "ROW_BUCKET", "CHUNK", "NESTED", "LUT"],
                                        restore_value=[], do_bench=_quick_bench)(_nf4_mm_v2_kernel)
 
 
@@ -337,7 +338,7 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, pa
     if multi:
         kern = _nf4_mm_v2_kernel if tiles else _nf4_mm_v2_tuned
         grid = lambda m: (rows // m["BLOCK_M"] + min(E, rows), triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
-        _launch(kern, grid, x, *args, ends, *tail, E=E, E_POW2=triton.next_power_of_2(E),
+        _launch(kern, grid, x, *args, ends, *tail, triton.next_power_of_2(rows), E=E, E_POW2=triton.next_power_of_2(E),
                 PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None, DOT_F32=not x.is_cuda,
                 **meta, **(tiles or {}))
     else:
