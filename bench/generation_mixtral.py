@@ -8,12 +8,16 @@ Random weights of the full architecture, built layer by layer straight into NF4 
   (every expert dequantized each step): the generation the kit had before.
 * ``routed-hf``: the same ``generate``, experts reading only the routed experts' NF4 bytes.
 * ``kit``: :func:`phyassist.models.generation.generate` (static cache, CUDA graphs, routed experts).
+* ``kit-v2`` / ``kit-v2pair``: the same with the v2 routed kernels (issue 22; nibbles decoded through the
+  16-entry code / the 256-entry pair table) for every decode step up to batch 128 (GEMV up to 4 rows,
+  multi-row kernel above); prefill still dequantizes.
 * ``plain-hf``: bitsandbytes' ``replace_parameter_4bit`` on the fused experts, ``generate``.
 
 Random routers spread tokens almost evenly; a trained Mixtral does not. ``--skew A`` adds a fixed
 per-expert logit bias ``-A * log(rank)`` (a Zipf-like load, reported as measured shares).
 
     python3 bench/generation_mixtral.py --tokenizer .gpu/mistral-v1-tokenizer --out $OUT
+    python3 bench/generation_mixtral.py --variants kit,kit-v2,kit-v2pair --skew-variants kit,kit-v2 --out $OUT
 """
 
 from __future__ import annotations
@@ -126,12 +130,20 @@ def expert_shares(model) -> list[float]:
     return [round(float(x), 3) for x in (counts / counts.sum()).tolist()] if counts is not None else []
 
 
+FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "routed-hf")  # full token count and repeats
+V2 = {"kit-v2": "code", "kit-v2pair": "pair"}  # the v2 kernels (issue 22), every decode step routed
+
+
 def set_routed(model, variant: str) -> None:
-    """kit-hf: the training path's experts; kit-nosplit: the GEMV over all of K in one program."""
+    """kit-hf: the training path's experts; kit-nosplit: the GEMV over all of K in one program; kit-v2 /
+    kit-v2pair: the v2 kernels (GEMV up to 4 rows, multi-row kernel above) up to 256 rows (decode steps)."""
     for m in model.modules():
         if hasattr(m, "decode_max_rows"):
-            m.decode_max_rows = 0 if variant == "kit-hf" else 16
+            # v2: every decode step up to batch 128 routed; prefill chunks (thousands of rows) still
+            # dequantize the layer once (the multi-row kernel decodes the weights once per row tile)
+            m.decode_max_rows = 0 if variant == "kit-hf" else 256 if variant in V2 else 16
             m.decode_split_bytes = 0 if variant == "kit-nosplit" else 512
+            m.decode_kernel, m.decode_lut = ("v2", V2[variant]) if variant in V2 else ("v1", "code")
 
 
 def timed_generate(variant, model, ids, mask, new, repeats):
@@ -140,7 +152,7 @@ def timed_generate(variant, model, ids, mask, new, repeats):
     from phyassist.models.generation import generate
 
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2)
-    static = variant in ("kit", "kit-nosplit")
+    static = variant.startswith("kit") and variant != "kit-hf"
     call = ((lambda: generate(model, ids, mask, **kw)) if static
             else (lambda: model.generate(input_ids=ids, attention_mask=mask, **kw)))
     with torch.inference_mode():
@@ -173,12 +185,12 @@ def save(res, rows=()):
 def run_variant(variant, model, tok, args, skew, res):
     import torch
 
-    repeats = args.repeats if variant in ("kit", "kit-nosplit", "routed-hf") else max(1, args.repeats - 1)
+    repeats = args.repeats if variant in FAST else max(1, args.repeats - 1)
     set_routed(model, variant)
     set_skew(model, skew)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        new = args.new if variant in ("kit", "kit-nosplit", "routed-hf") else args.new_slow
+        new = args.new if variant in FAST else args.new_slow
         ids = prompts(tok, b, args.prompt_len)
         mask = torch.ones_like(ids)
         times = timed_generate(variant, model, ids, mask, new, repeats)
@@ -211,7 +223,7 @@ def crossover(model, res):
         for name, rows, split in (("gemv", 10 ** 9, 512), ("gemv_whole_k", 10 ** 9, 0), ("dequantized", 0, 512)):
             if name.startswith("gemv") and t > 32:
                 continue  # one program per row rereads the weights per row: known slow past a few rows
-            ex.decode_max_rows, ex.decode_split_bytes = rows, split
+            ex.decode_max_rows, ex.decode_split_bytes, ex.decode_kernel = rows, split, "v1"
             with torch.inference_mode():
                 for _ in range(3):
                     ex(x, idx, w)

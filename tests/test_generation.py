@@ -127,6 +127,12 @@ def test_graph_key_follows_adapter_state(tiny_mixtral_lora):
     experts[0].decode_split_bytes += 1  # other kernels: another graph
     assert _adapter_state(model) != before
     experts[0].decode_split_bytes -= 1
+    for name, value in (("decode_kernel", "v2"), ("decode_lut", "pair"), ("decode_gemv_rows", 0)):
+        old = getattr(experts[0], name)
+        setattr(experts[0], name, value)  # the v2 switches pick other kernels too
+        assert _adapter_state(model) != before, name
+        setattr(experts[0], name, old)
+    assert _adapter_state(model) == before
 
 
 def test_cpu_default_keeps_transformers_generate(tiny_mixtral_lora, monkeypatch):

@@ -14,6 +14,12 @@ the GPU: nothing waits for the host, so a whole decode step can be captured in a
 measured too and lost to dequantizing the layer once at every row count (bench/generation_mixtral.md),
 so past a few rows the training path's dequantization serves.
 
+That GEMV reads ~0.3 TB/s on an H200: per packed byte it issues about six loads (the byte, the nested scale
+chain per element, two code lookups). The v2 kernels (issue 22; ``kernel="gemv2" | "mm2" | "v2"``, off by
+default until ``bench/decode_kernels.py`` has measured them) load aligned vectors of bytes, one scale per
+quant block, and decode with one or two table lookups per byte; ``mm2`` is a new tensor-core kernel whose
+rows of one expert share each decoded tile (the removed one decoded like v1).
+
 :func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
 gather-sum back to token order. Without Triton (CPU builds of torch) the same maths runs on the
 dequantized experts.
@@ -76,26 +82,215 @@ if triton is not None:
                      for bn, bb, w in [(16, 64, 4), (32, 64, 4), (16, 128, 4), (8, 128, 2), (32, 128, 8), (64, 64, 8)]]
     _nf4_moe_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"], restore_value=[])(_nf4_moe_gemv_kernel)
 
+    # ---- v2: one tile of [BLOCK_N columns, NB quant blocks x 32 bytes] at a time (issue 22) ----
+
+    @triton.jit
+    def _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH):
+        """The packed bytes of quant blocks ``jb`` of the weight rows ``wrow``: ``[BLOCK_N, NB, 32]``.
+        The addresses are ``wrow * KH + 32 * jb + [0, 32)``: ``KH = K // 2`` is a multiple of 16 that Triton
+        sees (an int argument divisible by 16 is specialized), so each thread's run of bytes is one aligned
+        vector load."""
+        offs = wrow[:, None, None] * KH + jb[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+        return tl.load(packed_ptr + offs, mask=cmask[:, None, None] & bmask[None, :, None], other=0)
+
+    @triton.jit
+    def _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask, jb, bmask, KH,
+                     NESTED: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr):
+        """NF4 codes of a :func:`_packed_tile` as fp32 ``(hi, lo)``, each ``[BLOCK_N, NB, 32]``, and the
+        blocks' scales ``[BLOCK_N, NB]``. A scale is loaded once per (column, quant block), the nested chain
+        (absmax byte -> code2 -> x absmax2 + offset) too. ``LUT`` 0: two gathers per byte into the 16-entry
+        code (64 bytes, one L1 line); 1: one gather per byte into the 256-entry table of code pairs
+        (:func:`_pair_table`, 2 KiB)."""
+        byte = byte.to(tl.int32)
+        if LUT == 1:
+            pair = tl.load(lut_ptr + byte)  # int64: code[byte >> 4] in the high word, code[byte & 15] in the low
+            hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        else:
+            hi = tl.load(lut_ptr + (byte >> 4))  # high nibble first, as bitsandbytes packs
+            lo = tl.load(lut_ptr + (byte & 15))
+        blk = wrow[:, None] * (KH // 32) + jb[None, :]
+        smask = cmask[:, None] & bmask[None, :]
+        if NESTED:  # absmax = code2[absmax_q] * absmax2[block // 256] + offset, as bitsandbytes
+            q = tl.load(absmax_ptr + blk, mask=smask, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKS_PER_BLOCK2, mask=smask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=smask, other=0.0)
+        return hi, lo, scale
+
+    @triton.jit
+    def _split_pairs(w, X_DTYPE: tl.constexpr, HALF_BITS: tl.constexpr):
+        """Two consecutive inputs held in one integer word (``x`` viewed as int32 for 16-bit, int64 for
+        fp32 inputs) as ``(even, odd)`` in ``X_DTYPE``: the even one is at the lower address, so in the
+        low half (little endian). Loading words keeps ``x`` aligned with the packed bytes (byte ``j`` of
+        a row holds the weights of inputs ``2j`` and ``2j + 1``) without strided loads or interleaving."""
+        if HALF_BITS == 16:
+            even = w.to(tl.int16).to(X_DTYPE, bitcast=True)
+            odd = (w >> 16).to(tl.int16).to(X_DTYPE, bitcast=True)
+        else:
+            even = w.to(tl.int32).to(X_DTYPE, bitcast=True)
+            odd = (w >> 32).to(tl.int32).to(X_DTYPE, bitcast=True)
+        return even, odd
+
+    @triton.jit
+    def _nf4_gemv_v2_kernel(x_ptr, xw_ptr, tok_ptr, row_expert_ptr, packed_ptr, lut_ptr, absmax_ptr, code2_ptr,
+                            absmax2_ptr, offset_ptr, y_ptr, N, KH, ROWS, CHUNK, NESTED: tl.constexpr,
+                            GATHER: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr,
+                            HALF_BITS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                            PREFETCH: tl.constexpr):
+        """v2 GEMV: one row, one tile of ``BLOCK_N`` output columns, ``CHUNK`` quant blocks of K (a split),
+        ``NB`` blocks a step. Each block's dot product is summed over its 64 codes first and scaled once:
+        ``y = sum_blocks scale * sum_k code * x`` in fp32 (the weights are never rounded to the compute
+        dtype, unlike the reference; the difference is within that dtype's rounding)."""
+        r, pid_n, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        e = tl.load(row_expert_ptr + r).to(tl.int64)
+        src = r
+        if GATHER:
+            src = tl.load(tok_ptr + r).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        cmask = cols < N
+        wrow = e * N + cols
+        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+        first = split * CHUNK
+        last = first + CHUNK
+        if PREFETCH:
+            nxt = _packed_tile(packed_ptr, wrow, cmask, first + tl.arange(0, NB), first + tl.arange(0, NB) < last, KH)
+        for j0 in range(first, last, NB):
+            jb = j0 + tl.arange(0, NB)
+            bmask = jb < last
+            if PREFETCH:
+                # the next step's bytes are requested before this step's are decoded, so the loop's DRAM
+                # stream is in flight while it computes (Triton pipelines only loads that feed tl.dot);
+                # costs byte moves and registers, so the autotuner chooses
+                byte = nxt
+                nxt = _packed_tile(packed_ptr, wrow, cmask, jb + NB, jb + NB < last, KH)
+            else:
+                byte = _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH)
+            hi, lo, scale = _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
+                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
+            xw = tl.load(xw_ptr + src * KH + jb[:, None] * 32 + tl.arange(0, 32)[None, :], mask=bmask[:, None], other=0)
+            xe, xo = _split_pairs(xw, x_ptr.dtype.element_ty, HALF_BITS)
+            part = tl.sum(hi * xe.to(tl.float32)[None, :, :] + lo * xo.to(tl.float32)[None, :, :], axis=2)
+            acc += part * scale
+        tl.store(y_ptr + (split * ROWS + r) * N + cols, tl.sum(acc, axis=1), mask=cmask)
+
+    @triton.jit
+    def _nf4_mm_v2_kernel(x_ptr, xw_ptr, tok_ptr, ends_ptr, packed_ptr, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
+                          offset_ptr, y_ptr, N, KH, ROWS, CHUNK, ROW_BUCKET, E: tl.constexpr, E_POW2: tl.constexpr,
+                          NESTED: tl.constexpr, GATHER: tl.constexpr, LUT: tl.constexpr,
+                          BLOCKS_PER_BLOCK2: tl.constexpr, HALF_BITS: tl.constexpr, PRECISION: tl.constexpr,
+                          DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+        """v2 multi-row: one tile of up to ``BLOCK_M`` rows of one expert, ``BLOCK_N`` columns and ``CHUNK``
+        quant blocks of K; the weight tile is decoded once per step and multiplied on the tensor cores
+        (``tl.dot``), the even inputs against the high nibbles and the odd ones against the low. Weights
+        are rounded to the compute dtype as the dequantized reference rounds them, sums in fp32.
+        ``DOT_F32`` (Triton's CPU interpreter only, whose ``tl.dot`` misreads bf16 tiles) multiplies those
+        rounded values in fp32 instead.
+
+        Program ``t`` of axis 0 finds its (expert, first row) from ``ends`` on the GPU: expert ``e`` has
+        ``cdiv(count_e, BLOCK_M)`` tiles, numbered in expert order; the grid is an upper bound on their
+        total (``rows // BLOCK_M + min(E, rows)``) and programs past it return at once."""
+        t, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        ex = tl.arange(0, E_POW2)
+        emask = ex < E
+        end_e = tl.load(ends_ptr + ex, mask=emask, other=0)
+        start_e = tl.load(ends_ptr + ex - 1, mask=emask & (ex > 0), other=0)
+        tiles = tl.where(emask, (end_e - start_e + BLOCK_M - 1) // BLOCK_M, 0)
+        tiles_end = tl.cumsum(tiles, axis=0)
+        e = tl.sum((tiles_end <= t).to(tl.int32), axis=0)  # experts whose tiles all come before t
+        if e >= E:
+            return
+        mine = ex == e
+        row0 = tl.sum(tl.where(mine, start_e + (t - (tiles_end - tiles)) * BLOCK_M, 0), axis=0)
+        end = tl.sum(tl.where(mine, end_e, 0), axis=0)
+        rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M).to(tl.int64)
+        rmask = rows < end
+        src = rows
+        if GATHER:
+            src = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        cmask = cols < N
+        wrow = e.to(tl.int64) * N + cols
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        first = split * CHUNK
+        last = first + CHUNK
+        for j0 in range(first, last, NB):
+            jb = j0 + tl.arange(0, NB)
+            bmask = jb < last
+            byte = _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH)
+            hi, lo, scale = _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
+                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
+            w_hi = tl.reshape((hi * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, NB * 32))
+            w_lo = tl.reshape((lo * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, NB * 32))
+            ks = j0 * 32 + tl.arange(0, NB * 32)
+            xw = tl.load(xw_ptr + src[:, None] * KH + ks[None, :], mask=rmask[:, None] & (ks < last * 32)[None, :],
+                         other=0)
+            xe, xo = _split_pairs(xw, x_ptr.dtype.element_ty, HALF_BITS)
+            if DOT_F32:
+                xe, xo = xe.to(tl.float32), xo.to(tl.float32)
+                w_hi, w_lo = w_hi.to(tl.float32), w_lo.to(tl.float32)
+            acc = tl.dot(xe, tl.trans(w_hi), acc, input_precision=PRECISION)
+            acc = tl.dot(xo, tl.trans(w_lo), acc, input_precision=PRECISION)
+        tl.store(y_ptr + (split * ROWS + rows[:, None]) * N + cols[None, :], acc,
+                 mask=rmask[:, None] & cmask[None, :])
+
+    def _quick_bench(fn, quantiles):
+        """The autotuners' timing: short (these kernels take microseconds), so that tuning a new shape
+        during a generation warm-up costs little."""
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    # Tiles of one quant block and 64-256 columns, the next tile prefetched or not: the compiler gives each
+    # thread whole columns' blocks (more columns per thread reuse its inputs), 40-128 registers, no spills
+    # (sm_90, Triton 3.6, compiled offline).
+    _GEMV2_CONFIGS = [triton.Config({"BLOCK_N": bn, "NB": 1, "PREFETCH": pf}, num_warps=w)
+                      for pf in (False, True) for bn, w in [(64, 2), (128, 4), (256, 4)]]
+    _nf4_gemv_v2_tuned = triton.autotune(_GEMV2_CONFIGS, key=["N", "KH", "CHUNK", "NESTED", "LUT"],
+                                         restore_value=[], do_bench=_quick_bench)(_nf4_gemv_v2_kernel)
+    _MM2_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb}, num_warps=w, num_stages=s)
+                    for bm, bn, nb, w, s in [(16, 64, 2, 4, 2), (16, 128, 1, 4, 1), (32, 64, 2, 4, 2),
+                                             (64, 64, 2, 4, 2), (32, 128, 2, 8, 2)]]
+    # tuned per power-of-two row count (ROW_BUCKET, read only by the autotuner), not per exact count
+    _nf4_mm_v2_tuned = triton.autotune(_MM2_CONFIGS, key=["N", "KH", "ROW_BUCKET", "CHUNK", "NESTED", "LUT"],
+                                       restore_value=[], do_bench=_quick_bench)(_nf4_mm_v2_kernel)
+
 
 SPLIT_BYTES = 512  # default of Quant4bitExperts.decode_split_bytes (bench/generation_mixtral.md)
+KERNELS = ("v1", "gemv2", "mm2", "v2")  # Quant4bitExperts.decode_kernel; see nf4_moe_matmul
+LUTS = ("code", "pair")  # Quant4bitExperts.decode_lut: how the v2 kernels decode nibbles
+V2_GEMV_ROWS = 4  # kernel "v2": GEMV up to this many rows, multi-row kernel above (a guess until measured)
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
-                   token_of_row: torch.Tensor | None = None, split_bytes: int = SPLIT_BYTES) -> torch.Tensor:
+                   token_of_row: torch.Tensor | None = None, split_bytes: int = SPLIT_BYTES, kernel: str = "v1",
+                   lut: str = "code", gemv_rows: int = V2_GEMV_ROWS) -> torch.Tensor:
     """``y[r] = x[src(r)] @ W[e(r)].T`` for ``rows`` rows sorted by expert; ``W`` stays NF4.
 
     ``packed`` is a :class:`~phyassist.models.mixtral4bit.experts.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
     the end (exclusive) of expert ``e``'s rows; ``src(r) = token_of_row[r]`` (a gather) or ``r``.
     Each program covers ``split_bytes`` packed bytes of K (0: all of K); the partial sums are added
     in fp32 in a fixed order (deterministic, unlike atomics).
+
+    ``kernel``: ``v1`` the measured GEMV (bench/generation_mixtral.md); ``gemv2`` its rewrite (aligned
+    vector loads, one scale per quant block, see :func:`_nf4_gemv_v2_kernel`); ``mm2`` the multi-row
+    tensor-core kernel (rows of one expert share each decoded weight tile); ``v2`` ``gemv2`` up to
+    ``gemv_rows`` rows and ``mm2`` above. ``lut`` (v2 kernels): ``code`` two lookups per packed byte into
+    the 16-entry code, ``pair`` one into a 256-entry table of code pairs. Nothing waits for the host.
     """
     E, N, K = packed.shape
     state = packed.quant_state
+    if kernel not in KERNELS or lut not in LUTS:
+        raise ValueError(f"nf4_moe_matmul: kernel must be one of {KERNELS} and lut one of {LUTS}, "
+                         f"got {kernel!r}, {lut!r}")
     if rows == 0:
         return x.new_empty(0, N)
-    if not use_triton(x) or K % 256 or state.blocksize != 64:
+    if (not use_triton(x) or state.blocksize != 64 or K % (256 if kernel == "v1" else 64)
+            or x.element_size() not in (2, 4)):
         return _torch_moe_matmul(x, packed, ends, rows, token_of_row)
     packed._sync_state_device()
+    if kernel != "v1":
+        multi = kernel == "mm2" or (kernel == "v2" and rows > gemv_rows)
+        return _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, lut == "pair")
     nested = bool(state.nested)
     s2 = state.state2 if nested else None
     row_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device, dtype=ends.dtype), right=True)
@@ -111,6 +306,61 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
             N, K, rows, (K // 2) // splits, NESTED=nested, GATHER=token_of_row is not None,
             BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1, QBLOCK=64, **fixed)
     return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
+
+
+# the interpreter (CPU tests) runs fixed tiles, small enough to be quick and to leave partial tiles
+INTERPRETER_TILES = {"gemv": {"BLOCK_N": 32, "NB": 2, "PREFETCH": True},
+                     "mm": {"BLOCK_M": 16, "BLOCK_N": 32, "NB": 2}}
+
+
+def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, pair: bool, tiles=None):
+    """Launch the v2 GEMV (``multi`` False) or multi-row kernel; ``tiles`` fixes the tile (else: the
+    autotuned one on GPUs, :data:`INTERPRETER_TILES` in the interpreter)."""
+    E, N, K = packed.shape
+    state = packed.quant_state
+    nested = bool(state.nested)
+    s2 = state.state2 if nested else None
+    kh, blocks = K // 2, K // 64
+    chunk = split_bytes // 32 if split_bytes and split_bytes % 32 == 0 and blocks % (split_bytes // 32) == 0 else blocks
+    splits = blocks // chunk
+    partial = torch.empty(splits, rows, N, dtype=torch.float32, device=x.device)
+    x = x.contiguous()
+    words = x.view(torch.int32 if x.element_size() == 2 else torch.int64)  # [tokens, K // 2]: input pairs
+    args = (x, words, token_of_row if token_of_row is not None else ends)
+    tail = (packed.packed, _pair_table(state) if pair else state.code, state.absmax,
+            s2.code if nested else state.code, s2.absmax if nested else state.absmax,
+            state.offset if nested else state.absmax, partial, N, kh, rows, chunk)
+    meta = dict(NESTED=nested, GATHER=token_of_row is not None, LUT=int(pair),
+                BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1, HALF_BITS=8 * x.element_size())
+    name = "mm" if multi else "gemv"
+    if tiles is None and not x.is_cuda:
+        tiles = INTERPRETER_TILES[name]
+    if multi:
+        kern = _nf4_mm_v2_kernel if tiles else _nf4_mm_v2_tuned
+        grid = lambda m: (rows // m["BLOCK_M"] + min(E, rows), triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
+        _launch(kern, grid, x, *args, ends, *tail, triton.next_power_of_2(rows), E=E, E_POW2=triton.next_power_of_2(E),
+                PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None, DOT_F32=not x.is_cuda,
+                **meta, **(tiles or {}))
+    else:
+        kern = _nf4_gemv_v2_kernel if tiles else _nf4_gemv_v2_tuned
+        row_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device, dtype=ends.dtype), right=True)
+        grid = lambda m: (rows, triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
+        _launch(kern, grid, x, *args, row_expert, *tail, **meta, **(tiles or {}))
+    return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
+
+
+def _pair_table(state) -> torch.Tensor:
+    """The 256-entry table of the ``pair`` decoding: entry ``b`` holds ``code[b >> 4]`` (high word) and
+    ``code[b & 15]`` (low word) as the bits of two fp32 in one int64. Built once per quant state and
+    device (a few small torch ops, no host sync) and kept on the state."""
+    code = state.code
+    table = getattr(state, "_phyassist_pairs", None)
+    if table is None or table.device != code.device:
+        c = code.float().contiguous()
+        b = torch.arange(256, device=code.device)
+        table = torch.stack([c[b & 15], c[b >> 4]], dim=-1).contiguous().view(torch.int64).view(256)
+        state._phyassist_pairs = table
+    return table
 
 
 def _torch_moe_matmul(x, packed, ends, rows, token_of_row):
@@ -152,8 +402,9 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     k = index.shape[1]
     token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts)
     x = hidden.to(module.gate_up.quant_state.dtype)
-    split = module.decode_split_bytes
-    h = nf4_moe_matmul(x, module.gate_up, ends, index.numel(), token_of_row, split)
+    kw = dict(split_bytes=module.decode_split_bytes, kernel=module.decode_kernel, lut=module.decode_lut,
+              gemv_rows=module.decode_gemv_rows)
+    h = nf4_moe_matmul(x, module.gate_up, ends, index.numel(), token_of_row, **kw)
     a = swiglu_forward(h, w_row)
-    y = nf4_moe_matmul(a, module.down, ends, index.numel(), None, split)
+    y = nf4_moe_matmul(a, module.down, ends, index.numel(), None, **kw)
     return gather_sum(y, inverse, k).to(hidden.dtype)

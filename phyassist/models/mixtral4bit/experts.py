@@ -214,6 +214,12 @@ class Quant4bitExperts(nn.Module):
         # dequantization of the layer instead. Crossover and split measured in bench/generation_mixtral.md.
         self.decode_max_rows = 8
         self.decode_split_bytes = 512  # packed bytes of K per program of that kernel (0: the whole row)
+        # Which routed kernel (decode.nf4_moe_matmul's kernel / lut / gemv_rows): "v1" is the measured one;
+        # the v2 kernels (issue 22) are unmeasured, so off until bench/decode_kernels.py has timed them. With
+        # "mm2" or "v2" (multi-row tensor-core kernel past decode_gemv_rows) decode_max_rows can be raised.
+        self.decode_kernel = "v1"
+        self.decode_lut = "code"
+        self.decode_gemv_rows = 4
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -1,0 +1,188 @@
+"""Routed NF4 expert kernels of one Mixtral-8x7B layer by row count (issue 22): the measured v1 GEMV, the v2
+GEMV and multi-row kernels (both nibble decodings), and the training path's dequantize-all + grouped GEMM.
+
+One layer's experts (8 x gate/up [2 x 14,336, 4,096] and down [4,096, 14,336]), random weights quantized by
+bitsandbytes' ``quantize_4bit`` (blocks of 64; nested scales and plain), for 2, 8, 32 and 128 routed rows
+(batch 1, 4, 16, 64 with top-2), experts drawn uniformly or Zipf-like (``p_e ~ 1 / rank^1.2``). Each cell
+times each method on gate/up (with the row gather) and on down: median ms of CUDA-event-timed calls after
+warm-up (the first call autotunes), L2 flushed before each call (the other layers' weights would have
+evicted it), and the effective rate of the NF4 bytes the step needs (packed bytes and block scales of the
+experts that got a row, each once; all 8 for the dequantizing path). The chosen autotune configs are
+printed and kept in the JSON.
+
+    . bench/device_env.sh && python3 bench/decode_kernels.py --out $OUT/decode_kernels.json   # H200: ~2 min
+    python3 bench/decode_kernels.py --tiny --out /tmp/decode_kernels_tiny.json  # CPU smoke check (interpreter)
+
+``--tiny`` runs Triton's CPU interpreter on a small layer (4 experts, 256 wide, 2 and 6 rows, Zipf-like
+routing, one call each; about a minute): it checks that every method runs and agrees with the reference,
+its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("v1", "gemv2-code", "gemv2-pair", "mm2-code", "mm2-code@0", "mm2-pair", "dequant+grouped")
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="small layer in Triton's CPU interpreter (smoke check)")
+    ap.add_argument("--out", required=True, help="raw results (JSON)")
+    ap.add_argument("--rows", default=None, help="routed rows per call, comma-separated (default 2,8,32,128)")
+    ap.add_argument("--nested", default="1,0", help="double-quantized scales: 1, 0 or both")
+    ap.add_argument("--dists", default="uniform,zipf")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="kernel-lut[@split bytes] (split 512 unless given) or dequant+grouped")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--zipf", type=float, default=1.2)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when Triton is imported
+        args.rows = args.rows or "2,6"
+        args.dists = "zipf" if args.dists == "uniform,zipf" else args.dists
+        args.reps, args.warmup = 0, 0  # the checked call is the only one
+    args.rows = [int(r) for r in (args.rows or "2,8,32,128").split(",")]
+    return args
+
+
+def routing(rows: int, E: int, dist: str, alpha: float, gen):
+    """Top-2 expert choice of rows // 2 tokens: ``(index, weights)``, experts distinct per token."""
+    import torch
+
+    tokens = max(1, rows // 2)
+    p = torch.ones(E) if dist == "uniform" else 1.0 / torch.arange(1, E + 1).float() ** alpha
+    index = torch.multinomial(p.expand(tokens, E), 2, replacement=False, generator=gen)
+    return index, torch.full((tokens, 2), 0.5)
+
+
+def nf4_bytes(packed, experts: int) -> int:
+    """Packed bytes and first-level block scales of ``experts`` of the E experts (the nested second level
+    and code tables are a few KB)."""
+    qs = packed.quant_state
+    per_expert = (packed.packed.numel() + qs.absmax.numel() * qs.absmax.element_size()) / packed.shape[0]
+    return int(per_expert * experts)
+
+
+def summary(cells, methods) -> None:
+    """Per layer (gate/up + down) median ms by method: one line per (nested, routing, rows)."""
+    print("\nlayer ms (gate_up + down)  " + " ".join(f"{m:>15s}" for m in methods))
+    keys = sorted({(c["nested"], c["dist"], c["rows"]) for c in cells}, key=lambda k: (not k[0], k[1], k[2]))
+    for key in keys:
+        ms = {m: sum(c["median_ms"] for c in cells if (c["nested"], c["dist"], c["rows"]) == key and c["method"] == m)
+              for m in methods}
+        print(f"nested={int(key[0])} {key[1]:7s} rows={key[2]:3d}  " + " ".join(f"{ms[m]:15.3f}" for m in methods))
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from phyassist.models.mixtral4bit import decode
+    from phyassist.models.mixtral4bit.experts import Packed4bit, _grouped_matmul, uses_grouped_mm
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    E, H, inter = (4, 256, 256) if args.tiny else (8, 4096, 14336)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev) if cuda else None  # > the H200's 50 MB L2
+
+    def timed(fn) -> tuple[float, list[float]]:
+        for _ in range(args.warmup):
+            fn()
+        times = []
+        for _ in range(args.reps):
+            if cuda:
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), times
+
+    def method_fn(name, x, packed, ends, rows, tok):
+        if name == "dequant+grouped":  # the training forward's product: every expert dequantized, grouped GEMM
+            counts = None if uses_grouped_mm(x) else torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+
+            def run():
+                xs = x if tok is None else x.index_select(0, tok)
+                return _grouped_matmul(xs, packed.dequantize().transpose(1, 2), ends, counts)
+            return run, None
+        kernel_lut, _, split = name.partition("@")
+        kernel, _, lut = kernel_lut.partition("-")
+        split = int(split) if split else 512
+        tuner = {"v1": "_nf4_moe_gemv_tuned", "gemv2": "_nf4_gemv_v2_tuned", "mm2": "_nf4_mm_v2_tuned"}[kernel]
+        return (lambda: decode.nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel,
+                                              lut=lut or "code")), getattr(decode, tuner, None)
+
+    gen = torch.Generator().manual_seed(0)  # routing and inputs
+    gen_w = torch.Generator(device=dev).manual_seed(0)  # weights, drawn where they live (8 x 117 M values)
+    res = {"device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)", "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "shape": {"experts": E, "hidden": H, "intermediate": inter}, "dtype": str(dt), "reps": args.reps,
+           "warmup": args.warmup, "l2_flush": cuda, "zipf_alpha": args.zipf, "cells": []}
+    methods = args.methods.split(",")
+    t_start = time.perf_counter()
+    for nested in (bool(int(n)) for n in args.nested.split(",")):
+        layer = {}
+        for name, (N, K) in (("gate_up", (2 * inter, H)), ("down", (H, inter))):
+            w = (torch.randn(E, N, K, generator=gen_w, device=dev) * 0.02).to(dt)
+            layer[name] = Packed4bit(w, "nf4", double_quant=nested)
+            del w
+        for dist in args.dists.split(","):
+            for rows in args.rows:
+                index, weights = routing(rows, E, dist, args.zipf, gen)
+                token_of_row, _, ends, _ = decode.route(index.to(dev), weights.to(dev), E)
+                rows = index.numel()
+                counts = torch.diff(ends.cpu(), prepend=torch.zeros(1, dtype=ends.dtype)).tolist()
+                used = sum(1 for c in counts if c)
+                for name, packed in layer.items():
+                    N, K = packed.shape[1], packed.shape[2]
+                    if name == "gate_up":
+                        x, tok = torch.randn(index.shape[0], K, generator=gen).to(dev, dt), token_of_row
+                    else:
+                        x, tok = (torch.randn(rows, K, generator=gen) * 0.1).to(dev, dt), None
+                    ref = decode._torch_moe_matmul(x, packed, ends, rows, tok).float()
+                    for m in methods:
+                        fn, tuner = method_fn(m, x, packed, ends, rows, tok)
+                        t0 = time.perf_counter()
+                        out = fn().float()  # on a GPU the first call also autotunes
+                        first = (time.perf_counter() - t0) * 1e3
+                        err = ((out - ref).abs().max() / ref.abs().max()).item()
+                        ms, times = timed(fn) if args.reps else (first, [first])
+                        nbytes = nf4_bytes(packed, E if m == "dequant+grouped" else used)
+                        config = str(getattr(tuner, "best_config", None)) if cuda and tuner is not None else None
+                        cell = {"nested": nested, "dist": dist, "rows": rows, "expert_rows": counts, "matmul": name,
+                                "N": N, "K": K, "method": m, "median_ms": round(ms, 4),
+                                "nf4_mb": round(nbytes / 1e6, 1),
+                                "gbps": round(nbytes / ms / 1e6, 1), "max_rel_err": err, "config": config,
+                                "times_ms": [round(t, 4) for t in times]}
+                        res["cells"].append(cell)
+                        print(f"nested={int(nested)} {dist:7s} rows={rows:3d} {name:7s} {m:16s} {ms:9.3f} ms "
+                              f"{cell['gbps']:8.1f} GB/s  err {err:.1e}" + (f"  [{config}]" if config else ""),
+                              flush=True)
+                        if err > (2 ** -6 if dt == torch.bfloat16 else 1e-4):
+                            print(f"  !! {m} disagrees with the reference", flush=True)
+        del layer
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    summary(res["cells"], methods)
+    res["seconds"] = round(time.perf_counter() - t_start, 1)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out} ({res['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The v2 routed NF4 kernels of phyassist.models.mixtral4bit.decode (issue 22: ``gemv2``, ``mm2`` and the
+``v2`` dispatch between them, both nibble decodings) against the dequantized reference
+(``_torch_moe_matmul``): in Triton's CPU interpreter in ``make test`` (small shapes, uneven expert
+counts, nested and plain scales, with and without the row gather, K split or not), and at
+Mixtral-8x7B's shapes on a GPU (``gpu``)."""
+
+import pytest
+import torch
+from conftest import run_in_triton_interpreter
+
+from phyassist.models.mixtral4bit.decode import KERNELS, _pair_table, _torch_moe_matmul, nf4_moe_matmul
+from phyassist.models.mixtral4bit.experts import Packed4bit
+
+
+def _weights(E, N, K, nested, dtype, device, seed=0):
+    """Random experts quantized by bitsandbytes; drawn on their device (Mixtral's are 8 x 117 M values)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(E, N, K, generator=g, device=device) * 0.05
+    return Packed4bit(w.to(dtype), "nf4", double_quant=nested)
+
+
+def _rows(counts, K, dtype, device, gather, seed=1):
+    """Inputs for rows sorted by expert: ``(x, ends, rows, token_of_row)``; with ``gather`` the rows
+    read ``x`` through a random token index (as gate/up does), else row ``r`` reads ``x[r]``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(counts)
+    tokens = max(1, (rows + 1) // 2) if gather else rows
+    x = torch.randn(tokens, K, generator=g).to(device, dtype)
+    tok = torch.randint(0, tokens, (rows,), generator=g).to(device) if gather else None
+    ends = torch.tensor(counts).cumsum(0).to(device, torch.int32)
+    return x, ends, rows, tok
+
+
+def _agree(out, ref, rtol, what):
+    """Max error within ``rtol`` of the largest reference output."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype, what
+    scale = ref.float().abs().max().item()
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= rtol * scale, (what, err, scale)
+
+
+def _wrong_expert(x, packed, ends, rows, tok):
+    """The reference with every row sent to the next expert: what a kernel that mapped rows (or
+    programs) to the wrong expert would give; the tolerance must be far below its distance."""
+    w = packed.dequantize().float()
+    e = torch.searchsorted(ends, torch.arange(rows, device=ends.device, dtype=ends.dtype), right=True)
+    xs = (x if tok is None else x.index_select(0, tok)).float()
+    return torch.einsum("rk,rnk->rn", xs, w[(e + 1) % w.shape[0]])
+
+
+def check_kernels(device="cpu", dtype=torch.float32, rtol=1e-5, E=4, N=40, K=256, combos=None,
+                  cases=(("gemv2", (2, 0, 3, 1)), ("mm2", (0, 13, 2, 25))), prefetch=True):
+    """Every v2 kernel against the reference, over nested / plain scales, both decodings, with and
+    without the row gather, K split in two or whole. Shapes are small (the interpreter runs each program
+    in Python): N = 40 leaves a partial column tile; 40 rows with an expert of none and one of 25 leave
+    partial row tiles; K = 256 is 4 quant blocks, two steps of the interpreter's 2-block tiles."""
+    combos = combos or [(True, "code", True, 64), (True, "pair", False, 0), (False, "code", False, 64),
+                        (False, "pair", True, 0)]  # (nested, lut, gather, split bytes): each value twice
+    from phyassist.models.mixtral4bit import decode
+
+    decode.INTERPRETER_TILES["gemv"]["PREFETCH"] = prefetch  # the GEMV's two loops (next tile loaded ahead or not)
+    for nested, lut, gather, split in combos:
+        packed = _weights(E, N, K, nested, dtype, device)
+        for kernel, counts in cases:
+            x, ends, rows, tok = _rows(list(counts), K, dtype, device, gather)
+            ref = _torch_moe_matmul(x, packed, ends, rows, tok)
+            out = nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel, lut=lut)
+            what = (kernel, lut, nested, gather, split, counts)
+            _agree(out, ref, rtol, what)
+            far = (_wrong_expert(x, packed, ends, rows, tok) - ref.float()).abs().max().item()
+            assert far > 10 * rtol * ref.float().abs().max().item(), what
+
+
+def check_dispatch(device="cpu", dtype=torch.float32, rtol=1e-5):
+    """Kernel ``v2``: the GEMV up to ``gemv_rows`` rows, the multi-row kernel past them (a single row
+    here: a tile of 16 rows with one filled); both right."""
+    packed = _weights(4, 40, 128, True, dtype, device)
+    x, ends, rows, tok = _rows([0, 0, 1, 0], 128, dtype, device, True)
+    ref = _torch_moe_matmul(x, packed, ends, rows, tok)
+    for gemv_rows in (0, 1):
+        out = nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=0, kernel="v2", gemv_rows=gemv_rows)
+        _agree(out, ref, rtol, ("v2", gemv_rows))
+
+
+def _module(dtype=torch.float32, device="cpu"):
+    """Quant4bitExperts over 4 random SiLU-gated experts (hidden 256, intermediate 256; transformers'
+    fused-expert layout, without importing transformers) and 2 tokens routed top-2."""
+    from phyassist.models.mixtral4bit.experts import Quant4bitExperts
+
+    torch.manual_seed(0)
+    ex = torch.nn.Module()
+    ex.gate_up_proj = torch.nn.Parameter(torch.randn(4, 2 * 256, 256) * 0.05)
+    ex.down_proj = torch.nn.Parameter(torch.randn(4, 256, 256) * 0.05)
+    ex.act_fn = torch.nn.SiLU()
+    q = Quant4bitExperts(ex.to(device), compute_dtype=dtype, double_quant=True)
+    x = torch.randn(2, 256, device=device, dtype=dtype)
+    w, idx = torch.softmax(torch.randn(2, 4, device=device), -1).topk(2, -1)
+    return q, x, idx, w
+
+
+def check_module(atol=1e-5):
+    """routed_experts through the module's switches (decode_kernel, decode_lut, decode_gemv_rows: the
+    multi-row kernel for gate/up with the gather, then down) against the training path's experts (every
+    expert dequantized, grouped GEMM)."""
+    from phyassist.models.mixtral4bit.decode import routed_experts
+
+    q, x, idx, w = _module()
+    with torch.inference_mode():
+        q.decode_max_rows = 0
+        ref = q(x, idx, w)
+        q.decode_kernel, q.decode_lut, q.decode_gemv_rows = "v2", "pair", 0
+        out = routed_experts(q, x, idx, w)
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= atol * max(1.0, ref.abs().max().item()), err
+
+
+def test_module_switch_reaches_the_kernel():
+    """decode_kernel is passed through (an unknown name is refused); v1 stays the default."""
+    from phyassist.models.mixtral4bit.decode import routed_experts
+
+    q, x, idx, w = _module()
+    assert (q.decode_kernel, q.decode_lut) == ("v1", "code")
+    q.decode_kernel = "nope"
+    with torch.inference_mode(), pytest.raises(ValueError, match="nope"):
+        routed_experts(q, x, idx, w)
+
+
+def test_pair_table_holds_both_codes():
+    """Entry b of the 256-entry table: code[b >> 4] in the high word, code[b & 15] in the low one."""
+    import bitsandbytes.functional as bnbf
+
+    _, state = bnbf.quantize_4bit(torch.randn(4, 64), blocksize=64, quant_type="nf4")
+    table = _pair_table(state)
+    assert table.dtype == torch.int64 and table.shape == (256,) and _pair_table(state) is table  # cached
+    words = table.view(torch.int32).view(256, 2).view(torch.float32)
+    b = torch.arange(256)
+    assert torch.equal(words[:, 1], state.code[b >> 4]) and torch.equal(words[:, 0], state.code[b & 15])
+
+
+def test_unknown_kernel_is_refused():
+    packed = _weights(2, 8, 64, False, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="kernel"):
+        nf4_moe_matmul(torch.zeros(1, 64), packed, torch.tensor([1, 1], dtype=torch.int32), 1, kernel="v3")
+    assert KERNELS == ("v1", "gemv2", "mm2", "v2")
+
+
+def test_without_triton_every_kernel_is_the_reference():
+    """CPU builds of torch (no interpreter): every kernel name runs the dequantized maths."""
+    packed = _weights(4, 32, 128, True, torch.float32, "cpu")
+    x, ends, rows, tok = _rows([2, 0, 1, 3], 128, torch.float32, "cpu", True)
+    ref = _torch_moe_matmul(x, packed, ends, rows, tok)
+    for kernel in KERNELS:
+        assert torch.equal(nf4_moe_matmul(x, packed, ends, rows, tok, kernel=kernel), ref)
+
+
+def test_v2_kernels_match_the_reference_in_triton_interpreter():
+    """One interpreter process (its imports take most of the time): the kernels, the v2 dispatch and
+    the module's switches. fp32: 1e-5 of the largest output; bf16: within two bf16 steps (the GEMV
+    never rounds the weights, the multi-row kernel rounds them as the reference does)."""
+    run_in_triton_interpreter("import tests.test_decode_kernels as t; t.check_kernels(); t.check_dispatch(); "
+                              "t.check_kernels(dtype=torch.bfloat16, rtol=2 ** -7, combos=[(True, 'code', True, 64)], "
+                              "prefetch=False); t.check_module()")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [True, False])
+def test_gpu_kernels_match_the_reference_at_mixtral_shapes(has_gpu, nested):
+    """Mixtral-8x7B's expert tensors (8 x [2 x 14,336, 4,096] gate/up with the row gather, 8 x [4,096,
+    14,336] down) in bf16, 2 to 128 rows (batch 1 to 64, top-2), uneven expert counts: every kernel
+    and decoding against the dequantized reference within bf16 rounding of the largest output."""
+    E, H, inter = 8, 4096, 14336
+    for N, K, gather in ((2 * inter, H, True), (H, inter, False)):
+        packed = _weights(E, N, K, nested, torch.bfloat16, "cuda")
+        for counts in ((1, 0, 0, 1, 0, 0, 0, 0), (3, 0, 1, 0, 2, 1, 0, 1), (9, 1, 4, 0, 6, 3, 5, 4),
+                       (40, 25, 16, 12, 10, 9, 8, 8)):
+            x, ends, rows, tok = _rows(list(counts), K, torch.bfloat16, "cuda", gather)
+            ref = _torch_moe_matmul(x, packed, ends, rows, tok)
+            for kernel in KERNELS:
+                for lut in (("code",) if kernel == "v1" else ("code", "pair")):
+                    for split in (0, 512):
+                        out = nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel, lut=lut)
+                        _agree(out, ref, 2 ** -6, (kernel, lut, split, N, counts))
+        del packed
+        torch.cuda.empty_cache()
