@@ -39,6 +39,8 @@ from phyassist.models.mixtral4bit.kernels import _triton as triton
 if triton is not None:
     import triton.language as tl
 
+    from phyassist.models.mixtral4bit.kernels import block_scale
+
     @triton.jit
     def _nf4_moe_gemv_kernel(x_ptr, tok_ptr, row_expert_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr,
                              absmax2_ptr, offset_ptr, y_ptr, N, K, ROWS, CHUNK, NESTED: tl.constexpr,
@@ -65,13 +67,8 @@ if triton is not None:
             addr = byte_row[:, None] + bs[None, :]
             byte = tl.load(packed_ptr + addr, mask=cmask[:, None], other=0).to(tl.int32)
             blk = addr // (QBLOCK // 2)
-            if NESTED:
-                q = tl.load(absmax_ptr + blk, mask=cmask[:, None], other=0).to(tl.int32)
-                scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKS_PER_BLOCK2,
-                                                         mask=cmask[:, None], other=0.0)
-                scale = scale + tl.load(offset_ptr)
-            else:
-                scale = tl.load(absmax_ptr + blk, mask=cmask[:, None], other=0.0)
+            scale = block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, cmask[:, None], NESTED,
+                                BLOCKS_PER_BLOCK2)
             # round each weight to the compute dtype first, as the dequantized reference does
             hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
             lo = (tl.load(code_ptr + (byte & 15)) * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -111,12 +108,7 @@ if triton is not None:
             lo = tl.load(lut_ptr + (byte & 15))
         blk = wrow[:, None] * (KH // 32) + jb[None, :]
         smask = cmask[:, None] & bmask[None, :]
-        if NESTED:  # absmax = code2[absmax_q] * absmax2[block // 256] + offset, as bitsandbytes
-            q = tl.load(absmax_ptr + blk, mask=smask, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKS_PER_BLOCK2, mask=smask, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=smask, other=0.0)
+        scale = block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, smask, NESTED, BLOCKS_PER_BLOCK2)
         return hi, lo, scale
 
     @triton.jit

@@ -89,6 +89,19 @@ if _triton is not None:
 
 
     @_triton.jit
+    def block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, NESTED: tl.constexpr,
+                    BLOCKS_PER_BLOCK2: tl.constexpr):
+        """The absmax of NF4 blocks ``blk``: stored in fp32, or double-quantized as bitsandbytes does
+        (``code2[absmax_q] * absmax2[block // 256] + offset``). Shared by every kernel reading NF4."""
+        if NESTED:  # one return after the branch: Triton types every return of a function alike
+            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKS_PER_BLOCK2, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        return scale
+
+    @_triton.jit
     def _dequant_nf4_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
                             n_bytes, NESTED: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr,
                             BLOCKS_PER_BLOCK2: tl.constexpr, BLOCK: tl.constexpr):
@@ -96,12 +109,7 @@ if _triton is not None:
         mask = offs < n_bytes
         byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
         blk = offs // BYTES_PER_BLOCK
-        if NESTED:  # absmax = code2[absmax_q] * absmax2[block // 256] + offset, as bitsandbytes
-            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKS_PER_BLOCK2, mask=mask, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        scale = block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, NESTED, BLOCKS_PER_BLOCK2)
         hi = tl.load(code_ptr + (byte >> 4)) * scale  # high nibble first, as bitsandbytes packs
         lo = tl.load(code_ptr + (byte & 15)) * scale
         out = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))
