@@ -4,7 +4,7 @@ functions the Gradio UI calls).
     # CPU, embedded default: first token, adapter switch, 10 concurrent sessions -> bench/app.{json,md}
     python bench/app_bench.py --config smoke --out bench/app
     # CPU, embedded default: how often an analysis splits into items -> bench/app_parse.{json,md}
-    python bench/app_bench.py --parse-rate --out bench/app_parse --baseline bench/app_parse_before.json
+    python bench/app_bench.py --parse-rate --out bench/app_parse --baseline before.json   # before.json: bench/app_parse.md
     # GPU: the full 32-layer Mixtral-8x7B, random weights built straight into 4-bit NF4 on the GPU
     # once, as the app's loaded model; Mixtral's tokenizer (Mistral v1) -> start-up warm-up and the
     # first token after it, first token, patient training on 20 notes on the resident base (a copy

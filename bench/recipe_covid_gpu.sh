@@ -75,7 +75,7 @@ pack() {
            reward/eval.md reward/eval.json reward/log_history.json rl/log_history.json predict/metrics.md \
            predict/metrics.json predict/intervals.md predict/intervals.json predict/side_by_side.md \
            sft/checkpoints/trainer_state.json config.resolved.yaml versions.json; do
-    [ -s "$RUN/$f" ] && cp "$RUN/$f" "$OUT/$(echo "$f" | sed 's|^preference/|preference_|; s|^reward/|reward_|; s|^rl/|rl_|; s|^sft/checkpoints/|sft_|; s|^predict/||; s|^data/||')"
+    [ -s "$RUN/$f" ] && cp "$RUN/$f" "$OUT/$(echo "$f" | sed 's|^preference/|preference_|; s|^reward/|reward_|; s|^rl/|rl_|; s|^sft/checkpoints/|sft_|; s|^predict/||; s|^data/||; s|log_history\.json$|trainer_log.json|')"
   done
   mkdir -p "$OUT/images" && cp "$RUN"/images/*.png "$OUT/images/" 2>/dev/null
   cp "$RUN"/gpu_usage.csv "$OUT/" 2>/dev/null
