@@ -16,6 +16,13 @@ from pathlib import Path
 
 # Written by the trainer beside each checkpoint and adapter: which base model it was trained on.
 ADAPTER_META = "phyassist_train.json"
+# The weights file of a PEFT adapter folder, as PEFT saves it (safetensors, or the older pickle).
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_weights_file(path: str | Path) -> Path | None:
+    """The weights file of the adapter folder ``path`` (None: not there, e.g. a copy without weights)."""
+    return next((Path(path) / n for n in ADAPTER_WEIGHTS if (Path(path) / n).is_file()), None)
 
 
 class AdapterMismatchError(ValueError):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phyassist.config import RunConfig
+from phyassist.models.inference import ADAPTER_WEIGHTS, adapter_weights_file
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MERGE_INFO = "merge_info.json"
 CARD_NAME = "README.md"
 RESOLVED_CONFIG = "config.resolved.yaml"
@@ -102,9 +102,9 @@ def refuse_patient_adapter(path: Path) -> None:
 
 
 def adapter_weights(path: Path) -> Path:
-    for name in ADAPTER_WEIGHTS:
-        if (path / name).exists():
-            return path / name
+    weights = adapter_weights_file(path)
+    if weights is not None:
+        return weights
     raise PublishError(f"{path}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
 
 

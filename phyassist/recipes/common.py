@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from phyassist.models.inference import ADAPTER_WEIGHTS, adapter_weights_file
+
 
 def step_dir(cfg, step: str) -> Path:
     """``<out>/<step>``: sft, reward, rl, predict."""
@@ -61,21 +63,13 @@ def save_folder(target: Path, write) -> Path:
     return target
 
 
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def adapter_weights(adapter_dir) -> Path | None:
-    """The weights file of a PEFT adapter folder (None: not there)."""
-    return next((Path(adapter_dir) / n for n in ADAPTER_WEIGHTS if (Path(adapter_dir) / n).is_file()), None)
-
-
 def adapter_problem(adapter_dir, what: str = "adapter") -> str | None:
     """Why ``adapter_dir`` cannot be loaded (no folder, no config, no weights, as in a run folder copied
     without its weights); None when it can."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         return f"no {what} at {adapter_dir} (no adapter_config.json)"
-    if adapter_weights(adapter_dir) is None:
+    if adapter_weights_file(adapter_dir) is None:
         return (f"the {what} at {adapter_dir} has no weights ({' / '.join(ADAPTER_WEIGHTS)} missing, e.g. a run "
                 f"folder copied without its weights)")
     return None
@@ -85,7 +79,7 @@ def adapter_fingerprint(adapter_dir) -> str:
     """A short hash of an adapter's weights: ties a cached result to the adapter that made it."""
     import hashlib
 
-    weights = adapter_weights(adapter_dir)
+    weights = adapter_weights_file(adapter_dir)
     if weights is None:
         raise FileNotFoundError(adapter_problem(adapter_dir))
     h = hashlib.sha1()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from phyassist.models.mixtral4bit.kernels import _launch, gather_sum, swiglu_forward, use_triton
+from phyassist.models.mixtral4bit.kernels import _launch, gather_sum, scale_args, swiglu_forward, use_triton
 from phyassist.models.mixtral4bit.kernels import _triton as triton
 
 if triton is not None:
@@ -283,8 +283,7 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     if kernel != "v1":
         multi = kernel == "mm2" or (kernel == "v2" and rows > gemv_rows)
         return _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, lut == "pair")
-    nested = bool(state.nested)
-    s2 = state.state2 if nested else None
+    scales, scale_meta = scale_args(state)
     row_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device, dtype=ends.dtype), right=True)
     splits = (K // 2) // split_bytes if split_bytes and (K // 2) % split_bytes == 0 else 1
     partial = torch.empty(splits, rows, N, dtype=torch.float32, device=x.device)
@@ -293,10 +292,8 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
                      else (_nf4_moe_gemv_kernel, {"BLOCK_N": 16, "BLOCK_B": 64}))
     grid = lambda m: (rows, triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
     _launch(kernel, grid, x, x.contiguous(), token_of_row if token_of_row is not None else ends, row_expert,
-            packed.packed, state.code, state.absmax, s2.code if nested else state.code,
-            s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, partial,
-            N, K, rows, (K // 2) // splits, NESTED=nested, GATHER=token_of_row is not None,
-            BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1, QBLOCK=64, **fixed)
+            packed.packed, state.code, *scales, partial, N, K, rows, (K // 2) // splits,
+            GATHER=token_of_row is not None, QBLOCK=64, **scale_meta, **fixed)
     return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
 
 
@@ -310,8 +307,7 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, pa
     autotuned one on GPUs, :data:`INTERPRETER_TILES` in the interpreter)."""
     E, N, K = packed.shape
     state = packed.quant_state
-    nested = bool(state.nested)
-    s2 = state.state2 if nested else None
+    scales, scale_meta = scale_args(state)
     kh, blocks = K // 2, K // 64
     chunk = split_bytes // 32 if split_bytes and split_bytes % 32 == 0 and blocks % (split_bytes // 32) == 0 else blocks
     splits = blocks // chunk
@@ -319,11 +315,8 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, pa
     x = x.contiguous()
     words = x.view(torch.int32 if x.element_size() == 2 else torch.int64)  # [tokens, K // 2]: input pairs
     args = (x, words, token_of_row if token_of_row is not None else ends)
-    tail = (packed.packed, _pair_table(state) if pair else state.code, state.absmax,
-            s2.code if nested else state.code, s2.absmax if nested else state.absmax,
-            state.offset if nested else state.absmax, partial, N, kh, rows, chunk)
-    meta = dict(NESTED=nested, GATHER=token_of_row is not None, LUT=int(pair),
-                BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1, HALF_BITS=8 * x.element_size())
+    tail = (packed.packed, _pair_table(state) if pair else state.code, *scales, partial, N, kh, rows, chunk)
+    meta = dict(GATHER=token_of_row is not None, LUT=int(pair), HALF_BITS=8 * x.element_size(), **scale_meta)
     name = "mm" if multi else "gemv"
     if tiles is None and not x.is_cuda:
         tiles = INTERPRETER_TILES[name]

@@ -157,14 +157,21 @@ def dequantize_nf4(packed: torch.Tensor, state, triton: bool = True, block_bytes
         return bnbf.dequantize_4bit(packed, state)
     n_bytes = packed.numel()
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
-    nested = bool(state.nested)
-    s2 = state.state2 if nested else None
+    scales, scale_meta = scale_args(state)
     _launch(_dequant_nf4_kernel, (_triton.cdiv(n_bytes, block_bytes),), packed,
-            packed, state.code, state.absmax, s2.code if nested else state.code,
-            s2.absmax if nested else state.absmax, state.offset if nested else state.absmax, out, n_bytes,
-            NESTED=nested, BYTES_PER_BLOCK=state.blocksize // 2, BLOCKS_PER_BLOCK2=s2.blocksize if nested else 1,
-            BLOCK=block_bytes, num_warps=warps)
+            packed, state.code, *scales, out, n_bytes, BYTES_PER_BLOCK=state.blocksize // 2,
+            BLOCK=block_bytes, num_warps=warps, **scale_meta)
     return out
+
+
+def scale_args(state) -> tuple[tuple, dict]:
+    """What every NF4 kernel takes for :func:`block_scale`: the ``(absmax, code2, absmax2, offset)``
+    tensors and the ``NESTED`` / ``BLOCKS_PER_BLOCK2`` constants. Plain fp32 scales pass ``absmax``
+    where the nested tensors go (never read: ``NESTED`` is a compile-time constant)."""
+    if state.nested:
+        s2 = state.state2
+        return (state.absmax, s2.code, s2.absmax, state.offset), {"NESTED": True, "BLOCKS_PER_BLOCK2": s2.blocksize}
+    return (state.absmax, state.code, state.absmax, state.absmax), {"NESTED": False, "BLOCKS_PER_BLOCK2": 1}
 
 
 def swiglu_forward(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
