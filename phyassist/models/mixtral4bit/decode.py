@@ -42,6 +42,15 @@ if triton is not None:
     from phyassist.models.mixtral4bit.kernels import block_scale
 
     @triton.jit
+    def _routed_row(row_expert_ptr, tok_ptr, r, GATHER: tl.constexpr):
+        """(expert, input row) of routed row ``r`` (int64): the input is token ``tok[r]`` or row ``r`` itself."""
+        e = tl.load(row_expert_ptr + r).to(tl.int64)
+        src = r
+        if GATHER:
+            src = tl.load(tok_ptr + r).to(tl.int64)
+        return e, src
+
+    @triton.jit
     def _nf4_moe_gemv_kernel(x_ptr, tok_ptr, row_expert_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr,
                              absmax2_ptr, offset_ptr, y_ptr, N, K, ROWS, CHUNK, NESTED: tl.constexpr,
                              GATHER: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr, QBLOCK: tl.constexpr,
@@ -52,10 +61,7 @@ if triton is not None:
         enough programs in flight to hide the chain of dependent loads (byte, code, nested scale); the
         fp32 partial sums go to ``y[split, row, col]``."""
         r, pid_n, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        e = tl.load(row_expert_ptr + r).to(tl.int64)
-        src = r
-        if GATHER:
-            src = tl.load(tok_ptr + r).to(tl.int64)
+        e, src = _routed_row(row_expert_ptr, tok_ptr, r, GATHER)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
         byte_row = (e * N * K + cols * K) // 2  # first packed byte of each output column
@@ -136,10 +142,7 @@ if triton is not None:
         ``y = sum_blocks scale * sum_k code * x`` in fp32 (the weights are never rounded to the compute
         dtype, unlike the reference; the difference is within that dtype's rounding)."""
         r, pid_n, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-        e = tl.load(row_expert_ptr + r).to(tl.int64)
-        src = r
-        if GATHER:
-            src = tl.load(tok_ptr + r).to(tl.int64)
+        e, src = _routed_row(row_expert_ptr, tok_ptr, r, GATHER)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
         wrow = e * N + cols
