@@ -522,6 +522,11 @@ def mixtral_mode(args) -> int:
     model = build(cfg.model)
     load_s = time.perf_counter() - t0
     res = _common(args, cfg, load_s)
+    if args.decode:  # the experts' routed-decode settings (bench/decode_kernels.py --choose)
+        from phyassist.models.mixtral4bit.decode import configure_decode, parse_decode_options
+
+        res["decode"] = parse_decode_options(args.decode)
+        configure_decode(model, res["decode"])
     res["model"] = f"{cfg.model.name} ({'tiny, ' if tiny else ''}random weights, {cfg.model.quant.quant_type} 4-bit, " \
                    f"experts: {getattr(cfg.model.quant, 'experts_method', 'parametrize')})"
     res["layers"] = model.config.num_hidden_layers
@@ -760,6 +765,8 @@ def main() -> int:
     ap.add_argument("--rewarm", action="store_true", help="Mixtral modes: warm up again just before the first "
                                                          "analysis (diagnosis of the first-analysis time)")
     ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--decode", default="", help="Mixtral modes: the 4-bit experts' decode settings, e.g. "
+                    "kernel=v2,lut=code,max_rows=256 (phyassist.models.mixtral4bit.decode.parse_decode_options)")
     ap.add_argument("overrides", nargs="*", help="run config overrides key=value")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

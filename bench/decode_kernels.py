@@ -12,6 +12,7 @@ printed and kept in the JSON.
 
     . bench/device_env.sh && python3 bench/decode_kernels.py --out $OUT/decode_kernels.json   # H200: ~2 min
     python3 bench/decode_kernels.py --tiny --out /tmp/decode_kernels_tiny.json  # CPU smoke check (interpreter)
+    python3 bench/decode_kernels.py --choose decode_kernels.json   # the decode settings these figures pick
 
 ``--tiny`` runs Triton's CPU interpreter on a small layer (4 experts, 256 wide, 2 and 6 rows, Zipf-like
 routing, one call each; about a minute): it checks that every method runs and agrees with the reference,
@@ -34,7 +35,9 @@ METHODS = ("v1", "gemv2-code", "gemv2-pair", "mm2-code", "mm2-code@0", "mm2-pair
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="small layer in Triton's CPU interpreter (smoke check)")
-    ap.add_argument("--out", required=True, help="raw results (JSON)")
+    ap.add_argument("--out", help="raw results (JSON)")
+    ap.add_argument("--choose", metavar="JSON", help="print the decode settings a run's figures pick "
+                    "(phyassist.models.mixtral4bit.decode.parse_decode_options' format) and exit")
     ap.add_argument("--rows", default=None, help="routed rows per call, comma-separated (default 2,8,32,128)")
     ap.add_argument("--nested", default="1,0", help="double-quantized scales: 1, 0 or both")
     ap.add_argument("--dists", default="uniform,zipf")
@@ -44,6 +47,8 @@ def parse(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--zipf", type=float, default=1.2)
     args = ap.parse_args(argv)
+    if not args.out and not args.choose:
+        ap.error("--out is required (or --choose JSON)")
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"  # read when Triton is imported
         args.rows = args.rows or "2,6"
@@ -81,8 +86,64 @@ def summary(cells, methods) -> None:
         print(f"nested={int(key[0])} {key[1]:7s} rows={key[2]:3d}  " + " ".join(f"{ms[m]:15.3f}" for m in methods))
 
 
+def layer_ms(cells, nested: bool = True) -> dict:
+    """(method, rows) -> ms of one layer (gate/up + down), the mean over the routing distributions."""
+    sums: dict = {}
+    for c in cells:
+        if c["nested"] == nested:
+            key = (c["method"], c["rows"])
+            sums.setdefault(key, {}).setdefault(c["dist"], 0.0)
+            sums[key][c["dist"]] += c["median_ms"]
+    return {k: sum(v.values()) / len(v) for k, v in sums.items()}
+
+
+def choose(cells, nested: bool = True) -> dict:
+    """The decode settings these figures pick for double-quantized experts (the study's configs):
+
+    * kernel ``v2`` when its best routed kernel beats v1 at the fewest rows (batch 1), else ``v1``;
+    * lut: the decoding with the smaller summed time of its best routed kernel over all row counts;
+    * gemv_rows: the largest measured row count up to which the v2 GEMV beats the multi-row kernel;
+    * max_rows: the largest measured row count up to which the chosen routed path beats dequantizing
+      all experts + grouped GEMM (a row count between two measured ones takes the smaller).
+    """
+    ms = layer_ms(cells, nested)
+    rows = sorted({r for _, r in ms})
+
+    def t(method, r):
+        return ms.get((method, r), float("inf"))
+
+    luts = [lut for lut in ("code", "pair") if any((f"gemv2-{lut}", r) in ms for r in rows)]
+    best = {lut: (lambda r, lut=lut: min(t(f"gemv2-{lut}", r), t(f"mm2-{lut}", r))) for lut in luts}
+    out: dict = {"kernel": "v1", "lut": "code"}
+    if luts:
+        lut = min(luts, key=lambda lut: sum(best[lut](r) for r in rows))
+        if best[lut](rows[0]) < t("v1", rows[0]):
+            out = {"kernel": "v2", "lut": lut}
+            gemv_rows = 0
+            for r in rows:
+                if t(f"gemv2-{lut}", r) > t(f"mm2-{lut}", r):
+                    break
+                gemv_rows = r
+            out["gemv_rows"] = gemv_rows
+    routed = best[out["lut"]] if out["kernel"] == "v2" else (lambda r: t("v1", r))
+    max_rows = 0
+    for r in rows:
+        if routed(r) >= t("dequant+grouped", r):
+            break
+        max_rows = r
+    out["max_rows"] = max_rows
+    return out
+
+
 def main(argv=None) -> None:
     args = parse(argv)
+    if args.choose:
+        res = json.loads(Path(args.choose).read_text())
+        options = choose(res["cells"])
+        for (m, r), v in sorted(layer_ms(res["cells"]).items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            print(f"rows={r:3d} {m:16s} {v:8.3f} ms per layer", file=sys.stderr)
+        print(",".join(f"{k}={v}" for k, v in options.items()))
+        return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 

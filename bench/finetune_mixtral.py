@@ -69,6 +69,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fused_loss import fused_linear_cross_entropy  # noqa: E402
+from bench.router_skew import expert_shares, set_skew  # noqa: E402
 from phyassist.models.mixtral4bit.build import build_quantized_model  # noqa: E402
 from phyassist.models.mixtral4bit.experts import keep_dequantized_weights  # noqa: E402
 from phyassist.models.schema import QuantConfig  # noqa: E402
@@ -101,7 +102,8 @@ VARIANTS = {
 def variant_spec(name: str) -> dict:
     """``name`` from VARIANTS, with any of the suffixes ``+keepN`` (N layers keep their attention
     activations, the others stay checkpointed), ``+budgetX`` (the compiler's activation memory
-    budget X) and ``+flat`` (one optimizer call over a flat view of the LoRA tensors)."""
+    budget X), ``+flat`` (one optimizer call over a flat view of the LoRA tensors) and ``+skewA`` (a Zipf-like
+    router load, bench/router_skew.py)."""
     base, *extras = name.split("+")
     spec = dict(VARIANTS[base])
     for extra in extras:
@@ -121,6 +123,8 @@ def variant_spec(name: str) -> dict:
             spec["compile_mode"] = "max-autotune-no-cudagraphs"
         elif extra == "stalecounts":
             spec["stale_counts"] = True
+        elif extra.startswith("skew"):  # router logit bias -A * log(rank): a trained router's uneven load
+            spec["skew"] = float(extra[4:])
         elif extra == "perexpert":  # model.quant.expert_gemm=per_expert (configs/single-gpu.yaml); without: grouped
             spec["expert_gemm"] = "per_expert"
         else:
@@ -382,6 +386,8 @@ def _run_variant(name, spec, args, dev, part="full"):
                          spec.get("memory_budget"), spec.get("compile_mode"))
     if spec.get("keep_weights"):
         keep_dequantized_weights(peft_model, spec["keep_weights"])
+    if spec.get("skew"):
+        set_skew(peft_model, spec["skew"])
     if spec.get("lora_dtype"):
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -425,6 +431,8 @@ def _run_variant(name, spec, args, dev, part="full"):
                first_step_s=round(first_s, 1) if first_s is not None else None,
                losses=[round(x, 4) for x in losses], times=[round(x, 4) for x in times], profile=prof,
                gpu_idle=idle)
+    if spec.get("skew"):
+        row["skew"], row["expert_share"] = spec["skew"], expert_shares(peft_model)
     del step, opt, params, peft_model, model
     gc.collect()
     if dev.type == "cuda":

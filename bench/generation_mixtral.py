@@ -11,6 +11,8 @@ Random weights of the full architecture, built layer by layer straight into NF4 
 * ``kit-v2`` / ``kit-v2pair``: the same with the v2 routed kernels (issue 22; nibbles decoded through the
   16-entry code / the 256-entry pair table) for every decode step up to batch 128 (GEMV up to 4 rows,
   multi-row kernel above); prefill still dequantizes.
+* ``kit-new``: the kit path with the decode settings of ``--decode`` (what ``bench/decode_kernels.py
+  --choose`` picks from the kernel figures; by default the experts' own defaults).
 * ``plain-hf``: bitsandbytes' ``replace_parameter_4bit`` on the fused experts, ``generate``.
 
 Random routers spread tokens almost evenly; a trained Mixtral does not. ``--skew A`` adds a fixed
@@ -31,6 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from router_skew import expert_shares, set_skew  # noqa: E402
 
 
 def parse(argv=None):
@@ -52,6 +57,9 @@ def parse(argv=None):
     ap.add_argument("--eval-batch", type=int, default=64)
     ap.add_argument("--eval-new", type=int, default=160)
     ap.add_argument("--crossover", action="store_true", help="routed vs dequantized experts by token count")
+    ap.add_argument("--decode", default="", help="kit-new's decode settings, e.g. kernel=v2,lut=code,max_rows=256 "
+                    "(phyassist.models.mixtral4bit.decode.parse_decode_options)")
+    ap.add_argument("--profile", default="", help="variant whose batch-1 decode is profiled (kernel table)")
     ap.add_argument("--out", required=True)
     return ap.parse_args(argv)
 
@@ -87,56 +95,20 @@ def build(method: str, layers: int, vocab: int):
     return peft, round(time.perf_counter() - t0, 1)
 
 
-def set_skew(model, alpha: float) -> None:
-    """Fixed per-expert router logit bias ``-alpha * log(rank)`` (0 removes it)."""
-    import torch
-
-    for m in model.modules():
-        if type(m).__name__ == "MixtralTopKRouter":
-            e = m.weight.shape[0]
-            bias = -alpha * torch.log(torch.arange(1, e + 1, device=m.weight.device, dtype=torch.float32))
-            if getattr(m, "skew", None) is None:
-                m.skew = bias
-            else:  # in place: captured CUDA graphs read this very tensor
-                m.skew.copy_(bias)
-            if not hasattr(type(m), "_phy_plain_forward"):
-                cls = type(m)
-                cls._phy_plain_forward = cls.forward
-
-                def forward(self, hidden_states):
-                    import torch.nn.functional as F
-
-                    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-                    logits = F.linear(hidden_states, self.weight)
-                    if getattr(self, "skew", None) is not None:
-                        logits = logits + self.skew.to(logits.dtype)
-                    probs = torch.softmax(logits.float(), dim=-1)
-                    top, idx = torch.topk(probs, self.top_k, dim=-1)
-                    top /= top.sum(dim=-1, keepdim=True)
-                    self.last_index = idx
-                    return logits, top, idx
-
-                cls.forward = forward
-
-
-def expert_shares(model) -> list[float]:
-    import torch
-
-    counts = None
-    for m in model.modules():
-        if type(m).__name__ == "MixtralTopKRouter" and getattr(m, "last_index", None) is not None:
-            c = torch.bincount(m.last_index.flatten(), minlength=m.weight.shape[0]).float()
-            counts = c if counts is None else counts + c
-    return [round(float(x), 3) for x in (counts / counts.sum()).tolist()] if counts is not None else []
-
-
-FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "routed-hf")  # full token count and repeats
+FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-new", "routed-hf")  # full token count and repeats
 V2 = {"kit-v2": "code", "kit-v2pair": "pair"}  # the v2 kernels (issue 22), every decode step routed
 
 
-def set_routed(model, variant: str) -> None:
+def set_routed(model, variant: str, decode: dict | None = None) -> None:
     """kit-hf: the training path's experts; kit-nosplit: the GEMV over all of K in one program; kit-v2 /
-    kit-v2pair: the v2 kernels (GEMV up to 4 rows, multi-row kernel above) up to 256 rows (decode steps)."""
+    kit-v2pair: the v2 kernels (GEMV up to 4 rows, multi-row kernel above) up to 256 rows (decode steps);
+    kit-new: ``decode`` over the experts' defaults."""
+    from phyassist.models.mixtral4bit.decode import configure_decode
+    from phyassist.models.mixtral4bit.experts import DECODE_DEFAULTS
+
+    if variant == "kit-new":
+        configure_decode(model, dict(DECODE_DEFAULTS, **(decode or {})))
+        return
     for m in model.modules():
         if hasattr(m, "decode_max_rows"):
             # v2: every decode step up to batch 128 routed; prefill chunks (thousands of rows) still
@@ -186,7 +158,7 @@ def run_variant(variant, model, tok, args, skew, res):
     import torch
 
     repeats = args.repeats if variant in FAST else max(1, args.repeats - 1)
-    set_routed(model, variant)
+    set_routed(model, variant, args.decode_options)
     set_skew(model, skew)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
@@ -250,10 +222,10 @@ def eval_projection(model, tok, args, res):
     queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
     ps = chat_prompts(tok, queries)
     out = {}
-    for variant in ("kit", "kit-hf"):
-        set_routed(model, variant)
+    for variant in [v for v in ("kit-new", "kit") if v in args.variants.split(",")] + ["kit-hf"]:
+        set_routed(model, variant, args.decode_options)
         set_skew(model, 0.0)
-        static = variant == "kit"
+        static = variant != "kit-hf"
         t0 = time.perf_counter()
         texts = generate_batched(model, tok, ps, max_new_tokens=args.eval_new, batch_size=args.eval_batch,
                                  progress=False, static=static, min_new_tokens=args.eval_new)
@@ -267,17 +239,45 @@ def eval_projection(model, tok, args, res):
     res["eval_projection"] = out
 
 
+def profile_decode(model, tok, args, res, new: int = 16) -> None:
+    """Where a batch-1 decode step's time goes: torch.profiler over one ``generate`` call of ``new`` tokens
+    (512-token prompt, after a warm-up call), kernels by total GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from phyassist.models.generation import generate
+
+    set_routed(model, args.profile, args.decode_options)
+    set_skew(model, 0.0)
+    ids = prompts(tok, 1, args.prompt_len)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2)
+    with torch.inference_mode():
+        generate(model, ids, torch.ones_like(ids), **kw)
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            generate(model, ids, torch.ones_like(ids), **kw)
+            sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    res["profile"] = {"variant": args.profile, "batch": 1, "prompt": args.prompt_len, "new_tokens": new,
+                      "table": table}
+    (Path(res["out"]).parent / "profile_decode.txt").write_text(table)
+    print(table, flush=True)
+    save(res)
+
+
 def main(argv=None) -> int:
     import torch
 
+    from phyassist.models.mixtral4bit.decode import parse_decode_options
+
     args = parse(argv)
+    args.decode_options = parse_decode_options(args.decode)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from app_bench import _mixtral_tokenizer
 
     tok = _mixtral_tokenizer(args.tokenizer, "left")
-    res = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0),
+    res = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "decode": args.decode_options,
            "out": str(out / "generation_mixtral.json"),
            "torch": torch.__version__, "rows": [], "build_s": {}}
     variants = args.variants.split(",")
@@ -292,6 +292,12 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
                 run_variant(v, model, tok, args, skew, res)
                 res.setdefault("peak_gib", {})[f"{v}@{skew}"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        if args.profile:
+            try:  # a profiler failure must not cost the measurements after it
+                profile_decode(model, tok, args, res)
+            except Exception as exc:  # noqa: BLE001 - recorded in the results
+                res["profile"] = {"variant": args.profile, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                print("profile failed:", res["profile"]["error"], flush=True)
         if args.queries:
             eval_projection(model, tok, args, res)
         del model

@@ -182,3 +182,58 @@ def test_gpu_kernels_match_the_reference_at_mixtral_shapes(has_gpu, nested):
                         _agree(out, ref, 2 ** -6, (kernel, lut, split, N, counts))
         del packed
         torch.cuda.empty_cache()
+
+
+def test_decode_options_are_parsed_checked_and_set_on_every_expert_module():
+    """The settings string of the benchmarks (``--decode``) names every bad item, and configure_decode sets
+    them on each 4-bit expert module."""
+    from phyassist.models.mixtral4bit.decode import configure_decode, parse_decode_options
+
+    assert parse_decode_options("kernel=v2, lut=pair,gemv_rows=2,max_rows=256,") == {
+        "kernel": "v2", "lut": "pair", "gemv_rows": 2, "max_rows": 256}
+    assert parse_decode_options("") == {}
+    for bad, match in (("kernel=v3", "kernel is one of"), ("rows=4", "NAME one of"), ("max_rows=-1", "whole number"),
+                       ("lut", "NAME=VALUE")):
+        with pytest.raises(ValueError, match=match):
+            parse_decode_options(bad)
+    q = _module()[0]
+    model = torch.nn.ModuleList([q, torch.nn.Linear(2, 2)])
+    assert configure_decode(model, {"kernel": "v2", "max_rows": 64}) == 1
+    assert (q.decode_kernel, q.decode_max_rows, q.decode_lut) == ("v2", 64, "code")
+
+
+def _cells(ms: dict) -> list[dict]:
+    """bench/decode_kernels.py cells from {(method, rows): layer ms}: split over gate/up and down and over
+    two routings whose mean is the given figure."""
+    cells = []
+    for (method, rows), t in ms.items():
+        for dist, f in (("uniform", 0.8), ("zipf", 1.2)):
+            for matmul in ("gate_up", "down"):
+                cells.append({"nested": True, "dist": dist, "rows": rows, "matmul": matmul, "method": method,
+                              "median_ms": t * f / 2})
+                cells.append({"nested": False, "dist": dist, "rows": rows, "matmul": matmul, "method": method,
+                              "median_ms": 99.0})  # plain scales: not what the study's configs use
+    return cells
+
+
+def test_choose_picks_the_decode_settings_the_figures_support():
+    """bench/decode_kernels.py --choose: v2 only when it wins at batch 1, the faster decoding, the GEMV
+    while it beats the multi-row kernel, routed rows while they beat dequantizing the layer."""
+    from bench.decode_kernels import choose
+
+    rows = (2, 8, 32, 128)
+    deq = dict(zip(rows, (1.2, 1.5, 2.0, 2.0)))
+    ms = {("dequant+grouped", r): deq[r] for r in rows}
+    ms.update({("v1", r): t for r, t in zip(rows, (0.6, 3.0, 11.0, 40.0))})
+    # v2: GEMV best at 2 and 8 rows, multi-row kernel from 32; the pair table slower everywhere
+    ms.update({("gemv2-code", r): t for r, t in zip(rows, (0.2, 0.7, 2.5, 9.0))})
+    ms.update({("mm2-code", r): t for r, t in zip(rows, (0.5, 0.9, 1.1, 2.4))})
+    for kind in ("gemv2", "mm2"):
+        ms.update({(f"{kind}-pair", r): ms[(f"{kind}-code", r)] + 0.1 for r in rows})
+    assert choose(_cells(ms)) == {"kernel": "v2", "lut": "code", "gemv_rows": 8, "max_rows": 32}
+    # the v2 kernels lose at batch 1: v1, routed while it beats the dequantization (2 rows)
+    ms.update({("gemv2-code", 2): 0.9, ("mm2-code", 2): 0.9, ("gemv2-pair", 2): 0.95, ("mm2-pair", 2): 0.95})
+    assert choose(_cells(ms)) == {"kernel": "v1", "lut": "code", "max_rows": 2}
+    # only v1 measured (a run without the v2 methods)
+    assert choose(_cells({k: v for k, v in ms.items() if k[0] in ("v1", "dequant+grouped")})) == {
+        "kernel": "v1", "lut": "code", "max_rows": 2}

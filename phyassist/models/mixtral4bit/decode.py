@@ -396,3 +396,42 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     a = swiglu_forward(h, w_row)
     y = nf4_moe_matmul(a, module.down, ends, index.numel(), None, **kw)
     return gather_sum(y, inverse, k).to(hidden.dtype)
+
+
+# The routed-decode settings of :class:`~phyassist.models.mixtral4bit.experts.Quant4bitExperts` (attributes
+# ``decode_<name>``): which kernel, its nibble decoding, up to how many rows the GEMV serves (``v2``), up to how
+# many rows the routed path serves at all (above: one dequantization of the layer), the K split of v1/gemv2.
+DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int,
+                  "max_rows": int, "split_bytes": int}
+
+
+def parse_decode_options(text: str) -> dict:
+    """``"kernel=v2,lut=code,max_rows=256"`` -> ``{"kernel": "v2", "lut": "code", "max_rows": 256}``, each
+    name and value checked (a typo names the bad item instead of being ignored)."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        kind = DECODE_OPTIONS.get(name)
+        if not sep or kind is None:
+            raise ValueError(f"decode option {item!r}: expected NAME=VALUE with NAME one of {', '.join(DECODE_OPTIONS)}")
+        if kind is int:
+            if not value.isdigit():
+                raise ValueError(f"decode option {item!r}: {name} takes a whole number >= 0")
+            out[name] = int(value)
+        elif value in kind:
+            out[name] = value
+        else:
+            raise ValueError(f"decode option {item!r}: {name} is one of {', '.join(kind)}")
+    return out
+
+
+def configure_decode(model, options: dict) -> int:
+    """Set ``decode_<name>`` on every 4-bit expert module of ``model``; returns how many were set. Captured
+    decode graphs notice the change (:func:`phyassist.models.generation._adapter_state` reads these)."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "decode_max_rows"):
+            for name, value in options.items():
+                setattr(m, f"decode_{name}", value)
+            n += 1
+    return n

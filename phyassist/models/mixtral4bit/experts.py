@@ -175,6 +175,16 @@ class _MoEExperts(torch.autograd.Function):
         return grad_x.to(ctx.hidden_dtype), grad_w.to(ctx.weights_dtype), None, None, None
 
 
+# Generation (no autograd) with at most ``max_rows`` (token, expert) rows reads only the routed experts' NF4
+# bytes (phyassist.models.mixtral4bit.decode), each row its own; more rows share one dequantization of the
+# layer instead. ``kernel`` / ``lut`` / ``gemv_rows`` pick decode.nf4_moe_matmul's kernel: "v1" is the measured
+# one; the v2 kernels (issue 22) are off until bench/decode_kernels.py has timed them (with "mm2" or "v2", the
+# multi-row tensor-core kernel past ``gemv_rows``, ``max_rows`` can be raised). ``split_bytes``: packed bytes of
+# K per program of the GEMVs (0: the whole row). Crossover and split measured in bench/generation_mixtral.md;
+# set per model with decode.configure_decode. Module attributes ``decode_<name>``.
+DECODE_DEFAULTS = {"max_rows": 8, "split_bytes": 512, "kernel": "v1", "lut": "code", "gemv_rows": 4}
+
+
 class Quant4bitExperts(nn.Module):
     """Drop-in replacement for transformers' fused experts (``MixtralExperts`` and kin) with
     NF4 weights. ``forward(hidden_states, top_k_index, top_k_weights)`` as the original.
@@ -209,17 +219,9 @@ class Quant4bitExperts(nn.Module):
             raise ValueError(f"Quant4bitExperts: dequantize must be triton or bitsandbytes, got {dequantize!r}")
         self.triton_dequantize = dequantize == "triton"
 
-        # Generation (no autograd) with at most this many (token, expert) rows reads only the routed
-        # experts' NF4 bytes (phyassist.models.mixtral4bit.decode), each row its own; more rows share one
-        # dequantization of the layer instead. Crossover and split measured in bench/generation_mixtral.md.
-        self.decode_max_rows = 8
-        self.decode_split_bytes = 512  # packed bytes of K per program of that kernel (0: the whole row)
-        # Which routed kernel (decode.nf4_moe_matmul's kernel / lut / gemv_rows): "v1" is the measured one;
-        # the v2 kernels (issue 22) are unmeasured, so off until bench/decode_kernels.py has timed them. With
-        # "mm2" or "v2" (multi-row tensor-core kernel past decode_gemv_rows) decode_max_rows can be raised.
-        self.decode_kernel = "v1"
-        self.decode_lut = "code"
-        self.decode_gemv_rows = 4
+        # Generation settings (decode_max_rows, decode_kernel, ...): DECODE_DEFAULTS says what each does.
+        for name, value in DECODE_DEFAULTS.items():
+            setattr(self, f"decode_{name}", value)
 
     @property
     def compute_dtype(self) -> torch.dtype:
