@@ -104,7 +104,7 @@ def set_routed(model, variant: str, decode: dict | None = None) -> None:
     kit-v2pair: the v2 kernels (GEMV up to 4 rows, multi-row kernel above) up to 256 rows (decode steps);
     kit-new: ``decode`` over the experts' defaults."""
     from phyassist.models.mixtral4bit.decode import configure_decode
-    from phyassist.models.mixtral4bit.experts import DECODE_DEFAULTS
+    from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS
 
     if variant == "kit-new":
         configure_decode(model, dict(DECODE_DEFAULTS, **(decode or {})))

@@ -24,7 +24,7 @@ RESULTS_TABLES = {
     "Fine-tuning Mixtral-8x7B in 4-bit QLoRA": ["finetune_mixtral.json", "finetune_mixtral_keepw.json",
                                                  "finetune_mixtral_keepw_run2.json", "trainer_gpu_0951.json",
                                                  "trainer_gpu.json", "trainer_gpu_keepw.json"],
-    "Generation": ["generation_mixtral/run_1738.json"],
+    "Generation": ["generation_mixtral/run_2304.json"],
     "App": ["app.json", "app_gpu.json"],
     "Evaluation on IMHI": ["real_eval/scores/results.json", "real_eval/scores/comparison.csv",
                            "real_eval/data_mix.json"],
@@ -35,7 +35,8 @@ RESULT_KEYS = {
     "Generation": {"tokens_per_s", "first_token_s"},
     "App": {"median_warm_s", "p95_ms", "wall_s"},
 }
-NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?\s*(×|x\b)?")
+# a figure: an optional minus sign (not a hyphen inside a word), digits with thousands commas, decimals, a ratio sign
+NUMBER = re.compile(r"(?<![\w.])(?:([-−])(?=\d))?(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?\s*(×|x\b)?")
 
 
 def results_tables() -> dict[str, list[list[str]]]:
@@ -94,7 +95,8 @@ def cell_numbers(cell: str) -> list[tuple[float, int, bool]]:
     cell = re.sub(r"\([^)]*target[^)]*\)", "", cell)
     cell = re.sub(r"`[^`]*`", "", cell)
     cell = re.sub(r"<\s*\d[\d.]*", "", cell)  # a bound ("p < 0.001"), not a measured figure
-    return [(float((m.group(1) + "." + (m.group(2) or "0")).replace(",", "")), len(m.group(2) or ""), bool(m.group(3)))
+    return [((-1 if m.group(1) else 1) * float((m.group(2) + "." + (m.group(3) or "0")).replace(",", "")),
+             len(m.group(3) or ""), bool(m.group(4)))
             for m in NUMBER.finditer(cell)]
 
 

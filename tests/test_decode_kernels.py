@@ -115,11 +115,13 @@ def check_module(atol=1e-5):
 
 
 def test_module_switch_reaches_the_kernel():
-    """decode_kernel is passed through (an unknown name is refused); v1 stays the default."""
+    """decode_kernel is passed through (an unknown name is refused); the defaults are the measured choice."""
     from phyassist.models.mixtral4bit.decode import routed_experts
+    from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS
 
     q, x, idx, w = _module()
-    assert (q.decode_kernel, q.decode_lut) == ("v1", "code")
+    assert (q.decode_kernel, q.decode_lut, q.decode_max_rows) == ("v2", "code", 128) == (
+        DECODE_DEFAULTS["kernel"], DECODE_DEFAULTS["lut"], DECODE_DEFAULTS["max_rows"])
     q.decode_kernel = "nope"
     with torch.inference_mode(), pytest.raises(ValueError, match="nope"):
         routed_experts(q, x, idx, w)

@@ -127,9 +127,10 @@ def test_graph_key_follows_adapter_state(tiny_mixtral_lora):
     experts[0].decode_split_bytes += 1  # other kernels: another graph
     assert _adapter_state(model) != before
     experts[0].decode_split_bytes -= 1
-    for name, value in (("decode_kernel", "v2"), ("decode_lut", "pair"), ("decode_gemv_rows", 0)):
+    for name, value in (("decode_kernel", "gemv2"), ("decode_lut", "pair"), ("decode_gemv_rows", 64)):
         old = getattr(experts[0], name)
-        setattr(experts[0], name, value)  # the v2 switches pick other kernels too
+        assert old != value, name
+        setattr(experts[0], name, value)  # the kernel switches pick other kernels too
         assert _adapter_state(model) != before, name
         setattr(experts[0], name, old)
     assert _adapter_state(model) == before

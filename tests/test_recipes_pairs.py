@@ -231,8 +231,10 @@ recipe:
 
 
 def test_real_covid_pairs_balance_length(shared_data, tmp_path):
-    cfg = load_config("recipes/covid-gpu-smollm2", {"output_dir": str(tmp_path),
-                                                    "recipe.data.path": str(shared_data / "COVID-Dialogue")})
+    # the four constructions built from the dialogues alone (sft_sample needs the SFT model's replies)
+    cfg = load_config("recipes/covid-gpu-smollm2", {
+        "output_dir": str(tmp_path), "recipe.data.path": str(shared_data / "COVID-Dialogue"),
+        "recipe.preference.constructions": ["other_patient", "truncated", "off_topic_tail", "spliced"]})
     prepare(cfg)
     s = preference_splits(cfg)
     report = json.loads((tmp_path / "preference" / "report.json").read_text())

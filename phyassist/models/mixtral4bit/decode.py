@@ -6,19 +6,18 @@ again per Mixtral-8x7B layer. For a training batch of thousands of tokens that c
 token; for one token per sequence it is the whole cost of the step (bench/generation_mixtral.md).
 
 What: :func:`nf4_moe_matmul` multiplies each routed row by its expert's weights straight from the
-packed NF4 bytes: one program per row, tile of output columns and chunk of K loads exactly those bytes
-(and the double-quantized block scales beside them), dequantizes them in registers and accumulates
-with CUDA-core FMAs. A batch-1 step thus reads 2 of 8 experts. The expert of each row is found on
-the GPU: nothing waits for the host, so a whole decode step can be captured in a CUDA graph
-(:mod:`phyassist.models.generation`). A tensor-core variant (rows of one expert sharing a tile) was
-measured too and lost to dequantizing the layer once at every row count (bench/generation_mixtral.md),
-so past a few rows the training path's dequantization serves.
+packed NF4 bytes, dequantized in registers; a batch-1 step thus reads 2 of 8 experts. The expert of each
+row is found on the GPU: nothing waits for the host, so a whole decode step can be captured in a CUDA graph
+(:mod:`phyassist.models.generation`). Kernels (``kernel=``, the module's ``decode_kernel``):
 
-That GEMV reads ~0.3 TB/s on an H200: per packed byte it issues about six loads (the byte, the nested scale
-chain per element, two code lookups). The v2 kernels (issue 22; ``kernel="gemv2" | "mm2" | "v2"``, off by
-default until ``bench/decode_kernels.py`` has measured them) load aligned vectors of bytes, one scale per
-quant block, and decode with one or two table lookups per byte; ``mm2`` is a new tensor-core kernel whose
-rows of one expert share each decoded tile (the removed one decoded like v1).
+* ``mm2`` (the default through ``v2`` with ``gemv_rows=0``): rows of one expert share each decoded weight
+  tile on the tensor cores; aligned 16-byte loads of the packed bytes, one scale per quant block, one or two
+  table lookups per byte. Fastest from 2 rows (batch 1) to 128 (batch 64), and faster than dequantizing the
+  layer up to 128 rows (bench/decode_kernels.md).
+* ``gemv2``: the same loads and decoding, one row per program on the CUDA cores (``v2`` uses it up to
+  ``gemv_rows``; on the H200 it beat the multi-row kernel only at 8 rows, bench/decode_kernels.md).
+* ``v1``: the first GEMV (per element: the byte, the nested scale chain, two code lookups), kept as the
+  reference the others were measured against.
 
 :func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
 gather-sum back to token order. Without Triton (CPU builds of torch) the same maths runs on the
@@ -250,15 +249,21 @@ if triton is not None:
                                        restore_value=[], do_bench=_quick_bench)(_nf4_mm_v2_kernel)
 
 
-SPLIT_BYTES = 512  # default of Quant4bitExperts.decode_split_bytes (bench/generation_mixtral.md)
 KERNELS = ("v1", "gemv2", "mm2", "v2")  # Quant4bitExperts.decode_kernel; see nf4_moe_matmul
 LUTS = ("code", "pair")  # Quant4bitExperts.decode_lut: how the v2 kernels decode nibbles
-V2_GEMV_ROWS = 4  # kernel "v2": GEMV up to this many rows, multi-row kernel above (a guess until measured)
+# Quant4bitExperts' generation settings (module attributes ``decode_<name>``): a forward without autograd of at
+# most ``max_rows`` (token, expert) rows reads only the routed experts' NF4 bytes (routed_experts); more rows
+# (prefill) share one dequantization of the layer instead. ``kernel`` / ``lut`` / ``gemv_rows`` pick
+# nf4_moe_matmul's kernel and ``split_bytes`` the packed bytes of K per program. The values are what
+# bench/decode_kernels.py --choose picks from the kernel timings on an H200 (bench/decode_kernels.md): the v2
+# multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the 16-entry code table. Per model:
+# configure_decode.
+DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code", "gemv_rows": 0}
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
-                   token_of_row: torch.Tensor | None = None, split_bytes: int = SPLIT_BYTES, kernel: str = "v1",
-                   lut: str = "code", gemv_rows: int = V2_GEMV_ROWS) -> torch.Tensor:
+                   token_of_row: torch.Tensor | None = None, split_bytes: int = DECODE_DEFAULTS["split_bytes"],
+                   kernel: str = "v1", lut: str = "code", gemv_rows: int = DECODE_DEFAULTS["gemv_rows"]) -> torch.Tensor:
     """``y[r] = x[src(r)] @ W[e(r)].T`` for ``rows`` rows sorted by expert; ``W`` stays NF4.
 
     ``packed`` is a :class:`~phyassist.models.mixtral4bit.experts.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
@@ -266,10 +271,10 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     Each program covers ``split_bytes`` packed bytes of K (0: all of K); the partial sums are added
     in fp32 in a fixed order (deterministic, unlike atomics).
 
-    ``kernel``: ``v1`` the measured GEMV (bench/generation_mixtral.md); ``gemv2`` its rewrite (aligned
-    vector loads, one scale per quant block, see :func:`_nf4_gemv_v2_kernel`); ``mm2`` the multi-row
-    tensor-core kernel (rows of one expert share each decoded weight tile); ``v2`` ``gemv2`` up to
-    ``gemv_rows`` rows and ``mm2`` above. ``lut`` (v2 kernels): ``code`` two lookups per packed byte into
+    ``kernel``: ``v1`` the first GEMV; ``gemv2`` its rewrite (aligned vector loads, one scale per quant
+    block, see :func:`_nf4_gemv_v2_kernel`); ``mm2`` the multi-row tensor-core kernel (rows of one expert
+    share each decoded weight tile); ``v2`` ``gemv2`` up to ``gemv_rows`` rows and ``mm2`` above (which is
+    fastest where: bench/decode_kernels.md). ``lut`` (v2 kernels): ``code`` two lookups per packed byte into
     the 16-entry code, ``pair`` one into a 256-entry table of code pairs. Nothing waits for the host.
     """
     E, N, K = packed.shape
@@ -398,9 +403,7 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     return gather_sum(y, inverse, k).to(hidden.dtype)
 
 
-# The routed-decode settings of :class:`~phyassist.models.mixtral4bit.experts.Quant4bitExperts` (attributes
-# ``decode_<name>``): which kernel, its nibble decoding, up to how many rows the GEMV serves (``v2``), up to how
-# many rows the routed path serves at all (above: one dequantization of the layer), the K split of v1/gemv2.
+# The values each setting of DECODE_DEFAULTS may take (parse_decode_options checks them).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int,
                   "max_rows": int, "split_bytes": int}
 

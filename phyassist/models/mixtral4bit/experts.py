@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS
 from phyassist.models.mixtral4bit.kernels import dequantize_nf4, gather_sum, swiglu_backward_, swiglu_forward
 from phyassist.models.quant import torch_dtype
 
@@ -175,15 +176,6 @@ class _MoEExperts(torch.autograd.Function):
         return grad_x.to(ctx.hidden_dtype), grad_w.to(ctx.weights_dtype), None, None, None
 
 
-# Generation (no autograd) with at most ``max_rows`` (token, expert) rows reads only the routed experts' NF4
-# bytes (phyassist.models.mixtral4bit.decode), each row its own; more rows share one dequantization of the
-# layer instead. ``kernel`` / ``lut`` / ``gemv_rows`` pick decode.nf4_moe_matmul's kernel: "v1" is the measured
-# one; the v2 kernels (issue 22) are off until bench/decode_kernels.py has timed them (with "mm2" or "v2", the
-# multi-row tensor-core kernel past ``gemv_rows``, ``max_rows`` can be raised). ``split_bytes``: packed bytes of
-# K per program of the GEMVs (0: the whole row). Crossover and split measured in bench/generation_mixtral.md;
-# set per model with decode.configure_decode. Module attributes ``decode_<name>``.
-DECODE_DEFAULTS = {"max_rows": 8, "split_bytes": 512, "kernel": "v1", "lut": "code", "gemv_rows": 4}
-
 
 class Quant4bitExperts(nn.Module):
     """Drop-in replacement for transformers' fused experts (``MixtralExperts`` and kin) with
@@ -219,7 +211,7 @@ class Quant4bitExperts(nn.Module):
             raise ValueError(f"Quant4bitExperts: dequantize must be triton or bitsandbytes, got {dequantize!r}")
         self.triton_dequantize = dequantize == "triton"
 
-        # Generation settings (decode_max_rows, decode_kernel, ...): DECODE_DEFAULTS says what each does.
+        # Generation settings (decode_max_rows, decode_kernel, ...): decode.DECODE_DEFAULTS says what each does.
         for name, value in DECODE_DEFAULTS.items():
             setattr(self, f"decode_{name}", value)
 
