@@ -104,15 +104,18 @@ def choose(cells, nested: bool = True) -> dict:
     * lut: the decoding with the smaller summed time of its best routed kernel over all row counts;
     * gemv_rows: the largest measured row count up to which the v2 GEMV beats the multi-row kernel;
     * max_rows: the largest measured row count up to which the chosen routed path beats dequantizing
-      all experts + grouped GEMM (a row count between two measured ones takes the smaller).
+      all experts + grouped GEMM (a row count between two measured ones takes the smaller); a run without the
+      dequantizing method cannot say, so it is refused.
     """
     ms = layer_ms(cells, nested)
     rows = sorted({r for _, r in ms})
+    if rows and not any(m == "dequant+grouped" for m, _ in ms):
+        raise ValueError("choose: the figures lack the dequant+grouped method, so max_rows cannot be chosen")
 
     def t(method, r):
         return ms.get((method, r), float("inf"))
 
-    luts = [lut for lut in ("code", "pair") if any((f"gemv2-{lut}", r) in ms for r in rows)]
+    luts = [lut for lut in ("code", "pair") if any((f"{k}-{lut}", r) in ms for k in ("gemv2", "mm2") for r in rows)]
     best = {lut: (lambda r, lut=lut: min(t(f"gemv2-{lut}", r), t(f"mm2-{lut}", r))) for lut in luts}
     out: dict = {"kernel": "v1", "lut": "code"}
     if luts:

@@ -124,7 +124,10 @@ def variant_spec(name: str) -> dict:
         elif extra == "stalecounts":
             spec["stale_counts"] = True
         elif extra.startswith("skew"):  # router logit bias -A * log(rank): a trained router's uneven load
-            spec["skew"] = float(extra[4:])
+            try:
+                spec["skew"] = float(extra[4:])
+            except ValueError:
+                raise ValueError(f"variant suffix +{extra} in {name!r}: +skewA takes a number, e.g. +skew1.2") from None
         elif extra == "perexpert":  # model.quant.expert_gemm=per_expert (configs/single-gpu.yaml); without: grouped
             spec["expert_gemm"] = "per_expert"
         else:

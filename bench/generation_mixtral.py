@@ -10,7 +10,7 @@ Random weights of the full architecture, built layer by layer straight into NF4 
 * ``kit``: :func:`phyassist.models.generation.generate` (static cache, CUDA graphs, routed experts).
 * ``kit-v2`` / ``kit-v2pair``: the same with the v2 routed kernels (issue 22; nibbles decoded through the
   16-entry code / the 256-entry pair table) for every decode step up to batch 128 (GEMV up to 4 rows,
-  multi-row kernel above); prefill still dequantizes.
+  multi-row kernel above); prefill still dequantizes. (``kit``: the v1 GEMV up to 16 rows.)
 * ``kit-new``: the kit path with the decode settings of ``--decode`` (what ``bench/decode_kernels.py
   --choose`` picks from the kernel figures; by default the experts' own defaults).
 * ``plain-hf``: bitsandbytes' ``replace_parameter_4bit`` on the fused experts, ``generate``.
@@ -96,26 +96,27 @@ def build(method: str, layers: int, vocab: int):
 
 
 FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-new", "routed-hf")  # full token count and repeats
-V2 = {"kit-v2": "code", "kit-v2pair": "pair"}  # the v2 kernels (issue 22), every decode step routed
+# each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
+VARIANT_DECODE = {
+    "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
+    "kit": {"kernel": "v1", "max_rows": 16},  # the routed path as first built: the v1 GEMV
+    "routed-hf": {"kernel": "v1", "max_rows": 16},
+    "kit-nosplit": {"kernel": "v1", "max_rows": 16, "split_bytes": 0},  # the GEMV over all of K in one program
+    # v2: GEMV up to 4 rows, multi-row kernel above, every decode step up to batch 128 routed; prefill chunks
+    # (thousands of rows) still dequantize the layer once (the multi-row kernel decodes once per row tile)
+    "kit-v2": {"kernel": "v2", "lut": "code", "gemv_rows": 4, "max_rows": 256},
+    "kit-v2pair": {"kernel": "v2", "lut": "pair", "gemv_rows": 4, "max_rows": 256},
+}
 
 
 def set_routed(model, variant: str, decode: dict | None = None) -> None:
-    """kit-hf: the training path's experts; kit-nosplit: the GEMV over all of K in one program; kit-v2 /
-    kit-v2pair: the v2 kernels (GEMV up to 4 rows, multi-row kernel above) up to 256 rows (decode steps);
-    kit-new: ``decode`` over the experts' defaults."""
-    from phyassist.models.mixtral4bit.decode import configure_decode
-    from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS
+    """The experts' decode settings of ``variant`` (VARIANT_DECODE, or ``decode`` for kit-new), each time from
+    DECODE_DEFAULTS so that no variant inherits another's; plain-hf has no 4-bit expert modules."""
+    from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS, configure_decode
 
-    if variant == "kit-new":
-        configure_decode(model, dict(DECODE_DEFAULTS, **(decode or {})))
-        return
-    for m in model.modules():
-        if hasattr(m, "decode_max_rows"):
-            # v2: every decode step up to batch 128 routed; prefill chunks (thousands of rows) still
-            # dequantize the layer once (the multi-row kernel decodes the weights once per row tile)
-            m.decode_max_rows = 0 if variant == "kit-hf" else 256 if variant in V2 else 16
-            m.decode_split_bytes = 0 if variant == "kit-nosplit" else 512
-            m.decode_kernel, m.decode_lut = ("v2", V2[variant]) if variant in V2 else ("v1", "code")
+    if variant != "plain-hf":
+        settings = (decode or {}) if variant == "kit-new" else VARIANT_DECODE[variant]
+        configure_decode(model, dict(DECODE_DEFAULTS, **settings))
 
 
 def timed_generate(variant, model, ids, mask, new, repeats):

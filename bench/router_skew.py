@@ -28,7 +28,7 @@ def set_skew(model, alpha: float) -> None:
         else:  # in place: captured CUDA graphs read this very tensor
             m.skew.copy_(bias)
         cls = type(m)
-        if not hasattr(cls, "_phy_plain_forward"):
+        if not hasattr(cls, "_phy_plain_forward"):  # patched once per process (class-wide), original kept
             cls._phy_plain_forward = cls.forward
             cls.forward = _skewed_forward
 

@@ -191,17 +191,26 @@ def test_decode_options_are_parsed_checked_and_set_on_every_expert_module():
     them on each 4-bit expert module."""
     from phyassist.models.mixtral4bit.decode import configure_decode, parse_decode_options
 
-    assert parse_decode_options("kernel=v2, lut=pair,gemv_rows=2,max_rows=256,") == {
+    assert parse_decode_options("kernel=v2, lut = pair,gemv_rows=2,max_rows=256,") == {
         "kernel": "v2", "lut": "pair", "gemv_rows": 2, "max_rows": 256}
     assert parse_decode_options("") == {}
     for bad, match in (("kernel=v3", "kernel is one of"), ("rows=4", "NAME one of"), ("max_rows=-1", "whole number"),
-                       ("lut", "NAME=VALUE")):
+                       ("lut", "NAME=VALUE"), ("lut=code,lut=pair", "given twice")):
         with pytest.raises(ValueError, match=match):
             parse_decode_options(bad)
     q = _module()[0]
     model = torch.nn.ModuleList([q, torch.nn.Linear(2, 2)])
-    assert configure_decode(model, {"kernel": "v2", "max_rows": 64}) == 1
-    assert (q.decode_kernel, q.decode_max_rows, q.decode_lut) == ("v2", 64, "code")
+    assert configure_decode(model, {"kernel": "gemv2", "max_rows": 64}) == 1
+    assert (q.decode_kernel, q.decode_max_rows, q.decode_lut) == ("gemv2", 64, "code")
+    for bad, match in (({"kernal": "v2"}, "NAME is one of"), ({"max_rows": "64"}, None), ({"max_rows": True}, "whole")):
+        if match is None:  # a digit string is taken, as on the command line
+            configure_decode(model, bad)
+            assert q.decode_max_rows == 64
+            continue
+        with pytest.raises(ValueError, match=match):
+            configure_decode(model, bad)
+    with pytest.raises(ValueError, match="no 4-bit expert modules"):
+        configure_decode(torch.nn.Linear(2, 2), {"kernel": "v2"})
 
 
 def _cells(ms: dict) -> list[dict]:
@@ -239,3 +248,10 @@ def test_choose_picks_the_decode_settings_the_figures_support():
     # only v1 measured (a run without the v2 methods)
     assert choose(_cells({k: v for k, v in ms.items() if k[0] in ("v1", "dequant+grouped")})) == {
         "kernel": "v1", "lut": "code", "max_rows": 2}
+    # only the multi-row kernel measured among the v2 ones: it can still be chosen
+    only_mm = {k: v for k, v in ms.items() if not k[0].startswith("gemv2")}
+    only_mm.update({("mm2-code", 2): 0.3})
+    assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code", "gemv_rows": 0, "max_rows": 32}
+    # without the dequantizing path nothing says where routing stops paying
+    with pytest.raises(ValueError, match="dequant"):
+        choose(_cells({k: v for k, v in ms.items() if k[0] != "dequant+grouped"}))

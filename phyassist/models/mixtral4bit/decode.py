@@ -12,8 +12,8 @@ row is found on the GPU: nothing waits for the host, so a whole decode step can 
 
 * ``mm2`` (the default through ``v2`` with ``gemv_rows=0``): rows of one expert share each decoded weight
   tile on the tensor cores; aligned 16-byte loads of the packed bytes, one scale per quant block, one or two
-  table lookups per byte. Fastest from 2 rows (batch 1) to 128 (batch 64), and faster than dequantizing the
-  layer up to 128 rows (bench/decode_kernels.md).
+  table lookups per byte. The fastest routed kernel at 2, 32 and 128 rows (batch 1, 16, 64; the GEMV below
+  at 8), and faster than dequantizing the layer up to 128 rows (bench/decode_kernels.md).
 * ``gemv2``: the same loads and decoding, one row per program on the CUDA cores (``v2`` uses it up to
   ``gemv_rows``; on the H200 it beat the multi-row kernel only at 8 rows, bench/decode_kernels.md).
 * ``v1``: the first GEMV (per element: the byte, the nested scale chain, two code lookups), kept as the
@@ -274,7 +274,8 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     ``kernel``: ``v1`` the first GEMV; ``gemv2`` its rewrite (aligned vector loads, one scale per quant
     block, see :func:`_nf4_gemv_v2_kernel`); ``mm2`` the multi-row tensor-core kernel (rows of one expert
     share each decoded weight tile); ``v2`` ``gemv2`` up to ``gemv_rows`` rows and ``mm2`` above (which is
-    fastest where: bench/decode_kernels.md). ``lut`` (v2 kernels): ``code`` two lookups per packed byte into
+    fastest where: bench/decode_kernels.md). The default ``kernel`` here stays ``v1``, the first kernel, which
+    the tests use as the routed reference; the expert modules pass their own ``decode_kernel``. ``lut`` (v2 kernels): ``code`` two lookups per packed byte into
     the 16-entry code, ``pair`` one into a 256-entry table of code pairs. Nothing waits for the host.
     """
     E, N, K = packed.shape
@@ -413,28 +414,46 @@ def parse_decode_options(text: str) -> dict:
     name and value checked (a typo names the bad item instead of being ignored)."""
     out: dict = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
-        name, sep, value = item.partition("=")
-        kind = DECODE_OPTIONS.get(name)
-        if not sep or kind is None:
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or name not in DECODE_OPTIONS:
             raise ValueError(f"decode option {item!r}: expected NAME=VALUE with NAME one of {', '.join(DECODE_OPTIONS)}")
-        if kind is int:
-            if not value.isdigit():
-                raise ValueError(f"decode option {item!r}: {name} takes a whole number >= 0")
-            out[name] = int(value)
-        elif value in kind:
-            out[name] = value
-        else:
-            raise ValueError(f"decode option {item!r}: {name} is one of {', '.join(kind)}")
+        if name in out:
+            raise ValueError(f"decode option {item!r}: {name} given twice")
+        out[name] = _decode_value(name, value, item)
     return out
 
 
+def _decode_value(name: str, value, where):
+    """``value`` of decode setting ``name`` checked against DECODE_OPTIONS (a string from the command line or
+    a value from code)."""
+    kind = DECODE_OPTIONS[name]
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        raise ValueError(f"decode option {where!r}: {name} takes a whole number >= 0")
+    if value in kind:
+        return value
+    raise ValueError(f"decode option {where!r}: {name} is one of {', '.join(kind)}")
+
+
 def configure_decode(model, options: dict) -> int:
-    """Set ``decode_<name>`` on every 4-bit expert module of ``model``; returns how many were set. Captured
-    decode graphs notice the change (:func:`phyassist.models.generation._adapter_state` reads these)."""
+    """Set ``decode_<name>`` on every 4-bit expert module of ``model`` (names and values checked as
+    :func:`parse_decode_options` checks them); returns how many modules were set, and refuses a model that has
+    none (the settings would silently do nothing). Captured decode graphs notice the change
+    (:func:`phyassist.models.generation._adapter_state` reads these attributes)."""
+    checked = {}
+    for name, value in options.items():
+        if name not in DECODE_OPTIONS:
+            raise ValueError(f"decode option {name!r}: NAME is one of {', '.join(DECODE_OPTIONS)}")
+        checked[name] = _decode_value(name, value, f"{name}={value}")
     n = 0
     for m in model.modules():
         if hasattr(m, "decode_max_rows"):
-            for name, value in options.items():
+            for name, value in checked.items():
                 setattr(m, f"decode_{name}", value)
             n += 1
+    if n == 0:
+        raise ValueError(f"configure_decode: {type(model).__name__} has no 4-bit expert modules to configure")
     return n

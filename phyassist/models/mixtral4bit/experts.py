@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS
+from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS, kernel_fits, routed_experts
 from phyassist.models.mixtral4bit.kernels import dequantize_nf4, gather_sum, swiglu_backward_, swiglu_forward
 from phyassist.models.quant import torch_dtype
 
@@ -176,7 +176,6 @@ class _MoEExperts(torch.autograd.Function):
         return grad_x.to(ctx.hidden_dtype), grad_w.to(ctx.weights_dtype), None, None, None
 
 
-
 class Quant4bitExperts(nn.Module):
     """Drop-in replacement for transformers' fused experts (``MixtralExperts`` and kin) with
     NF4 weights. ``forward(hidden_states, top_k_index, top_k_weights)`` as the original.
@@ -223,8 +222,6 @@ class Quant4bitExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not torch.is_grad_enabled() and top_k_index.numel() <= self.decode_max_rows:
-            from phyassist.models.mixtral4bit.decode import kernel_fits, routed_experts
-
             if not hidden_states.is_cuda or kernel_fits(self, hidden_states):
                 return routed_experts(self, hidden_states, top_k_index, top_k_weights)
         return _MoEExperts.apply(hidden_states, top_k_weights, top_k_index, self, self.keep_activations)
