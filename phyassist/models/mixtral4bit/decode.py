@@ -259,6 +259,8 @@ LUTS = ("code", "pair")  # Quant4bitExperts.decode_lut: how the v2 kernels decod
 # multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the 16-entry code table. Per model:
 # configure_decode.
 DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code", "gemv_rows": 0}
+# The values each setting may take (check_decode_options).
+DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int}
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
@@ -275,8 +277,9 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     block, see :func:`_nf4_gemv_v2_kernel`); ``mm2`` the multi-row tensor-core kernel (rows of one expert
     share each decoded weight tile); ``v2`` ``gemv2`` up to ``gemv_rows`` rows and ``mm2`` above (which is
     fastest where: bench/decode_kernels.md). The default ``kernel`` here stays ``v1``, the first kernel, which
-    the tests use as the routed reference; the expert modules pass their own ``decode_kernel``. ``lut`` (v2 kernels): ``code`` two lookups per packed byte into
-    the 16-entry code, ``pair`` one into a 256-entry table of code pairs. Nothing waits for the host.
+    the tests use as the routed reference; the expert modules pass their own ``decode_kernel``. ``lut`` (v2
+    kernels): ``code`` two lookups per packed byte into the 16-entry code, ``pair`` one into a 256-entry table
+    of code pairs. Nothing waits for the host.
     """
     E, N, K = packed.shape
     state = packed.quant_state
@@ -404,38 +407,39 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     return gather_sum(y, inverse, k).to(hidden.dtype)
 
 
-# The values each setting of DECODE_DEFAULTS may take (parse_decode_options checks them).
-DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int,
-                  "max_rows": int, "split_bytes": int}
-
-
 def parse_decode_options(text: str) -> dict:
     """``"kernel=v2,lut=code,max_rows=256"`` -> ``{"kernel": "v2", "lut": "code", "max_rows": 256}``, each
     name and value checked (a typo names the bad item instead of being ignored)."""
     out: dict = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or name not in DECODE_OPTIONS:
+        if not sep:
             raise ValueError(f"decode option {item!r}: expected NAME=VALUE with NAME one of {', '.join(DECODE_OPTIONS)}")
         if name in out:
             raise ValueError(f"decode option {item!r}: {name} given twice")
-        out[name] = _decode_value(name, value, item)
+        out[name] = value
+    return check_decode_options(out)
+
+
+def check_decode_options(options: dict) -> dict:
+    """``options`` with each name checked against DECODE_OPTIONS and each value converted and checked (a
+    whole number may come as a string of digits, as from the command line)."""
+    out = {}
+    for name, value in options.items():
+        where = f"{name}={value}"
+        kind = DECODE_OPTIONS.get(name)
+        if kind is None:
+            raise ValueError(f"decode option {where!r}: unknown NAME; NAME is one of {', '.join(DECODE_OPTIONS)} "
+                             "(expected NAME=VALUE with NAME one of these)")
+        if kind is int:
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"decode option {where!r}: {name} takes a whole number >= 0")
+        elif value not in kind:
+            raise ValueError(f"decode option {where!r}: {name} is one of {', '.join(kind)}")
+        out[name] = value
     return out
-
-
-def _decode_value(name: str, value, where):
-    """``value`` of decode setting ``name`` checked against DECODE_OPTIONS (a string from the command line or
-    a value from code)."""
-    kind = DECODE_OPTIONS[name]
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-        raise ValueError(f"decode option {where!r}: {name} takes a whole number >= 0")
-    if value in kind:
-        return value
-    raise ValueError(f"decode option {where!r}: {name} is one of {', '.join(kind)}")
 
 
 def configure_decode(model, options: dict) -> int:
@@ -443,11 +447,7 @@ def configure_decode(model, options: dict) -> int:
     :func:`parse_decode_options` checks them); returns how many modules were set, and refuses a model that has
     none (the settings would silently do nothing). Captured decode graphs notice the change
     (:func:`phyassist.models.generation._adapter_state` reads these attributes)."""
-    checked = {}
-    for name, value in options.items():
-        if name not in DECODE_OPTIONS:
-            raise ValueError(f"decode option {name!r}: NAME is one of {', '.join(DECODE_OPTIONS)}")
-        checked[name] = _decode_value(name, value, f"{name}={value}")
+    checked = check_decode_options(options)
     n = 0
     for m in model.modules():
         if hasattr(m, "decode_max_rows"):
