@@ -1,5 +1,6 @@
 """Routed NF4 expert kernels of one Mixtral-8x7B layer by row count (issue 22): the measured v1 GEMV, the v2
-GEMV and multi-row kernels (both nibble decodings), and the training path's dequantize-all + grouped GEMM.
+GEMV and multi-row kernels (the nibble decodings ``code``, ``pair``, ``code16``), and the training path's
+dequantize-all + grouped GEMM.
 
 One layer's experts (8 x gate/up [2 x 14,336, 4,096] and down [4,096, 14,336]), random weights quantized by
 bitsandbytes' ``quantize_4bit`` (blocks of 64; nested scales and plain), for 2, 8, 32 and 128 routed rows
@@ -29,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("v1", "gemv2-code", "gemv2-pair", "mm2-code", "mm2-code@0", "mm2-pair", "dequant+grouped")
+METHODS = ("v1", "gemv2-code", "gemv2-pair", "mm2-code", "mm2-code@0", "mm2-pair", "mm2-code16", "dequant+grouped")
 
 
 def parse(argv=None):
@@ -97,6 +98,16 @@ def layer_ms(cells, nested: bool = True) -> dict:
     return {k: sum(v.values()) / len(v) for k, v in sums.items()}
 
 
+def decode_luts() -> tuple:
+    """The nibble decodings the kit knows (``decode.LUTS``), without importing torch when it is not there."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from phyassist.models.mixtral4bit.decode import LUTS
+    except ImportError:  # --choose on a machine without the kit's dependencies
+        return ("code", "pair", "code16")
+    return LUTS
+
+
 def choose(cells, nested: bool = True) -> dict:
     """The decode settings these figures pick for double-quantized experts (the study's configs):
 
@@ -115,7 +126,7 @@ def choose(cells, nested: bool = True) -> dict:
     def t(method, r):
         return ms.get((method, r), float("inf"))
 
-    luts = [lut for lut in ("code", "pair") if any((f"{k}-{lut}", r) in ms for k in ("gemv2", "mm2") for r in rows)]
+    luts = [lut for lut in decode_luts() if any((f"{k}-{lut}", r) in ms for k in ("gemv2", "mm2") for r in rows)]
     best = {lut: (lambda r, lut=lut: min(t(f"gemv2-{lut}", r), t(f"mm2-{lut}", r))) for lut in luts}
     out: dict = {"kernel": "v1", "lut": "code"}
     if luts:
@@ -188,7 +199,8 @@ def main(argv=None) -> None:
         kernel_lut, _, split = name.partition("@")
         kernel, _, lut = kernel_lut.partition("-")
         split = int(split) if split else 512
-        tuner = {"v1": "_nf4_moe_gemv_tuned", "gemv2": "_nf4_gemv_v2_tuned", "mm2": "_nf4_mm_v2_tuned"}[kernel]
+        tuner = {"v1": "_nf4_moe_gemv_tuned", "gemv2": "_nf4_gemv_v2_tuned",
+                 "mm2": "_nf4_mm_v2_tuned_nb1" if lut == "code16" else "_nf4_mm_v2_tuned"}[kernel]
         return (lambda: decode.nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel,
                                               lut=lut or "code")), getattr(decode, tuner, None)
 

@@ -18,6 +18,10 @@ Random weights of the full architecture, built layer by layer straight into NF4 
 Random routers spread tokens almost evenly; a trained Mixtral does not. ``--skew A`` adds a fixed
 per-expert logit bias ``-A * log(rank)`` (a Zipf-like load, reported as measured shares).
 
+``tokens_per_s`` counts the whole call, the prompts' prefill included; a serving load of long answers is paced
+by the decode steps instead, so each batch's row also times the prefill alone (the same prompts, 1 new token)
+and reports ``decode_tok_s`` from the difference (:func:`decode_rate`).
+
     python3 bench/generation_mixtral.py --tokenizer .gpu/mistral-v1-tokenizer --out $OUT
     python3 bench/generation_mixtral.py --variants kit,kit-v2,kit-v2pair --skew-variants kit,kit-v2 --out $OUT
 """
@@ -95,7 +99,7 @@ def build(method: str, layers: int, vocab: int):
     return peft, round(time.perf_counter() - t0, 1)
 
 
-FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-new", "routed-hf")  # full token count and repeats
+FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-new", "routed-hf")  # full token count and repeats
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -106,6 +110,9 @@ VARIANT_DECODE = {
     # (thousands of rows) still dequantize the layer once (the multi-row kernel decodes once per row tile)
     "kit-v2": {"kernel": "v2", "lut": "code", "gemv_rows": 4, "max_rows": 256},
     "kit-v2pair": {"kernel": "v2", "lut": "pair", "gemv_rows": 4, "max_rows": 256},
+    # the defaults of 2026-12-01 (bench/decode_kernels.md's first choice): the routing by torch's sort, the
+    # split-K partial sums added in a pass of their own
+    "kit-prev": {"kernel": "v2", "lut": "code", "gemv_rows": 0, "max_rows": 128, "fuse": 0},
 }
 
 
@@ -143,6 +150,18 @@ def timed_generate(variant, model, ids, mask, new, repeats):
     return times
 
 
+def decode_rate(batch: int, new: int, total_s: float, prefill_s: float) -> float | None:
+    """Tokens/s of the decode steps alone: the whole-call figure mixes in the prefill of the 512-token prompts,
+    which weighs most at large batches and short outputs and hides how fast each step runs. The call of
+    ``new`` tokens is the prefill, the first token (picked from the prefill's logits) and ``new - 1`` decode
+    steps; a call of 1 token is the prefill and that first token, so the difference of the two is the decode
+    steps. None where there is no step (``new <= 1``) or timing noise leaves no time for them."""
+    steps_s = total_s - prefill_s
+    if new <= 1 or steps_s <= 0:
+        return None
+    return round(batch * (new - 1) / steps_s, 1)
+
+
 def prompts(tok, n, length, seed=0):
     import torch
 
@@ -168,9 +187,16 @@ def run_variant(variant, model, tok, args, skew, res):
         mask = torch.ones_like(ids)
         times = timed_generate(variant, model, ids, mask, new, repeats)
         med = statistics.median(times)
+        shares = expert_shares(model)  # before the prefill call below, whose forward would replace them
+        # the same prompts, 1 new token: the prefill (and first token) alone, for the decode rate; with the
+        # default lengths (p + 1 and p + new in one 256-token bucket) it reuses the call's own static cache
+        prefill = timed_generate(variant, model, ids, mask, 1, repeats)
+        pre = statistics.median(prefill)
         rows.append(dict(variant=variant, skew=skew, batch=b, prompt=args.prompt_len, new_tokens=new,
                          seconds=[round(t, 4) for t in times], median_s=round(med, 4),
-                         tokens_per_s=round(b * new / med, 1), expert_share=expert_shares(model)))
+                         tokens_per_s=round(b * new / med, 1),
+                         prefill_seconds=[round(t, 4) for t in prefill], prefill_median_s=round(pre, 4),
+                         decode_tok_s=decode_rate(b, new, med, pre), expert_share=shares))
         print(json.dumps(rows[-1]), flush=True)
         save(res, rows)
         torch.cuda.empty_cache()
@@ -223,7 +249,7 @@ def eval_projection(model, tok, args, res):
     queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
     ps = chat_prompts(tok, queries)
     out = {}
-    for variant in [v for v in ("kit-new", "kit") if v in args.variants.split(",")] + ["kit-hf"]:
+    for variant in [v for v in ("kit-new", "kit-prev", "kit") if v in args.variants.split(",")] + ["kit-hf"]:
         set_routed(model, variant, args.decode_options)
         set_skew(model, 0.0)
         static = variant != "kit-hf"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_in_triton_interpreter
 
-from phyassist.models.mixtral4bit.decode import KERNELS, _pair_table, _torch_moe_matmul, nf4_moe_matmul
+from phyassist.models.mixtral4bit.decode import KERNELS, _pair_table, _torch_moe_matmul, nf4_moe_matmul, route
 from phyassist.models.mixtral4bit.experts import Packed4bit
 
 
@@ -55,7 +55,8 @@ def check_kernels(device="cpu", dtype=torch.float32, rtol=1e-5, E=4, N=40, K=256
     in Python): N = 40 leaves a partial column tile; 40 rows with an expert of none and one of 25 leave
     partial row tiles; K = 256 is 4 quant blocks, two steps of the interpreter's 2-block tiles."""
     combos = combos or [(True, "code", True, 64), (True, "pair", False, 0), (False, "code", False, 64),
-                        (False, "pair", True, 0)]  # (nested, lut, gather, split bytes): each value twice
+                        (False, "pair", True, 0), (True, "code16", False, 64),
+                        (False, "code16", True, 0)]  # (nested, lut, gather, split bytes): each value twice
     from phyassist.models.mixtral4bit import decode
 
     decode.INTERPRETER_TILES["gemv"]["PREFETCH"] = prefetch  # the GEMV's two loops (next tile loaded ahead or not)
@@ -69,6 +70,44 @@ def check_kernels(device="cpu", dtype=torch.float32, rtol=1e-5, E=4, N=40, K=256
             _agree(out, ref, rtol, what)
             far = (_wrong_expert(x, packed, ends, rows, tok) - ref.float()).abs().max().item()
             assert far > 10 * rtol * ref.float().abs().max().item(), what
+
+
+def check_route(sizes=(1, 3, 64, 300, 512)):
+    """route()'s one-program kernel (up to ROUTE_KERNEL_ROWS rows) against torch's stable sort: the same
+    four tensors, bit for bit, at row counts below, at and above a power of two and over BLOCK_J."""
+    from phyassist.models.mixtral4bit import decode
+
+    g = torch.Generator().manual_seed(0)
+    for tokens in sizes:
+        index = torch.randint(0, 8, (tokens, 2), generator=g)
+        index[:, 1] = (index[:, 0] + 1 + torch.randint(0, 7, (tokens,), generator=g)) % 8  # distinct, as top-k
+        weights = torch.rand(tokens, 2, generator=g).to(torch.bfloat16)
+        got = decode.route(index, weights, 8)
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        want = (order // 2, torch.argsort(order), torch.searchsorted(flat[order], torch.arange(8), right=True).int(),
+                weights.reshape(-1)[order].float())
+        for name, a, b in zip(("token_of_row", "inverse", "ends", "w_row"), got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), (tokens, name)
+
+
+def check_partials():
+    """The SwiGLU and the gather-sum fed split-K partial sums ``[splits, rows, width]`` (fp32) agree with the
+    separate sum, rounding and op they replace (within one bf16 step: the interpreter's float-to-bf16
+    conversion does not round to nearest as torch's and CUDA's do)."""
+    from phyassist.models.mixtral4bit.kernels import gather_sum, swiglu_forward
+
+    g = torch.Generator().manual_seed(0)
+    for splits in (1, 3):
+        h = torch.randn(splits, 6, 2 * 40, generator=g)
+        w = torch.rand(6, generator=g)
+        ref = swiglu_forward(h.sum(0).to(torch.bfloat16), w)
+        _agree(swiglu_forward(h, w, torch.bfloat16), ref, 2 ** -7, ("swiglu", splits))
+        y = torch.randn(splits, 6, 40, generator=g)
+        idx = torch.randperm(6, generator=g)
+        ref = gather_sum(y.sum(0).to(torch.bfloat16), idx, 2)
+        out = gather_sum(y, idx, 2, torch.bfloat16)
+        _agree(out, ref, 2 ** -7, ("gather_sum", splits))
 
 
 def check_dispatch(device="cpu", dtype=torch.float32, rtol=1e-5):
@@ -99,7 +138,7 @@ def _module(dtype=torch.float32, device="cpu"):
 
 
 def check_module(atol=1e-5):
-    """routed_experts through the module's switches (decode_kernel, decode_lut, decode_gemv_rows: the
+    """routed_experts through the module's switches (decode_kernel, decode_lut, decode_gemv_rows, decode_fuse: the
     multi-row kernel for gate/up with the gather, then down) against the training path's experts (every
     expert dequantized, grouped GEMM)."""
     from phyassist.models.mixtral4bit.decode import routed_experts
@@ -108,10 +147,11 @@ def check_module(atol=1e-5):
     with torch.inference_mode():
         q.decode_max_rows = 0
         ref = q(x, idx, w)
-        q.decode_kernel, q.decode_lut, q.decode_gemv_rows = "v2", "pair", 0
-        out = routed_experts(q, x, idx, w)
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= atol * max(1.0, ref.abs().max().item()), err
+        for lut, fuse in (("pair", 0), ("code", 1), ("code16", 1)):  # fuse: route kernel, partials summed in place
+            q.decode_kernel, q.decode_lut, q.decode_gemv_rows, q.decode_fuse = "v2", lut, 0, fuse
+            out = routed_experts(q, x, idx, w)
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err <= atol * max(1.0, ref.abs().max().item()), (lut, fuse, err)
 
 
 def test_module_switch_reaches_the_kernel():
@@ -160,8 +200,9 @@ def test_v2_kernels_match_the_reference_in_triton_interpreter():
     the module's switches. fp32: 1e-5 of the largest output; bf16: within two bf16 steps (the GEMV
     never rounds the weights, the multi-row kernel rounds them as the reference does)."""
     run_in_triton_interpreter("import tests.test_decode_kernels as t; t.check_kernels(); t.check_dispatch(); "
-                              "t.check_kernels(dtype=torch.bfloat16, rtol=2 ** -7, combos=[(True, 'code', True, 64)], "
-                              "prefetch=False); t.check_module()")
+                              "t.check_kernels(dtype=torch.bfloat16, rtol=2 ** -7, combos=[(True, 'code', True, 64), "
+                              "(True, 'code16', True, 64)], prefetch=False); t.check_module(); t.check_route(); "
+                              "t.check_partials()")
 
 
 @pytest.mark.gpu
@@ -178,12 +219,38 @@ def test_gpu_kernels_match_the_reference_at_mixtral_shapes(has_gpu, nested):
             x, ends, rows, tok = _rows(list(counts), K, torch.bfloat16, "cuda", gather)
             ref = _torch_moe_matmul(x, packed, ends, rows, tok)
             for kernel in KERNELS:
-                for lut in (("code",) if kernel == "v1" else ("code", "pair")):
+                for lut in (("code",) if kernel == "v1" else ("code", "pair", "code16")):
                     for split in (0, 512):
                         out = nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel, lut=lut)
                         _agree(out, ref, 2 ** -6, (kernel, lut, split, N, counts))
         del packed
         torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_route_and_partial_sums_match_torch(has_gpu):
+    """route()'s kernel and the SwiGLU / gather-sum over split-K partials on the GPU, as in the interpreter."""
+    from phyassist.models.mixtral4bit import kernels
+
+    g = torch.Generator().manual_seed(0)
+    for tokens in (1, 16, 64, 512):
+        index = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)]).cuda()
+        weights = torch.rand(tokens, 2, generator=g).to(torch.bfloat16).cuda()
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        want = (order // 2, torch.argsort(order),
+                torch.searchsorted(flat[order], torch.arange(8, device="cuda"), right=True).int(),
+                weights.reshape(-1)[order].float())
+        for a, b in zip(route(index, weights, 8), want):
+            assert a.dtype == b.dtype and torch.equal(a, b), tokens
+    h = torch.randn(4, 128, 2 * 14336, device="cuda")
+    w = torch.rand(128, device="cuda")
+    _agree(kernels.swiglu_forward(h, w, torch.bfloat16), kernels.swiglu_forward(h.sum(0).bfloat16(), w), 2 ** -7,
+           "swiglu")
+    y = torch.randn(14, 128, 4096, device="cuda")
+    idx = torch.randperm(128, device="cuda")
+    _agree(kernels.gather_sum(y, idx, 2, torch.bfloat16), kernels.gather_sum(y.sum(0).bfloat16(), idx, 2), 2 ** -7,
+           "gather_sum")
 
 
 def test_decode_options_are_parsed_checked_and_set_on_every_expert_module():
@@ -252,6 +319,9 @@ def test_choose_picks_the_decode_settings_the_figures_support():
     only_mm = {k: v for k, v in ms.items() if not k[0].startswith("gemv2")}
     only_mm.update({("mm2-code", 2): 0.3})
     assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code", "gemv_rows": 0, "max_rows": 32}
+    # a third decoding faster at every row count is chosen for both kernels
+    only_mm.update({("mm2-code16", r): only_mm[("mm2-code", r)] - 0.05 for r in rows})
+    assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 32}
     # without the dequantizing path nothing says where routing stops paying
     with pytest.raises(ValueError, match="dequant"):
         choose(_cells({k: v for k, v in ms.items() if k[0] != "dequant+grouped"}))

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS, kernel_fits, routed_experts
+from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS, kernel_fits, route, routed_experts
 from phyassist.models.mixtral4bit.kernels import dequantize_nf4, gather_sum, swiglu_backward_, swiglu_forward
 from phyassist.models.quant import torch_dtype
 
@@ -119,21 +119,12 @@ class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weights, index, module, keep_h):
         k = index.shape[1]
-        flat = index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        # rows per expert as offsets into the sorted rows; searchsorted, unlike CUDA's bincount,
-        # needs no device-to-host sync
-        expert_of_row = flat.index_select(0, order)
-        experts = torch.arange(module.num_experts, device=flat.device, dtype=flat.dtype)
-        ends = torch.searchsorted(expert_of_row, experts, right=True).to(torch.int32)
+        # rows per expert as offsets into the sorted rows, without a device-to-host sync
+        token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts)
         x = hidden.to(module.compute_dtype)
         # The per-expert loop needs the counts on the host (one device sync a layer), the grouped
         # GEMM does not; the copy is queued first and waited for once the dequantization is queued.
         wait = None if module.gemm == "grouped" and uses_grouped_mm(x) else _host_counts(ends)
-        token_of_row = order // k
-        w_row = weights.reshape(-1).index_select(0, order).float()
         xs = x.index_select(0, token_of_row)
         keep_w = module.keep_weights  # the backward reuses the dequantized weights
         w1 = module.gate_up.dequantize(module.triton_dequantize)  # [E, 2I, H]

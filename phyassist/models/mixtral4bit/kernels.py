@@ -59,12 +59,22 @@ def use_triton(x: torch.Tensor) -> bool:
 if _triton is not None:
 
     @_triton.jit
-    def _swiglu_fwd_kernel(h_ptr, w_ptr, a_ptr, inter, BLOCK: tl.constexpr):
+    def _swiglu_fwd_kernel(h_ptr, w_ptr, a_ptr, inter, split_stride, SPLITS: tl.constexpr, ROUND: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """``h`` is ``SPLITS`` partial sums of the gate/up GEMM (split-K, fp32) added here; ``ROUND`` rounds
+        their sum to the output dtype first, as a separate sum and cast would have."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
-        g = tl.load(h_ptr + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.zeros((BLOCK,), dtype=tl.float32)
+        u = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            base = h_ptr + s * split_stride + row * 2 * inter
+            g += tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            u += tl.load(base + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        if ROUND:
+            g = g.to(a_ptr.dtype.element_ty).to(tl.float32)
+            u = u.to(a_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + row)
         a = g * tl.sigmoid(g) * u * w
         tl.store(a_ptr + row * inter + cols, a.to(a_ptr.dtype.element_ty), mask=mask)
@@ -120,26 +130,45 @@ if _triton is not None:
 if _triton is not None:
 
     @_triton.jit
-    def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, width, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, width, split_stride, K: tl.constexpr, SPLITS: tl.constexpr,
+                           ROUND: tl.constexpr, BLOCK: tl.constexpr):
+        """``SPLITS`` > 1 or ``ROUND``: each source row is the sum of that many fp32 partial rows (split-K),
+        rounded to the output dtype before the ``K`` rows are added, as a separate sum and cast would."""
         tok = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(K):
             row = tl.load(idx_ptr + tok * K + j).to(tl.int64)
-            acc += tl.load(src_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+            v = tl.zeros((BLOCK,), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                v += tl.load(src_ptr + s * split_stride + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+            if ROUND:
+                v = v.to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc += v
         tl.store(out_ptr + tok * width + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+def _sum_partials(src: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``[splits, rows, width]`` partial sums -> ``[rows, width]`` in ``dtype`` (torch fallback)."""
+    return src.sum(0).to(dtype or src.dtype) if src.dim() == 3 else src
+
+
+def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``src.index_select(0, index).view(-1, k, width).sum(1)``: row ``t`` of the result is the sum
-    of the ``k`` rows ``src[index[t * k + j]]``, accumulated in fp32 and rounded once."""
-    tokens, width = index.numel() // k, src.shape[1]
+    of the ``k`` rows ``src[index[t * k + j]]``, accumulated in fp32 and rounded once.
+
+    ``src`` may also be ``[splits, rows, width]``: a split-K GEMM's fp32 partial sums, added and rounded to
+    ``dtype`` here, row by row (the generation path: no separate pass over the partials)."""
+    tokens, width = index.numel() // k, src.shape[-1]
+    out_dtype = dtype or src.dtype
     if not use_triton(src) or tokens == 0:
-        return src.index_select(0, index).view(tokens, k, width).sum(1)
-    out = src.new_empty(tokens, width)
+        return _sum_partials(src, dtype).index_select(0, index).view(tokens, k, width).sum(1).to(out_dtype)
+    splits = src.shape[0] if src.dim() == 3 else 1
+    out = src.new_empty(tokens, width, dtype=out_dtype)
     _launch(_gather_sum_kernel, (tokens, _triton.cdiv(width, _BLOCK)), src,
-            src.contiguous(), index.contiguous(), out, width, K=k, BLOCK=_BLOCK)
+            src.contiguous(), index.contiguous(), out, width, src.shape[-2] * width, K=k, SPLITS=splits,
+            ROUND=src.dtype != out_dtype, BLOCK=_BLOCK)
     return out
 
 
@@ -174,15 +203,21 @@ def scale_args(state) -> tuple[tuple, dict]:
     return (state.absmax, state.code, state.absmax, state.absmax), {"NESTED": False, "BLOCKS_PER_BLOCK2": 1}
 
 
-def swiglu_forward(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``w[:, None] * silu(gate) * up`` for ``h = [gate | up]`` of shape ``[N, 2I]``; w: ``[N]`` fp32."""
-    n, inter = h.shape[0], h.shape[1] // 2
-    a = h.new_empty(n, inter)
+def swiglu_forward(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``w[:, None] * silu(gate) * up`` for ``h = [gate | up]`` of shape ``[N, 2I]``; w: ``[N]`` fp32.
+
+    ``h`` may also be ``[splits, N, 2I]``: a split-K GEMM's fp32 partial sums, added and rounded to ``dtype``
+    (the result's dtype) in the same pass."""
+    n, inter = h.shape[-2], h.shape[-1] // 2
+    a = h.new_empty(n, inter, dtype=dtype or h.dtype)
     if n == 0:
         return a
     if use_triton(h):
-        _launch(_swiglu_fwd_kernel, (n, _triton.cdiv(inter, _BLOCK)), h, h, w, a, inter, BLOCK=_BLOCK)
+        splits = h.shape[0] if h.dim() == 3 else 1
+        _launch(_swiglu_fwd_kernel, (n, _triton.cdiv(inter, _BLOCK)), h, h.contiguous(), w, a, inter,
+                n * 2 * inter, SPLITS=splits, ROUND=h.dtype != a.dtype, BLOCK=_BLOCK)
         return a
+    h = _sum_partials(h, a.dtype)
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()
         a[s:s + _ROWS] = (torch.nn.functional.silu(g) * u * w[s:s + _ROWS, None].float()).to(a.dtype)
