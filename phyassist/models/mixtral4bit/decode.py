@@ -12,16 +12,18 @@ row is found on the GPU: nothing waits for the host, so a whole decode step can 
 
 * ``mm2`` (the default through ``v2`` with ``gemv_rows=0``): rows of one expert share each decoded weight
   tile on the tensor cores; aligned 16-byte loads of the packed bytes, one scale per quant block, one or two
-  table lookups per byte. The fastest routed kernel at 2, 32 and 128 rows (batch 1, 16, 64; the GEMV below
-  at 8), and faster than dequantizing the layer up to 128 rows (bench/decode_kernels.md).
+  table lookups per byte. With the ``code16`` decoding (the default: codes looked up in the compute dtype,
+  each quant block's dot product scaled once) the fastest routed kernel from 2 to 128 rows (batch 1 to 64),
+  and faster than dequantizing the layer up to 128 rows (bench/decode_kernels.md).
 * ``gemv2``: the same loads and decoding, one row per program on the CUDA cores (``v2`` uses it up to
-  ``gemv_rows``; on the H200 it beat the multi-row kernel only at 8 rows, bench/decode_kernels.md).
+  ``gemv_rows``; on the H200 it lost to the multi-row kernel at the mean of both routings, bench/decode_kernels.md).
 * ``v1``: the first GEMV (per element: the byte, the nested scale chain, two code lookups), kept as the
   reference the others were measured against.
 
 :func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
-gather-sum back to token order. Without Triton (CPU builds of torch) the same maths runs on the
-dequantized experts.
+gather-sum back to token order; :func:`route` sorts the rows by expert in one program, and the
+split-K partial sums are added inside the SwiGLU and the gather-sum (``decode_fuse``). Without Triton (CPU
+builds of torch) the same maths runs on the dequantized experts.
 
 The packed layout is bitsandbytes' (``quantize_4bit`` of the whole ``[E, N, K]`` tensor, blocks of
 64 consecutive values along ``K``, the first value of a byte in its high nibble), so these kernels
@@ -253,12 +255,11 @@ if triton is not None:
                       for pf in (False, True) for bn, w in [(64, 2), (128, 4), (256, 4)]]
     _nf4_gemv_v2_tuned = triton.autotune(_GEMV2_CONFIGS, key=["N", "KH", "CHUNK", "NESTED", "LUT"],
                                          restore_value=[], do_bench=_quick_bench)(_nf4_gemv_v2_kernel)
-    # (BLOCK_M, BLOCK_N, NB, warps, stages): on the H200 the first five's winner was always (16, 128, 1, 4, 1),
-    # the only one-block, unpipelined tile (bench/decode_kernels.md); the rest try one-block tiles pipelined
-    # (stages 2-3), wider, and taller (rows of one expert decoded once at batch 64).
+    # (BLOCK_M, BLOCK_N, NB, warps, stages). On the H200 the winner at every row count, decoding and routing
+    # was (16, 128, 1, 4, 1), the one-block unpipelined tile, also against eight more one-block tiles (stages
+    # 2-3, 64-256 columns, 16-64 rows: bench/decode_kernels.md); three of those stay for other GPUs to try.
     _MM2_TILES = [(16, 64, 2, 4, 2), (16, 128, 1, 4, 1), (32, 64, 2, 4, 2), (64, 64, 2, 4, 2), (32, 128, 2, 8, 2),
-                  (16, 128, 1, 4, 2), (16, 128, 1, 4, 3), (16, 64, 1, 4, 3), (16, 256, 1, 8, 2), (32, 128, 1, 4, 2),
-                  (32, 64, 1, 4, 3), (64, 128, 1, 8, 2), (64, 64, 1, 4, 2)]
+                  (16, 128, 1, 4, 2), (16, 256, 1, 8, 2), (32, 128, 1, 4, 2)]
 
     def _mm2_configs(one_block: bool):
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb}, num_warps=w, num_stages=s)
@@ -279,10 +280,10 @@ LUTS = ("code", "pair", "code16")  # Quant4bitExperts.decode_lut: how the v2 ker
 # (prefill) share one dequantization of the layer instead. ``kernel`` / ``lut`` / ``gemv_rows`` pick
 # nf4_moe_matmul's kernel and ``split_bytes`` the packed bytes of K per program. The values are what
 # bench/decode_kernels.py --choose picks from the kernel timings on an H200 (bench/decode_kernels.md): the v2
-# multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the 16-entry code table. ``fuse`` 1: the routing
+# multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the code in the compute dtype. ``fuse`` 1: the routing
 # in one kernel (route) and the split-K partial sums added inside the SwiGLU and gather-sum; 0: torch's sort and
 # a sum of their own (the path before; the benchmarks compare both). Per model: configure_decode.
-DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code", "gemv_rows": 0, "fuse": 1}
+DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1}
 # The values each setting may take (check_decode_options).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int,
                   "fuse": int}
@@ -450,7 +451,9 @@ if triton is not None:
         tl.store(ends_ptr + ex, ends, mask=ex < E)
 
 
-ROUTE_KERNEL_ROWS = 1024  # up to this many (token, expert) rows route() runs its one-program kernel
+# up to this many (token, expert) rows route() runs its one-program kernel: its compares grow with rows^2, and
+# at 1,024 rows (a 512-token prefill chunk) it took longer than torch's sort (bench/generation_mixtral.md)
+ROUTE_KERNEL_ROWS = 256
 
 
 def route(index: torch.Tensor, weights: torch.Tensor, num_experts: int, kernel: bool = True):
