@@ -24,7 +24,7 @@ RESULTS_TABLES = {
     "Fine-tuning Mixtral-8x7B in 4-bit QLoRA": ["finetune_mixtral.json", "finetune_mixtral_keepw.json",
                                                  "finetune_mixtral_keepw_run2.json", "trainer_gpu_0951.json",
                                                  "trainer_gpu.json", "trainer_gpu_keepw.json"],
-    "Generation": ["generation_mixtral/run_2304.json"],
+    "Generation": ["generation_mixtral/run_0204.json"],
     "App": ["app.json", "app_gpu.json"],
     "Evaluation on IMHI": ["real_eval/scores/results.json", "real_eval/scores/comparison.csv",
                            "real_eval/data_mix.json"],
@@ -32,7 +32,7 @@ RESULTS_TABLES = {
 }
 # the JSON keys a table's figures are read from (so that a figure cannot match an unrelated value of the file)
 RESULT_KEYS = {
-    "Generation": {"tokens_per_s", "first_token_s"},
+    "Generation": {"tokens_per_s", "first_token_s", "decode_tok_s"},
     "App": {"median_warm_s", "p95_ms", "wall_s"},
 }
 # a figure: an optional minus sign (not a hyphen inside a word), digits with thousands commas, decimals, a ratio sign
