@@ -30,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("v1", "gemv2-code", "gemv2-pair", "mm2-code", "mm2-code@0", "mm2-pair", "mm2-code16", "dequant+grouped")
+# every decoding's GEMV and multi-row kernel: --choose sets gemv_rows from the chosen decoding's own GEMV
+METHODS = ("v1", "gemv2-code", "gemv2-pair", "gemv2-code16", "mm2-code", "mm2-code@0", "mm2-pair", "mm2-code16",
+           "dequant+grouped")
 
 
 def parse(argv=None):
