@@ -1,5 +1,6 @@
 """The v2 routed NF4 kernels of phyassist.models.mixtral4bit.decode (issue 22: ``gemv2``, ``mm2`` and the
-``v2`` dispatch between them, both nibble decodings) against the dequantized reference
+``v2`` dispatch between them, the ``code``, ``pair`` and ``code16`` nibble decodings), the routing kernel and
+the split-K partial sums, against the dequantized reference
 (``_torch_moe_matmul``): in Triton's CPU interpreter in ``make test`` (small shapes, uneven expert
 counts, nested and plain scales, with and without the row gather, K split or not), and at
 Mixtral-8x7B's shapes on a GPU (``gpu``)."""
@@ -50,13 +51,14 @@ def _wrong_expert(x, packed, ends, rows, tok):
 
 def check_kernels(device="cpu", dtype=torch.float32, rtol=1e-5, E=4, N=40, K=256, combos=None,
                   cases=(("gemv2", (2, 0, 3, 1)), ("mm2", (0, 13, 2, 25))), prefetch=True):
-    """Every v2 kernel against the reference, over nested / plain scales, both decodings, with and
+    """Every v2 kernel against the reference, over nested / plain scales, the three decodings, with and
     without the row gather, K split in two or whole. Shapes are small (the interpreter runs each program
     in Python): N = 40 leaves a partial column tile; 40 rows with an expert of none and one of 25 leave
-    partial row tiles; K = 256 is 4 quant blocks, two steps of the interpreter's 2-block tiles."""
+    partial row tiles; K = 256 is 4 quant blocks, two steps of the interpreter's 2-block tiles (four of the
+    1-block tiles the multi-row kernel takes with ``code16``)."""
     combos = combos or [(True, "code", True, 64), (True, "pair", False, 0), (False, "code", False, 64),
                         (False, "pair", True, 0), (True, "code16", False, 64),
-                        (False, "code16", True, 0)]  # (nested, lut, gather, split bytes): each value twice
+                        (False, "code16", True, 0)]  # (nested, lut, gather, split bytes): each value at least twice
     from phyassist.models.mixtral4bit import decode
 
     decode.INTERPRETER_TILES["gemv"]["PREFETCH"] = prefetch  # the GEMV's two loops (next tile loaded ahead or not)
@@ -72,24 +74,39 @@ def check_kernels(device="cpu", dtype=torch.float32, rtol=1e-5, E=4, N=40, K=256
             assert far > 10 * rtol * ref.float().abs().max().item(), what
 
 
-def check_route(sizes=(1, 3, 64, 100, 128, 300)):
-    """route()'s one-program kernel (up to ROUTE_KERNEL_ROWS rows) against torch's stable sort: the same
-    four tensors, bit for bit, at row counts below, at and above a power of two and over BLOCK_J (and past
-    the kernel's limit, torch's path)."""
+def check_route(cases=((1, 8, 2), (3, 8, 2), (64, 8, 2), (100, 8, 2), (128, 8, 2), (300, 8, 2), (40, 6, 1),
+                       (50, 6, 3), (5, 3, 2))):
+    """route()'s one-program kernel (up to ROUTE_KERNEL_ROWS rows) against torch's stable sort: the same four
+    tensors, bit for bit, for (tokens, experts, top-k) at row counts below, at and above a power of two and over
+    BLOCK_J, experts not a power of two, k of 1 to 3; torch's sort is made to fail where the kernel must run,
+    and past the kernel's limit torch's path must run."""
     from phyassist.models.mixtral4bit import decode
 
     g = torch.Generator().manual_seed(0)
-    for tokens in sizes:
-        index = torch.randint(0, 8, (tokens, 2), generator=g)
-        index[:, 1] = (index[:, 0] + 1 + torch.randint(0, 7, (tokens,), generator=g)) % 8  # distinct, as top-k
-        weights = torch.rand(tokens, 2, generator=g).to(torch.bfloat16)
-        got = decode.route(index, weights, 8)
+    argsort = torch.argsort
+    for tokens, experts, k in cases:
+        index = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])  # distinct, as top-k
+        weights = torch.rand(tokens, k, generator=g).to(torch.bfloat16)
         flat = index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        want = (order // 2, torch.argsort(order), torch.searchsorted(flat[order], torch.arange(8), right=True).int(),
+        order = argsort(flat, stable=True)
+        want = (order // k, argsort(order), torch.searchsorted(flat[order], torch.arange(experts), right=True).int(),
                 weights.reshape(-1)[order].float())
+        kernel = flat.numel() <= decode.ROUTE_KERNEL_ROWS
+        used = []
+
+        def spy(*a, **kw):
+            used.append(1)
+            assert not kernel, "torch's sort ran where the route kernel should"
+            return argsort(*a, **kw)
+
+        torch.argsort = spy
+        try:
+            got = decode.route(index, weights, experts)
+        finally:
+            torch.argsort = argsort
+        assert bool(used) != kernel, (tokens, experts, k)
         for name, a, b in zip(("token_of_row", "inverse", "ends", "w_row"), got, want):
-            assert a.dtype == b.dtype and torch.equal(a, b), (tokens, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), (tokens, experts, k, name)
 
 
 def check_partials():
@@ -138,21 +155,23 @@ def _module(dtype=torch.float32, device="cpu"):
     return q, x, idx, w
 
 
-def check_module(atol=1e-5):
+def check_module(atol=1e-5, dtype=torch.float32):
     """routed_experts through the module's switches (decode_kernel, decode_lut, decode_gemv_rows, decode_fuse: the
     multi-row kernel for gate/up with the gather, then down) against the training path's experts (every
     expert dequantized, grouped GEMM)."""
     from phyassist.models.mixtral4bit.decode import routed_experts
 
-    q, x, idx, w = _module()
+    q, x, idx, w = _module(dtype)
     with torch.inference_mode():
         q.decode_max_rows = 0
         ref = q(x, idx, w)
-        for lut, fuse in (("pair", 0), ("code", 1), ("code16", 1)):  # fuse: route kernel, partials summed in place
+        # fuse: route kernel, partials summed in place; split 64 bytes: K in 2 (both matmuls), so 2 partial sums
+        for lut, fuse, split in (("pair", 0, 0), ("code", 1, 0), ("code16", 1, 64), ("code", 1, 64)):
             q.decode_kernel, q.decode_lut, q.decode_gemv_rows, q.decode_fuse = "v2", lut, 0, fuse
+            q.decode_split_bytes = split
             out = routed_experts(q, x, idx, w)
             err = (out.float() - ref.float()).abs().max().item()
-            assert err <= atol * max(1.0, ref.abs().max().item()), (lut, fuse, err)
+            assert err <= atol * max(1.0, ref.abs().max().item()), (lut, fuse, split, err)
 
 
 def test_module_switch_reaches_the_kernel():
@@ -199,11 +218,12 @@ def test_without_triton_every_kernel_is_the_reference():
 def test_v2_kernels_match_the_reference_in_triton_interpreter():
     """One interpreter process (its imports take most of the time): the kernels, the v2 dispatch and
     the module's switches. fp32: 1e-5 of the largest output; bf16: within two bf16 steps (the GEMV
-    never rounds the weights, the multi-row kernel rounds them as the reference does)."""
+    never rounds the weights, the multi-row kernel rounds them as the reference does with ``code`` and
+    ``pair``, and rounds the codes, not the scaled weights, with ``code16``)."""
     run_in_triton_interpreter("import tests.test_decode_kernels as t; t.check_kernels(); t.check_dispatch(); "
                               "t.check_kernels(dtype=torch.bfloat16, rtol=2 ** -7, combos=[(True, 'code', True, 64), "
-                              "(True, 'code16', True, 64)], prefetch=False); t.check_module(); t.check_route(); "
-                              "t.check_partials()")
+                              "(True, 'code16', True, 64)], prefetch=False); t.check_module(); "
+                              "t.check_module(atol=2 ** -6, dtype=torch.bfloat16); t.check_route(); t.check_partials()")
 
 
 @pytest.mark.gpu
@@ -262,8 +282,9 @@ def test_decode_options_are_parsed_checked_and_set_on_every_expert_module():
     assert parse_decode_options("kernel=v2, lut = pair,gemv_rows=2,max_rows=256,") == {
         "kernel": "v2", "lut": "pair", "gemv_rows": 2, "max_rows": 256}
     assert parse_decode_options("") == {}
+    assert parse_decode_options("fuse=0") == {"fuse": 0}
     for bad, match in (("kernel=v3", "kernel is one of"), ("rows=4", "NAME one of"), ("max_rows=-1", "whole number"),
-                       ("lut", "NAME=VALUE"), ("lut=code,lut=pair", "given twice")):
+                       ("lut", "NAME=VALUE"), ("lut=code,lut=pair", "given twice"), ("fuse=2", "fuse is one of")):
         with pytest.raises(ValueError, match=match):
             parse_decode_options(bad)
     q = _module()[0]
@@ -320,7 +341,7 @@ def test_choose_picks_the_decode_settings_the_figures_support():
     only_mm = {k: v for k, v in ms.items() if not k[0].startswith("gemv2")}
     only_mm.update({("mm2-code", 2): 0.3})
     assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code", "gemv_rows": 0, "max_rows": 32}
-    # a third decoding faster at every row count is chosen for both kernels
+    # a third decoding whose multi-row kernel is faster at every row count is chosen
     only_mm.update({("mm2-code16", r): only_mm[("mm2-code", r)] - 0.05 for r in rows})
     assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 32}
     # without the dequantizing path nothing says where routing stops paying

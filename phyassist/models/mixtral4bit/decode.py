@@ -16,7 +16,9 @@ row is found on the GPU: nothing waits for the host, so a whole decode step can 
   each quant block's dot product scaled once) the fastest routed kernel from 2 to 128 rows (batch 1 to 64),
   and faster than dequantizing the layer up to 128 rows (bench/decode_kernels.md).
 * ``gemv2``: the same loads and decoding, one row per program on the CUDA cores (``v2`` uses it up to
-  ``gemv_rows``; on the H200 it lost to the multi-row kernel at the mean of both routings, bench/decode_kernels.md).
+  ``gemv_rows``; on the H200 its ``code`` variant lost to the ``code16`` multi-row kernel at the mean of both
+  routings and beat the ``code`` one at 2 and 8 rows; its ``code16`` variant is not measured yet,
+  bench/decode_kernels.md).
 * ``v1``: the first GEMV (per element: the byte, the nested scale chain, two code lookups), kept as the
   reference the others were measured against.
 
@@ -100,7 +102,8 @@ if triton is not None:
     @triton.jit
     def _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask, jb, bmask, KH,
                      NESTED: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr):
-        """NF4 codes of a :func:`_packed_tile` as fp32 ``(hi, lo)``, each ``[BLOCK_N, NB, 32]``, and the
+        """NF4 codes of a :func:`_packed_tile` as ``(hi, lo)``, each ``[BLOCK_N, NB, 32]`` (fp32; the compute
+        dtype with ``LUT`` 2), and the
         blocks' scales ``[BLOCK_N, NB]``. A scale is loaded once per (column, quant block), the nested chain
         (absmax byte -> code2 -> x absmax2 + offset) too. ``LUT`` 0: two gathers per byte into the 16-entry
         code (64 bytes, one L1 line); 1: one gather per byte into the 256-entry table of code pairs
@@ -182,7 +185,8 @@ if triton is not None:
         """v2 multi-row: one tile of up to ``BLOCK_M`` rows of one expert, ``BLOCK_N`` columns and ``CHUNK``
         quant blocks of K; the weight tile is decoded once per step and multiplied on the tensor cores
         (``tl.dot``), the even inputs against the high nibbles and the odd ones against the low. Weights
-        are rounded to the compute dtype as the dequantized reference rounds them, sums in fp32.
+        are rounded to the compute dtype as the dequantized reference rounds them (``LUT`` 0, 1; with 2 the
+        codes are, and each quant block's dot product is scaled in fp32), sums in fp32.
         ``DOT_F32`` (Triton's CPU interpreter only, whose ``tl.dot`` misreads bf16 tiles) multiplies those
         rounded values in fp32 instead.
 
@@ -281,12 +285,13 @@ LUTS = ("code", "pair", "code16")  # Quant4bitExperts.decode_lut: how the v2 ker
 # nf4_moe_matmul's kernel and ``split_bytes`` the packed bytes of K per program. The values are what
 # bench/decode_kernels.py --choose picks from the kernel timings on an H200 (bench/decode_kernels.md): the v2
 # multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the code in the compute dtype. ``fuse`` 1: the routing
-# in one kernel (route) and the split-K partial sums added inside the SwiGLU and gather-sum; 0: torch's sort and
-# a sum of their own (the path before; the benchmarks compare both). Per model: configure_decode.
+# in one kernel (route, up to ROUTE_KERNEL_ROWS rows, prefill chunks included) and the split-K partial sums added
+# inside the SwiGLU and gather-sum; 0: torch's sort and a sum of their own everywhere (the path before; measured
+# end to end only together with code16, bench/generation_mixtral.md). Per model: configure_decode.
 DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1}
 # The values each setting may take (check_decode_options).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int,
-                  "fuse": int}
+                  "fuse": (0, 1)}
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
@@ -369,7 +374,7 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lu
     x = x.contiguous()
     words = x.view(torch.int32 if x.element_size() == 2 else torch.int64)  # [tokens, K // 2]: input pairs
     args = (x, words, token_of_row if token_of_row is not None else ends)
-    table = (state.code, _pair_table(state), _code_table(state, x.dtype))[lut]
+    table = state.code if lut == 0 else _pair_table(state) if lut == 1 else _code_table(state, x.dtype)
     tail = (packed.packed, table, *scales, partial, N, kh, rows, chunk)
     meta = dict(GATHER=token_of_row is not None, LUT=lut, HALF_BITS=8 * x.element_size(), **scale_meta)
     name = ("mm-nb1" if lut == 2 else "mm") if multi else "gemv"
@@ -451,8 +456,9 @@ if triton is not None:
         tl.store(ends_ptr + ex, ends, mask=ex < E)
 
 
-# up to this many (token, expert) rows route() runs its one-program kernel: its compares grow with rows^2, and
-# at 1,024 rows (a 512-token prefill chunk) it took longer than torch's sort (bench/generation_mixtral.md)
+# up to this many (token, expert) rows route() runs its one-program kernel: its compares grow with rows^2; at
+# 1,024 rows (a 512-token prefill chunk) it took about 0.7 ms a layer on the H200 (profile_decode_0204.txt vs
+# _0224.txt in bench/generation_mixtral/), where torch's sort does not reach the profiles' top 30
 ROUTE_KERNEL_ROWS = 256
 
 
@@ -460,7 +466,8 @@ def route(index: torch.Tensor, weights: torch.Tensor, num_experts: int, kernel: 
     """Rows sorted by expert (stable): ``(token_of_row, inverse, ends, weight_of_row)``; all on the device.
     ``inverse[i]`` is the sorted place of row ``i`` (= token ``i // k``'s ``i % k``-th expert),
     ``ends[e]`` the end of expert ``e``'s rows (int32). Up to :data:`ROUTE_KERNEL_ROWS` rows (every decode
-    step) one Triton program does it all (``kernel``); more rows (training, prefill) use torch's sort."""
+    step, a short prompt's prefill, a small training batch) one Triton program does it all (``kernel``); more
+    rows use torch's sort."""
     k, rows = index.shape[1], index.numel()
     flat = index.reshape(-1)
     if kernel and use_triton(flat) and 0 < rows <= ROUTE_KERNEL_ROWS:
@@ -535,8 +542,11 @@ def check_decode_options(options: dict) -> dict:
                 value = int(value)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"decode option {where!r}: {name} takes a whole number >= 0")
-        elif value not in kind:
-            raise ValueError(f"decode option {where!r}: {name} is one of {', '.join(kind)}")
+        else:
+            if isinstance(value, str) and all(isinstance(v, int) for v in kind) and value.isdigit():
+                value = int(value)  # a whole-number choice (fuse) from the command line
+            if value not in kind or isinstance(value, bool):
+                raise ValueError(f"decode option {where!r}: {name} is one of {', '.join(map(str, kind))}")
         out[name] = value
     return out
 

@@ -119,8 +119,9 @@ class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weights, index, module, keep_h):
         k = index.shape[1]
-        # rows per expert as offsets into the sorted rows, without a device-to-host sync
-        token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts)
+        # rows per expert as offsets into the sorted rows, without a device-to-host sync (decode_fuse 0: torch's
+        # sort, the path before the routing kernel, for the benchmarks' side-by-side runs)
+        token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts, kernel=bool(module.decode_fuse))
         x = hidden.to(module.compute_dtype)
         # The per-expert loop needs the counts on the host (one device sync a layer), the grouped
         # GEMM does not; the copy is queued first and waited for once the dequantization is queued.

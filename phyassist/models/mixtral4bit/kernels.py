@@ -69,7 +69,7 @@ if _triton is not None:
         g = tl.zeros((BLOCK,), dtype=tl.float32)
         u = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in tl.static_range(SPLITS):
-            base = h_ptr + s * split_stride + row * 2 * inter
+            base = h_ptr + s * split_stride.to(tl.int64) + row * 2 * inter
             g += tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
             u += tl.load(base + inter + cols, mask=mask, other=0.0).to(tl.float32)
         if ROUND:
@@ -132,8 +132,8 @@ if _triton is not None:
     @_triton.jit
     def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, width, split_stride, K: tl.constexpr, SPLITS: tl.constexpr,
                            ROUND: tl.constexpr, BLOCK: tl.constexpr):
-        """``SPLITS`` > 1 or ``ROUND``: each source row is the sum of that many fp32 partial rows (split-K),
-        rounded to the output dtype before the ``K`` rows are added, as a separate sum and cast would."""
+        """``SPLITS``: each source row is the sum of that many fp32 partial rows (split-K); ``ROUND`` rounds it
+        to the output dtype before the ``K`` rows are added, as a separate sum and cast would."""
         tok = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
@@ -142,7 +142,8 @@ if _triton is not None:
             row = tl.load(idx_ptr + tok * K + j).to(tl.int64)
             v = tl.zeros((BLOCK,), dtype=tl.float32)
             for s in tl.static_range(SPLITS):
-                v += tl.load(src_ptr + s * split_stride + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+                v += tl.load(src_ptr + s * split_stride.to(tl.int64) + row * width + cols, mask=mask,
+                             other=0.0).to(tl.float32)
             if ROUND:
                 v = v.to(out_ptr.dtype.element_ty).to(tl.float32)
             acc += v
@@ -150,8 +151,11 @@ if _triton is not None:
 
 
 def _sum_partials(src: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``[splits, rows, width]`` partial sums -> ``[rows, width]`` in ``dtype`` (torch fallback)."""
-    return src.sum(0).to(dtype or src.dtype) if src.dim() == 3 else src
+    """``[splits, rows, width]`` partial sums -> ``[rows, width]`` in ``dtype`` (torch fallback); 2-D ``src``
+    is returned as it is (the kernels round only partial sums)."""
+    if src.dim() != 3:
+        return src
+    return (src[0] if src.shape[0] == 1 else src.sum(0)).to(dtype or src.dtype)
 
 
 def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -168,7 +172,7 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int, dtype: torch.dtyp
     out = src.new_empty(tokens, width, dtype=out_dtype)
     _launch(_gather_sum_kernel, (tokens, _triton.cdiv(width, _BLOCK)), src,
             src.contiguous(), index.contiguous(), out, width, src.shape[-2] * width, K=k, SPLITS=splits,
-            ROUND=src.dtype != out_dtype, BLOCK=_BLOCK)
+            ROUND=src.dim() == 3 and src.dtype != out_dtype, BLOCK=_BLOCK)
     return out
 
 
@@ -215,7 +219,7 @@ def swiglu_forward(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None =
     if use_triton(h):
         splits = h.shape[0] if h.dim() == 3 else 1
         _launch(_swiglu_fwd_kernel, (n, _triton.cdiv(inter, _BLOCK)), h, h.contiguous(), w, a, inter,
-                n * 2 * inter, SPLITS=splits, ROUND=h.dtype != a.dtype, BLOCK=_BLOCK)
+                n * 2 * inter, SPLITS=splits, ROUND=h.dim() == 3 and h.dtype != a.dtype, BLOCK=_BLOCK)
         return a
     h = _sum_partials(h, a.dtype)
     for s in range(0, n, _ROWS):
