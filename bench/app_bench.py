@@ -274,7 +274,16 @@ def parse_rate(svc, inputs: list[str]) -> dict:
 def _common(args, cfg, load_s: float) -> dict:
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
             "model": cfg.model.name, "load_in_4bit": cfg.model.quant.load_in_4bit, "model_load_s": round(load_s, 1),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg()}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg(),
+            "provenance": _provenance()}
+
+
+def _provenance() -> dict:
+    """bench/provenance.py's record (date, source sha1, git HEAD) of the tree this run used."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import provenance
+
+    return provenance()
 
 
 def _tmp_overrides() -> list[str]:

@@ -212,6 +212,10 @@ def main(argv=None) -> None:
            "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "shape": {"experts": E, "hidden": H, "intermediate": inter}, "dtype": str(dt), "reps": args.reps,
            "warmup": args.warmup, "l2_flush": cuda, "zipf_alpha": args.zipf, "cells": []}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import provenance
+
+    res["provenance"] = provenance()  # the date, the source sha1 and the git HEAD of the tree that ran
     methods = args.methods.split(",")
     t_start = time.perf_counter()
     for nested in (bool(int(n)) for n in args.nested.split(",")):

@@ -301,10 +301,11 @@ def main(argv=None) -> int:
     args.decode_options = parse_decode_options(args.decode)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from app_bench import _mixtral_tokenizer
+    from app_bench import _mixtral_tokenizer, _provenance
 
     tok = _mixtral_tokenizer(args.tokenizer, "left")
-    res = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "decode": args.decode_options,
+    res = {"command": " ".join(sys.argv), "provenance": _provenance(), "device": torch.cuda.get_device_name(0),
+           "decode": args.decode_options,
            "out": str(out / "generation_mixtral.json"),
            "torch": torch.__version__, "rows": [], "build_s": {}}
     variants = args.variants.split(",")
