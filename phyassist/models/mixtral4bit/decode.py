@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import torch
 
-from phyassist.models.mixtral4bit.kernels import _launch, gather_sum, scale_args, swiglu_forward, use_triton
+from phyassist.models.mixtral4bit.kernels import (_launch, gather_sum, scale_args, sum_partials, swiglu_forward,
+                                                  use_triton)
 from phyassist.models.mixtral4bit.kernels import _triton as triton
 
 if triton is not None:
@@ -330,8 +331,8 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     packed._sync_state_device()
     if kernel != "v1":
         multi = kernel == "mm2" or (kernel == "v2" and rows > gemv_rows)
-        return _finish(_v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, LUTS.index(lut)),
-                       x.dtype, reduce)
+        partial = _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, LUTS.index(lut))
+        return sum_partials(partial, x.dtype) if reduce else partial
     scales, scale_meta = scale_args(state)
     row_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device, dtype=ends.dtype), right=True)
     splits = (K // 2) // split_bytes if split_bytes and (K // 2) % split_bytes == 0 else 1
@@ -343,15 +344,7 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     _launch(kernel, grid, x, x.contiguous(), token_of_row if token_of_row is not None else ends, row_expert,
             packed.packed, state.code, *scales, partial, N, K, rows, (K // 2) // splits,
             GATHER=token_of_row is not None, QBLOCK=64, **scale_meta, **fixed)
-    return _finish(partial, x.dtype, reduce)
-
-
-def _finish(partial: torch.Tensor, dtype: torch.dtype, reduce: bool) -> torch.Tensor:
-    """The kernels' fp32 split-K partial sums ``[splits, rows, N]``, summed and rounded to ``dtype``
-    (``reduce``) or as they are."""
-    if not reduce:
-        return partial
-    return (partial[0] if partial.shape[0] == 1 else partial.sum(0)).to(dtype)
+    return sum_partials(partial, x.dtype) if reduce else partial
 
 
 # the interpreter (CPU tests) runs fixed tiles, small enough to be quick and to leave partial tiles
@@ -478,7 +471,7 @@ def route(index: torch.Tensor, weights: torch.Tensor, num_experts: int, kernel: 
         r_pow2 = max(16, triton.next_power_of_2(rows))
         _launch(_route_kernel, (1,), flat, flat.contiguous(), weights.reshape(-1).contiguous(), token_of_row, inverse,
                 ends, w_row, rows, K=k, E=num_experts, E_POW2=max(2, triton.next_power_of_2(num_experts)),
-                R_POW2=r_pow2, BLOCK_J=min(r_pow2, 64), num_warps=4 if r_pow2 <= 256 else 8)
+                R_POW2=r_pow2, BLOCK_J=min(r_pow2, 64), num_warps=4)
         return token_of_row, inverse, ends, w_row
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)

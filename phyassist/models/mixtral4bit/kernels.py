@@ -150,7 +150,13 @@ if _triton is not None:
         tl.store(out_ptr + tok * width + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _sum_partials(src: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _partials(src: torch.Tensor, out_dtype: torch.dtype) -> dict:
+    """The kernels' ``SPLITS`` / ``ROUND`` for ``src``: how many split-K partial sums a ``[splits, rows, width]``
+    source holds (1 for a 2-D one), and whether their sum is rounded to ``out_dtype`` (partial sums only)."""
+    return {"SPLITS": src.shape[0] if src.dim() == 3 else 1, "ROUND": src.dim() == 3 and src.dtype != out_dtype}
+
+
+def sum_partials(src: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """``[splits, rows, width]`` partial sums -> ``[rows, width]`` in ``dtype`` (torch fallback); 2-D ``src``
     is returned as it is (the kernels round only partial sums)."""
     if src.dim() != 3:
@@ -167,12 +173,11 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, k: int, dtype: torch.dtyp
     tokens, width = index.numel() // k, src.shape[-1]
     out_dtype = dtype or src.dtype
     if not use_triton(src) or tokens == 0:
-        return _sum_partials(src, dtype).index_select(0, index).view(tokens, k, width).sum(1).to(out_dtype)
-    splits = src.shape[0] if src.dim() == 3 else 1
+        return sum_partials(src, dtype).index_select(0, index).view(tokens, k, width).sum(1).to(out_dtype)
     out = src.new_empty(tokens, width, dtype=out_dtype)
     _launch(_gather_sum_kernel, (tokens, _triton.cdiv(width, _BLOCK)), src,
-            src.contiguous(), index.contiguous(), out, width, src.shape[-2] * width, K=k, SPLITS=splits,
-            ROUND=src.dim() == 3 and src.dtype != out_dtype, BLOCK=_BLOCK)
+            src.contiguous(), index.contiguous(), out, width, src.shape[-2] * width, K=k, BLOCK=_BLOCK,
+            **_partials(src, out_dtype))
     return out
 
 
@@ -217,11 +222,10 @@ def swiglu_forward(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None =
     if n == 0:
         return a
     if use_triton(h):
-        splits = h.shape[0] if h.dim() == 3 else 1
         _launch(_swiglu_fwd_kernel, (n, _triton.cdiv(inter, _BLOCK)), h, h.contiguous(), w, a, inter,
-                n * 2 * inter, SPLITS=splits, ROUND=h.dim() == 3 and h.dtype != a.dtype, BLOCK=_BLOCK)
+                n * 2 * inter, BLOCK=_BLOCK, **_partials(h, a.dtype))
         return a
-    h = _sum_partials(h, a.dtype)
+    h = sum_partials(h, a.dtype)
     for s in range(0, n, _ROWS):
         g, u = h[s:s + _ROWS, :inter].float(), h[s:s + _ROWS, inter:].float()
         a[s:s + _ROWS] = (torch.nn.functional.silu(g) * u * w[s:s + _ROWS, None].float()).to(a.dtype)
