@@ -1,5 +1,5 @@
 """Routed NF4 expert kernels of one Mixtral-8x7B layer by row count (issue 22): the measured v1 GEMV, the v2
-GEMV and multi-row kernels (the nibble decodings ``code``, ``pair``, ``code16``), and the training path's
+GEMV and multi-row kernels (the nibble decodings ``code``, ``pair``, ``code16``, ``prmt``), and the training path's
 dequantize-all + grouped GEMM.
 
 One layer's experts (8 x gate/up [2 x 14,336, 4,096] and down [4,096, 14,336]), random weights quantized by
@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 # every decoding's GEMV and multi-row kernel: --choose sets gemv_rows from the chosen decoding's own GEMV
-METHODS = ("v1", "gemv2-code", "gemv2-pair", "gemv2-code16", "mm2-code", "mm2-code@0", "mm2-pair", "mm2-code16",
-           "dequant+grouped")
+METHODS = ("v1", "gemv2-code", "gemv2-pair", "gemv2-code16", "gemv2-prmt", "mm2-code", "mm2-code@0", "mm2-pair",
+           "mm2-code16", "mm2-prmt", "dequant+grouped")
 
 
 def parse(argv=None):
@@ -106,7 +106,7 @@ def decode_luts() -> tuple:
     try:
         from phyassist.models.mixtral4bit.decode import LUTS
     except ImportError:  # --choose on a machine without the kit's dependencies
-        return ("code", "pair", "code16")
+        return ("code", "pair", "code16", "prmt")
     return LUTS
 
 
@@ -114,8 +114,11 @@ def choose(cells, nested: bool = True) -> dict:
     """The decode settings these figures pick for double-quantized experts (the study's configs):
 
     * kernel ``v2`` when its best routed kernel beats v1 at the fewest rows (batch 1), else ``v1``;
-    * lut: the decoding with the smaller summed time of its best routed kernel over all row counts;
+    * lut: the decoding with the smaller summed time of its best routed kernel over all row counts (``prmt``
+      is ``code16``'s other way to the same values: code16's multi-row time is the faster of the two);
     * gemv_rows: the largest measured row count up to which the v2 GEMV beats the multi-row kernel;
+    * prmt_rows (code16, when ``mm2-prmt`` was measured): the fewest measured rows from which ``mm2-prmt`` beats
+      ``mm2-code16`` at every larger measured row count too (0: at none);
     * max_rows: the largest measured row count up to which the chosen routed path beats dequantizing
       all experts + grouped GEMM (a row count between two measured ones takes the smaller); a run without the
       dequantizing method cannot say, so it is refused.
@@ -128,8 +131,12 @@ def choose(cells, nested: bool = True) -> dict:
     def t(method, r):
         return ms.get((method, r), float("inf"))
 
-    luts = [lut for lut in decode_luts() if any((f"{k}-{lut}", r) in ms for k in ("gemv2", "mm2") for r in rows)]
-    best = {lut: (lambda r, lut=lut: min(t(f"gemv2-{lut}", r), t(f"mm2-{lut}", r))) for lut in luts}
+    def mm(lut, r):  # the multi-row kernel; code16's runs as prmt where that is faster (prmt_rows)
+        return min(t("mm2-code16", r), t("mm2-prmt", r)) if lut == "code16" else t(f"mm2-{lut}", r)
+
+    luts = [lut for lut in decode_luts() if lut != "prmt"
+            and any((f"{k}-{lut}", r) in ms for k in ("gemv2", "mm2") for r in rows)]
+    best = {lut: (lambda r, lut=lut: min(t(f"gemv2-{lut}", r), mm(lut, r))) for lut in luts}
     out: dict = {"kernel": "v1", "lut": "code"}
     if luts:
         lut = min(luts, key=lambda lut: sum(best[lut](r) for r in rows))
@@ -137,10 +144,17 @@ def choose(cells, nested: bool = True) -> dict:
             out = {"kernel": "v2", "lut": lut}
             gemv_rows = 0
             for r in rows:
-                if t(f"gemv2-{lut}", r) > t(f"mm2-{lut}", r):
+                if t(f"gemv2-{lut}", r) > mm(lut, r):
                     break
                 gemv_rows = r
             out["gemv_rows"] = gemv_rows
+            if lut == "code16" and any(("mm2-prmt", r) in ms for r in rows):
+                prmt_rows = 0
+                for r in reversed(rows):
+                    if t("mm2-prmt", r) >= t("mm2-code16", r):
+                        break
+                    prmt_rows = r
+                out["prmt_rows"] = prmt_rows
     routed = best[out["lut"]] if out["kernel"] == "v2" else (lambda r: t("v1", r))
     max_rows = 0
     for r in rows:
@@ -202,7 +216,7 @@ def main(argv=None) -> None:
         kernel, _, lut = kernel_lut.partition("-")
         split = int(split) if split else 512
         tuner = {"v1": "_nf4_moe_gemv_tuned", "gemv2": "_nf4_gemv_v2_tuned",
-                 "mm2": "_nf4_mm_v2_tuned_nb1" if lut == "code16" else "_nf4_mm_v2_tuned"}[kernel]
+                 "mm2": "_nf4_mm_v2_tuned_nb1" if lut in ("code16", "prmt") else "_nf4_mm_v2_tuned"}[kernel]
         return (lambda: decode.nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel,
                                               lut=lut or "code")), getattr(decode, tuner, None)
 

@@ -99,7 +99,7 @@ def build(method: str, layers: int, vocab: int):
     return peft, round(time.perf_counter() - t0, 1)
 
 
-FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-new", "routed-hf")  # full token count and repeats
+FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-new", "routed-hf")  # full token count and repeats
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -113,6 +113,9 @@ VARIANT_DECODE = {
     # the defaults of 2026-12-01 (bench/decode_kernels.md's first choice): the routing by torch's sort, the
     # split-K partial sums added in a pass of their own
     "kit-prev": {"kernel": "v2", "lut": "code", "gemv_rows": 0, "max_rows": 128, "fuse": 0},
+    # the defaults of 2026-12-02 (bench/decode_kernels.md, second choice): the code in the compute dtype looked
+    # up in memory, the routing in one kernel, the partial sums added inside the SwiGLU and gather-sum
+    "kit-code16": {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 128, "fuse": 1},
 }
 
 
@@ -249,7 +252,7 @@ def eval_projection(model, tok, args, res):
     queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
     ps = chat_prompts(tok, queries)
     out = {}
-    for variant in [v for v in ("kit-new", "kit-prev", "kit") if v in args.variants.split(",")] + ["kit-hf"]:
+    for variant in [v for v in ("kit-new", "kit-code16", "kit-prev", "kit") if v in args.variants.split(",")] + ["kit-hf"]:
         set_routed(model, variant, args.decode_options)
         set_skew(model, 0.0)
         static = variant != "kit-hf"

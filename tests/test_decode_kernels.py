@@ -1,6 +1,7 @@
 """The v2 routed NF4 kernels of phyassist.models.mixtral4bit.decode (issue 22: ``gemv2``, ``mm2`` and the
 ``v2`` dispatch between them, the ``code``, ``pair`` and ``code16`` nibble decodings), the routing kernel and
-the split-K partial sums, against the dequantized reference
+the split-K partial sums, against the dequantized reference; the ``prmt`` decoding's PTX in an emulator of its
+five instructions (the kernels run it on GPUs only)
 (``_torch_moe_matmul``): in Triton's CPU interpreter in ``make test`` (small shapes, uneven expert
 counts, nested and plain scales, with and without the row gather, K split or not), and at
 Mixtral-8x7B's shapes on a GPU (``gpu``)."""
@@ -9,7 +10,8 @@ import pytest
 import torch
 from conftest import run_in_triton_interpreter
 
-from phyassist.models.mixtral4bit.decode import KERNELS, _pair_table, _torch_moe_matmul, nf4_moe_matmul, route
+from phyassist.models.mixtral4bit.decode import (KERNELS, _pair_table, _torch_moe_matmul, nf4_moe_matmul, prmt_asm,
+                                                  route)
 from phyassist.models.mixtral4bit.experts import Packed4bit
 
 
@@ -72,6 +74,23 @@ def check_kernels(device="cpu", dtype=torch.float32, rtol=1e-5, E=4, N=40, K=256
             _agree(out, ref, rtol, what)
             far = (_wrong_expert(x, packed, ends, rows, tok) - ref.float()).abs().max().item()
             assert far > 10 * rtol * ref.float().abs().max().item(), what
+
+
+def check_swap(dtype=torch.float32, rtol=1e-5):
+    """The multi-row kernel's transposed tiles (``SWAP``: ``W @ x.T``) and its prefetching loop (``PREFETCH``)
+    against the reference, with the scale applied to the weights (``code``, 2 blocks a step) and to each
+    block's dot product (``code16``); two steps a split (the prefetch past a split's end is masked)."""
+    from phyassist.models.mixtral4bit import decode
+
+    for nested, lut, nb, gather, swap, prefetch in ((True, 0, 2, True, True, False), (False, 2, 1, False, True, True),
+                                                     (True, 2, 1, True, False, True), (False, 0, 2, True, False, True)):
+        packed = _weights(4, 40, 256, nested, dtype, "cpu")
+        x, ends, rows, tok = _rows([0, 13, 2, 25], 256, dtype, "cpu", gather)
+        ref = _torch_moe_matmul(x, packed, ends, rows, tok)
+        tiles = {"BLOCK_M": 16, "BLOCK_N": 32, "NB": nb, "SWAP": swap, "PREFETCH": prefetch}
+        split = 64 if nb == 1 else 128
+        out = decode._v2_matmul(x, packed, ends, rows, tok, split, True, lut, tiles=tiles).sum(0).to(dtype)
+        _agree(out, ref, rtol, ("swap", lut, nested, gather, swap, prefetch))
 
 
 def check_route(cases=((1, 8, 2), (3, 8, 2), (64, 8, 2), (100, 8, 2), (128, 8, 2), (300, 8, 2), (40, 6, 1),
@@ -166,7 +185,7 @@ def check_module(atol=1e-5, dtype=torch.float32):
         q.decode_max_rows = 0
         ref = q(x, idx, w)
         # fuse: route kernel, partials summed in place; split 64 bytes: K in 2 (both matmuls), so 2 partial sums
-        for lut, fuse, split in (("pair", 0, 0), ("code", 1, 0), ("code16", 1, 64), ("code", 1, 64)):
+        for lut, fuse, split in (("pair", 0, 0), ("code", 1, 0), ("code16", 1, 64), ("code", 1, 64), ("prmt", 1, 64)):
             q.decode_kernel, q.decode_lut, q.decode_gemv_rows, q.decode_fuse = "v2", lut, 0, fuse
             q.decode_split_bytes = split
             out = routed_experts(q, x, idx, w)
@@ -199,6 +218,67 @@ def test_pair_table_holds_both_codes():
     assert torch.equal(words[:, 1], state.code[b >> 4]) and torch.equal(words[:, 0], state.code[b & 15])
 
 
+def _ptx(asm: str, *inputs: int) -> dict:
+    """Run ``asm`` (the subset :func:`prmt_asm` writes: mov, and, or, shr, prmt on .b32) on ``inputs`` (``$4``
+    onwards after the four outputs); returns every register. ``prmt`` as the PTX manual defines its default
+    mode: selector nibble ``k`` picks byte ``sel & 7`` of ``{b, a}``, and ``sel & 8`` replicates that byte's
+    sign instead (what an unmasked nibble would do)."""
+    regs = {f"${4 + i}": v for i, v in enumerate(inputs)}
+
+    def val(op):
+        return regs[op] if op in regs else int(op, 0)
+
+    def prmt(a, b, c):
+        src, out = a | (b << 32), 0
+        for k in range(4):
+            sel = (c >> (4 * k)) & 0xF
+            byte = (src >> (8 * (sel & 7))) & 0xFF
+            out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * k)
+        return out
+
+    ops = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
+           "shr.b32": lambda a, b: a >> b, "prmt.b32": prmt}
+    for line in asm.split("\n"):
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, _, rest = line.partition(" ")
+        dst, *src = [t.strip() for t in rest.split(",")]
+        regs[dst] = ops[op](*map(val, src)) & 0xFFFFFFFF  # an unknown instruction is a KeyError
+    return regs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prmt_decoding_gives_the_code16_values(dtype):
+    """Every byte value in each of the four positions of a word, with random neighbours: the PTX's four
+    outputs hold code[high nibble] of bytes 0-1, 2-3 and code[low nibble] of bytes 0-1, 2-3, two 16-bit
+    values a register (element 0 in the low half), i.e. exactly the ``code16`` table's bits."""
+    import bitsandbytes.functional as bnbf
+
+    _, state = bnbf.quantize_4bit(torch.randn(4, 64), blocksize=64, quant_type="nf4")
+    asm = prmt_asm(state.code, dtype)
+    table = [int(v) & 0xFFFF for v in state.code.to(dtype).view(torch.int16).tolist()]
+    g = torch.Generator().manual_seed(0)
+    for pos in range(4):
+        for b in range(256):
+            word = torch.randint(0, 256, (4,), generator=g).tolist()
+            word[pos] = b
+            regs = _ptx(asm, sum(v << (8 * i) for i, v in enumerate(word)))
+            got = [(regs[r] >> sh) & 0xFFFF for r in ("$0", "$1", "$2", "$3") for sh in (0, 16)]
+            want = [table[v >> 4] for v in word] + [table[v & 15] for v in word]
+            assert got == want, (pos, b, word)
+    with pytest.raises(ValueError, match="16-bit"):
+        prmt_asm(state.code, torch.float32)
+
+
+def test_prmt_decoding_falls_back_to_code16_off_the_gpu():
+    """Inline PTX runs on CUDA only: elsewhere ``prmt`` gives the ``code16`` result bit for bit."""
+    packed = _weights(4, 32, 128, True, torch.float32, "cpu")
+    x, ends, rows, tok = _rows([2, 0, 1, 3], 128, torch.float32, "cpu", True)
+    assert torch.equal(nf4_moe_matmul(x, packed, ends, rows, tok, kernel="v2", lut="prmt"),
+                       nf4_moe_matmul(x, packed, ends, rows, tok, kernel="v2", lut="code16"))
+
+
 def test_unknown_kernel_is_refused():
     packed = _weights(2, 8, 64, False, torch.float32, "cpu")
     with pytest.raises(ValueError, match="kernel"):
@@ -223,7 +303,8 @@ def test_v2_kernels_match_the_reference_in_triton_interpreter():
     run_in_triton_interpreter("import tests.test_decode_kernels as t; t.check_kernels(); t.check_dispatch(); "
                               "t.check_kernels(dtype=torch.bfloat16, rtol=2 ** -7, combos=[(True, 'code', True, 64), "
                               "(True, 'code16', True, 64)], prefetch=False); t.check_module(); "
-                              "t.check_module(atol=2 ** -6, dtype=torch.bfloat16); t.check_route(); t.check_partials()")
+                              "t.check_module(atol=2 ** -6, dtype=torch.bfloat16); t.check_route(); t.check_partials(); "
+                              "t.check_swap(); t.check_swap(torch.bfloat16, 2 ** -7)")
 
 
 @pytest.mark.gpu
@@ -240,7 +321,7 @@ def test_gpu_kernels_match_the_reference_at_mixtral_shapes(has_gpu, nested):
             x, ends, rows, tok = _rows(list(counts), K, torch.bfloat16, "cuda", gather)
             ref = _torch_moe_matmul(x, packed, ends, rows, tok)
             for kernel in KERNELS:
-                for lut in (("code",) if kernel == "v1" else ("code", "pair", "code16")):
+                for lut in (("code",) if kernel == "v1" else ("code", "pair", "code16", "prmt")):
                     for split in (0, 512):
                         out = nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel, lut=lut)
                         _agree(out, ref, 2 ** -6, (kernel, lut, split, N, counts))
@@ -344,6 +425,18 @@ def test_choose_picks_the_decode_settings_the_figures_support():
     # a third decoding whose multi-row kernel is faster at every row count is chosen
     only_mm.update({("mm2-code16", r): only_mm[("mm2-code", r)] - 0.05 for r in rows})
     assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 32}
+    # prmt (code16's values by byte permutes): faster at 2 rows, slower at 8, faster from 32 -> from 32 rows
+    code16 = {r: only_mm[("mm2-code16", r)] for r in rows}
+    only_mm.update({("mm2-prmt", r): code16[r] + d for r, d in zip(rows, (-0.01, 0.01, -0.01, -0.01))})
+    assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "prmt_rows": 32,
+                                       "max_rows": 32}
+    only_mm.update({("mm2-prmt", r): code16[r] + 0.01 for r in rows})  # slower everywhere: never
+    assert choose(_cells(only_mm))["prmt_rows"] == 0
+    # and prmt's speed counts as code16's: a decoding slower than code16 but faster than prmt-less code16 loses
+    only_mm.update({("mm2-prmt", r): code16[r] - 0.04 for r in rows})
+    only_mm.update({("mm2-pair", r): code16[r] - 0.02 for r in rows})
+    assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "prmt_rows": 2,
+                                       "max_rows": 32}
     # without the dequantizing path nothing says where routing stops paying
     with pytest.raises(ValueError, match="dequant"):
         choose(_cells({k: v for k, v in ms.items() if k[0] != "dequant+grouped"}))

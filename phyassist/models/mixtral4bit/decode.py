@@ -102,22 +102,29 @@ if triton is not None:
 
     @triton.jit
     def _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask, jb, bmask, KH,
-                     NESTED: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr):
+                     NESTED: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr, ASM: tl.constexpr):
         """NF4 codes of a :func:`_packed_tile` as ``(hi, lo)``, each ``[BLOCK_N, NB, 32]`` (fp32; the compute
-        dtype with ``LUT`` 2), and the
+        dtype with ``LUT`` 2 and 3), and the
         blocks' scales ``[BLOCK_N, NB]``. A scale is loaded once per (column, quant block), the nested chain
         (absmax byte -> code2 -> x absmax2 + offset) too. ``LUT`` 0: two gathers per byte into the 16-entry
         code (64 bytes, one L1 line); 1: one gather per byte into the 256-entry table of code pairs
         (:func:`_pair_table`, 2 KiB); 2: as 0 from the code in the compute dtype (:func:`_code_table`), so
-        the values go to the tensor cores unconverted and the scale is applied to each block's dot product."""
-        byte = byte.to(tl.int32)
-        if LUT == 1:
-            pair = tl.load(lut_ptr + byte)  # int64: code[byte >> 4] in the high word, code[byte & 15] in the low
+        the values go to the tensor cores unconverted and the scale is applied to each block's dot product;
+        3: the values of 2 without any memory access: byte permutes over the code held in registers
+        (:func:`prmt_asm`; GPUs only, 16-bit compute dtypes; ``lut_ptr`` is the code16 table, only its dtype
+        is read). Why 3: a gather per nibble issues one load
+        instruction per weight, as many as the load unit can take while the bytes stream at full rate."""
+        if LUT == 3:
+            code_dtype = lut_ptr.dtype.element_ty  # the code16 table's: the compute dtype
+            hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte], dtype=(code_dtype, code_dtype),
+                                               is_pure=True, pack=4)
+        elif LUT == 1:
+            pair = tl.load(lut_ptr + byte.to(tl.int32))  # int64: code[byte >> 4] high word, code[byte & 15] low
             hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
             lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
         else:
-            hi = tl.load(lut_ptr + (byte >> 4))  # high nibble first, as bitsandbytes packs
-            lo = tl.load(lut_ptr + (byte & 15))
+            hi = tl.load(lut_ptr + (byte.to(tl.int32) >> 4))  # high nibble first, as bitsandbytes packs
+            lo = tl.load(lut_ptr + (byte.to(tl.int32) & 15))
         blk = wrow[:, None] * (KH // 32) + jb[None, :]
         smask = cmask[:, None] & bmask[None, :]
         scale = block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, smask, NESTED, BLOCKS_PER_BLOCK2)
@@ -141,7 +148,7 @@ if triton is not None:
     def _nf4_gemv_v2_kernel(x_ptr, xw_ptr, tok_ptr, row_expert_ptr, packed_ptr, lut_ptr, absmax_ptr, code2_ptr,
                             absmax2_ptr, offset_ptr, y_ptr, N, KH, ROWS, CHUNK, NESTED: tl.constexpr,
                             GATHER: tl.constexpr, LUT: tl.constexpr, BLOCKS_PER_BLOCK2: tl.constexpr,
-                            HALF_BITS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                            HALF_BITS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                             PREFETCH: tl.constexpr):
         """v2 GEMV: one row, one tile of ``BLOCK_N`` output columns, ``CHUNK`` quant blocks of K (a split),
         ``NB`` blocks a step. Each block's dot product is summed over its 64 codes first and scaled once:
@@ -169,7 +176,7 @@ if triton is not None:
             else:
                 byte = _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH)
             hi, lo, scale = _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
-                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
+                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2, ASM)
             xw = tl.load(xw_ptr + src * KH + jb[:, None] * 32 + tl.arange(0, 32)[None, :], mask=bmask[:, None], other=0)
             xe, xo = _split_pairs(xw, x_ptr.dtype.element_ty, HALF_BITS)
             part = tl.sum(hi.to(tl.float32) * xe.to(tl.float32)[None, :, :]
@@ -182,7 +189,8 @@ if triton is not None:
                           offset_ptr, y_ptr, N, KH, ROWS, CHUNK, ROW_BUCKET, E: tl.constexpr, E_POW2: tl.constexpr,
                           NESTED: tl.constexpr, GATHER: tl.constexpr, LUT: tl.constexpr,
                           BLOCKS_PER_BLOCK2: tl.constexpr, HALF_BITS: tl.constexpr, PRECISION: tl.constexpr,
-                          DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                          DOT_F32: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          NB: tl.constexpr, SWAP: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         """v2 multi-row: one tile of up to ``BLOCK_M`` rows of one expert, ``BLOCK_N`` columns and ``CHUNK``
         quant blocks of K; the weight tile is decoded once per step and multiplied on the tensor cores
         (``tl.dot``), the even inputs against the high nibbles and the odd ones against the low. Weights
@@ -190,6 +198,12 @@ if triton is not None:
         codes are, and each quant block's dot product is scaled in fp32), sums in fp32.
         ``DOT_F32`` (Triton's CPU interpreter only, whose ``tl.dot`` misreads bf16 tiles) multiplies those
         rounded values in fp32 instead.
+
+        ``SWAP`` computes the transposed tile, ``W @ x.T``: the weights become the MMA's first operand (``BLOCK_N``
+        rows, where the MMA wants at least 64) and the few input rows its second; which orientation is faster
+        is the autotuner's measurement (``_MM2_TILES``). ``PREFETCH`` requests the next step's packed bytes before
+        this step's are decoded, as the GEMV's does: at batch 1 a program has few bytes in flight, and more of
+        them is what a memory-bound stream needs.
 
         Program ``t`` of axis 0 finds its (expert, first row) from ``ends`` on the GPU: expert ``e`` has
         ``cdiv(count_e, BLOCK_M)`` tiles, numbered in expert order; the grid is an upper bound on their
@@ -215,17 +229,26 @@ if triton is not None:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
         wrow = e.to(tl.int64) * N + cols
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         first = split * CHUNK
         last = first + CHUNK
+        if PREFETCH:
+            nxt = _packed_tile(packed_ptr, wrow, cmask, first + tl.arange(0, NB), first + tl.arange(0, NB) < last, KH)
         for j0 in range(first, last, NB):
             jb = j0 + tl.arange(0, NB)
             bmask = jb < last
-            byte = _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH)
+            if PREFETCH:
+                byte = nxt
+                nxt = _packed_tile(packed_ptr, wrow, cmask, jb + NB, jb + NB < last, KH)
+            else:
+                byte = _packed_tile(packed_ptr, wrow, cmask, jb, bmask, KH)
             hi, lo, scale = _decode_tile(byte, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, wrow, cmask,
-                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2)
-            if LUT == 2:  # codes already in the compute dtype; the block's scale comes after its dot product
-                tl.static_assert(NB == 1, "LUT 2 scales each quant block's dot product: one block a step")
+                                         jb, bmask, KH, NESTED, LUT, BLOCKS_PER_BLOCK2, ASM)
+            if LUT >= 2:  # codes already in the compute dtype; the block's scale comes after its dot product
+                tl.static_assert(NB == 1, "LUT 2 and 3 scale each quant block's dot product: one block a step")
                 w_hi = tl.reshape(hi, (BLOCK_N, 32))
                 w_lo = tl.reshape(lo, (BLOCK_N, 32))
             else:
@@ -238,15 +261,27 @@ if triton is not None:
             if DOT_F32:
                 xe, xo = xe.to(tl.float32), xo.to(tl.float32)
                 w_hi, w_lo = w_hi.to(tl.float32), w_lo.to(tl.float32)
-            if LUT == 2:
+            if SWAP:
+                if LUT >= 2:
+                    d = tl.dot(w_hi, tl.trans(xe), input_precision=PRECISION)
+                    d = tl.dot(w_lo, tl.trans(xo), d, input_precision=PRECISION)
+                    acc += d * tl.reshape(scale, (BLOCK_N, 1))
+                else:
+                    acc = tl.dot(w_hi, tl.trans(xe), acc, input_precision=PRECISION)
+                    acc = tl.dot(w_lo, tl.trans(xo), acc, input_precision=PRECISION)
+            elif LUT >= 2:
                 d = tl.dot(xe, tl.trans(w_hi), input_precision=PRECISION)
                 d = tl.dot(xo, tl.trans(w_lo), d, input_precision=PRECISION)
                 acc += d * tl.reshape(scale, (1, BLOCK_N))
             else:
                 acc = tl.dot(xe, tl.trans(w_hi), acc, input_precision=PRECISION)
                 acc = tl.dot(xo, tl.trans(w_lo), acc, input_precision=PRECISION)
-        tl.store(y_ptr + (split * ROWS + rows[:, None]) * N + cols[None, :], acc,
-                 mask=rmask[:, None] & cmask[None, :])
+        if SWAP:
+            tl.store(y_ptr + (split * ROWS + rows[None, :]) * N + cols[:, None], acc,
+                     mask=rmask[None, :] & cmask[:, None])
+        else:
+            tl.store(y_ptr + (split * ROWS + rows[:, None]) * N + cols[None, :], acc,
+                     mask=rmask[:, None] & cmask[None, :])
 
     def _quick_bench(fn, quantiles):
         """The autotuners' timing: short (these kernels take microseconds), so that tuning a new shape
@@ -260,26 +295,30 @@ if triton is not None:
                       for pf in (False, True) for bn, w in [(64, 2), (128, 4), (256, 4)]]
     _nf4_gemv_v2_tuned = triton.autotune(_GEMV2_CONFIGS, key=["N", "KH", "CHUNK", "NESTED", "LUT"],
                                          restore_value=[], do_bench=_quick_bench)(_nf4_gemv_v2_kernel)
-    # (BLOCK_M, BLOCK_N, NB, warps, stages). On the H200 the winner at every row count, decoding and routing
-    # was (16, 128, 1, 4, 1), the one-block unpipelined tile, also against eight more one-block tiles (stages
-    # 2-3, 64-256 columns, 16-64 rows: bench/decode_kernels.md); three of those stay for other GPUs to try.
-    _MM2_TILES = [(16, 64, 2, 4, 2), (16, 128, 1, 4, 1), (32, 64, 2, 4, 2), (64, 64, 2, 4, 2), (32, 128, 2, 8, 2),
-                  (16, 128, 1, 4, 2), (16, 256, 1, 8, 2), (32, 128, 1, 4, 2)]
+    # (BLOCK_M, BLOCK_N, NB, warps, stages, SWAP, PREFETCH). On the H200 the winner at every row count,
+    # decoding and routing was (16, 128, 1, 4, 1), the one-block unpipelined tile, also against eight more
+    # one-block tiles (stages 2-3, 64-256 columns, 16-64 rows: bench/decode_kernels.md at 280cbcf), which are
+    # gone. New and measured by the autotuner only: the transposed tiles (SWAP) and the prefetching ones.
+    _MM2_TILES = [(16, 64, 2, 4, 2, 0, 0), (16, 128, 1, 4, 1, 0, 0), (32, 64, 2, 4, 2, 0, 0), (64, 64, 2, 4, 2, 0, 0),
+                  (32, 128, 2, 8, 2, 0, 0), (16, 128, 1, 4, 1, 0, 1), (16, 256, 1, 8, 1, 0, 1),
+                  (16, 128, 1, 4, 1, 1, 0), (16, 128, 1, 4, 1, 1, 1), (32, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 1),
+                  (64, 128, 1, 8, 1, 1, 0)]
 
     def _mm2_configs(one_block: bool):
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb}, num_warps=w, num_stages=s)
-                for bm, bn, nb, w, s in _MM2_TILES if nb == 1 or not one_block]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(sw), "PREFETCH": bool(pf)},
+                              num_warps=w, num_stages=s)
+                for bm, bn, nb, w, s, sw, pf in _MM2_TILES if nb == 1 or not one_block]
 
     # tuned per power-of-two row count (ROW_BUCKET, read only by the autotuner), not per exact count
     _MM2_KEY = ["N", "KH", "ROW_BUCKET", "CHUNK", "NESTED", "LUT"]
     _nf4_mm_v2_tuned = triton.autotune(_mm2_configs(False), key=_MM2_KEY, restore_value=[],
                                        do_bench=_quick_bench)(_nf4_mm_v2_kernel)
-    _nf4_mm_v2_tuned_nb1 = triton.autotune(_mm2_configs(True), key=_MM2_KEY, restore_value=[],  # LUT 2
+    _nf4_mm_v2_tuned_nb1 = triton.autotune(_mm2_configs(True), key=_MM2_KEY, restore_value=[],  # LUT 2, 3
                                            do_bench=_quick_bench)(_nf4_mm_v2_kernel)
 
 
 KERNELS = ("v1", "gemv2", "mm2", "v2")  # Quant4bitExperts.decode_kernel; see nf4_moe_matmul
-LUTS = ("code", "pair", "code16")  # Quant4bitExperts.decode_lut: how the v2 kernels decode nibbles
+LUTS = ("code", "pair", "code16", "prmt")  # Quant4bitExperts.decode_lut: how the v2 kernels decode nibbles
 # Quant4bitExperts' generation settings (module attributes ``decode_<name>``): a forward without autograd of at
 # most ``max_rows`` (token, expert) rows reads only the routed experts' NF4 bytes (routed_experts); more rows
 # (prefill) share one dequantization of the layer instead. ``kernel`` / ``lut`` / ``gemv_rows`` pick
@@ -289,16 +328,19 @@ LUTS = ("code", "pair", "code16")  # Quant4bitExperts.decode_lut: how the v2 ker
 # in one kernel (route, up to ROUTE_KERNEL_ROWS rows, prefill chunks included) and the split-K partial sums added
 # inside the SwiGLU and gather-sum; 0: torch's sort and a sum of their own everywhere (the path before; measured
 # end to end only together with code16, bench/generation_mixtral.md). Per model: configure_decode.
-DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1}
+# ``prmt_rows`` (with ``lut`` code16): from this many rows on, the same values come from the ``prmt`` decoding
+# (byte permutes in registers instead of lookups in memory); 0 never.
+DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1,
+                   "prmt_rows": 0}
 # The values each setting may take (check_decode_options).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int,
-                  "fuse": (0, 1)}
+                  "fuse": (0, 1), "prmt_rows": int}
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
                    token_of_row: torch.Tensor | None = None, split_bytes: int = DECODE_DEFAULTS["split_bytes"],
                    kernel: str = "v1", lut: str = "code", gemv_rows: int = DECODE_DEFAULTS["gemv_rows"],
-                   reduce: bool = True) -> torch.Tensor:
+                   reduce: bool = True, prmt_rows: int = 0) -> torch.Tensor:
     """``y[r] = x[src(r)] @ W[e(r)].T`` for ``rows`` rows sorted by expert; ``W`` stays NF4.
 
     ``packed`` is a :class:`~phyassist.models.mixtral4bit.experts.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
@@ -314,7 +356,9 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     kernels): ``code`` two lookups per packed byte into the 16-entry code, ``pair`` one into a 256-entry table
     of code pairs, ``code16`` two into the code rounded to the compute dtype, each quant block's dot product
     scaled once (not each weight; the weights are then not rounded as the reference rounds them, the
-    difference is within that dtype's rounding). Nothing waits for the host.
+    difference is within that dtype's rounding); ``prmt`` the values of ``code16`` from byte permutes in
+    registers, no lookup in memory (:func:`prmt_asm`): CUDA and a 16-bit ``x`` only, elsewhere it runs as
+    ``code16``; ``code16`` runs as ``prmt`` from ``prmt_rows`` rows on (0: never). Nothing waits for the host.
 
     ``reduce`` False returns the split-K partial sums ``[splits, rows, N]`` (fp32, or ``[1, rows, N]`` in
     ``x``'s dtype from the torch path) for a consumer that adds them itself (:func:`routed_experts`).
@@ -331,6 +375,10 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     packed._sync_state_device()
     if kernel != "v1":
         multi = kernel == "mm2" or (kernel == "v2" and rows > gemv_rows)
+        if lut == "code16" and 0 < prmt_rows <= rows:
+            lut = "prmt"
+        if lut == "prmt" and not (x.is_cuda and x.element_size() == 2):
+            lut = "code16"  # the same values; inline PTX needs a GPU, and its table holds 16-bit codes
         partial = _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, LUTS.index(lut))
         return sum_partials(partial, x.dtype) if reduce else partial
     scales, scale_meta = scale_args(state)
@@ -369,12 +417,13 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lu
     args = (x, words, token_of_row if token_of_row is not None else ends)
     table = state.code if lut == 0 else _pair_table(state) if lut == 1 else _code_table(state, x.dtype)
     tail = (packed.packed, table, *scales, partial, N, kh, rows, chunk)
-    meta = dict(GATHER=token_of_row is not None, LUT=lut, HALF_BITS=8 * x.element_size(), **scale_meta)
-    name = ("mm-nb1" if lut == 2 else "mm") if multi else "gemv"
+    meta = dict(GATHER=token_of_row is not None, LUT=lut, HALF_BITS=8 * x.element_size(),
+                ASM=prmt_asm(state.code, x.dtype) if lut == 3 else "", **scale_meta)
+    name = ("mm-nb1" if lut >= 2 else "mm") if multi else "gemv"
     if tiles is None and not x.is_cuda:
         tiles = INTERPRETER_TILES[name]
     if multi:
-        kern = _nf4_mm_v2_kernel if tiles else (_nf4_mm_v2_tuned_nb1 if lut == 2 else _nf4_mm_v2_tuned)
+        kern = _nf4_mm_v2_kernel if tiles else (_nf4_mm_v2_tuned_nb1 if lut >= 2 else _nf4_mm_v2_tuned)
         grid = lambda m: (rows // m["BLOCK_M"] + min(E, rows), triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
         _launch(kern, grid, x, *args, ends, *tail, triton.next_power_of_2(rows), E=E, E_POW2=triton.next_power_of_2(E),
                 PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None, DOT_F32=not x.is_cuda,
@@ -409,6 +458,44 @@ def _code_table(state, dtype: torch.dtype) -> torch.Tensor:
         table = state.code.to(dtype).contiguous()
         state._phyassist_code16 = table
     return table
+
+
+def prmt_asm(code: torch.Tensor, dtype: torch.dtype) -> str:
+    """PTX for the ``prmt`` decoding (``LUT`` 3): four packed bytes in (``$4``), their eight codes out in
+    ``dtype`` (16-bit), two to a register: ``$0, $1`` the high nibbles (the even inputs) of bytes 0-1 and 2-3,
+    ``$2, $3`` the low nibbles (the odd inputs), as ``tl.inline_asm_elementwise(..., pack=4)`` packs them.
+
+    How: ``prmt`` picks 4 bytes out of 8 by four 3-bit selectors, and a packed byte's two nibbles are two
+    selectors. The 16 codes' high bytes are 16 bytes in four registers (constants); entries 0-7 and 8-15
+    are looked up separately and bit 3 of each nibble picks between them (a third ``prmt``); the same for
+    the low bytes; two more ``prmt`` put each value's two bytes together. About 23 instructions for 8 weights,
+    no load (the memory lookups take one load instruction per weight). Bit 3 is masked off first: ``prmt``
+    reads it as "replicate the sign". The table is ``code`` rounded to ``dtype`` (the ``code16`` values)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"prmt_asm: the prmt decoding holds 16-bit codes, not {dtype}")
+    bits = [int(v) & 0xFFFF for v in code.detach().to("cpu", dtype).view(torch.int16).tolist()]
+    if len(bits) != 16:
+        raise ValueError(f"prmt_asm: a 4-bit code has 16 entries, got {len(bits)}")
+
+    def word(table, i):  # entries 4i .. 4i + 3 of a byte table as one little-endian register
+        return sum(table[4 * i + j] << (8 * j) for j in range(4))
+
+    hi = [word([b >> 8 for b in bits], i) for i in range(4)]
+    lo = [word([b & 0xFF for b in bits], i) for i in range(4)]
+    lines = ["{", ".reg .b32 nq, ns, nc, na, nb, nh, nl;", "mov.b32 nq, $4;"]
+    th = [f"0x{v:08x}" for v in hi]
+    tl = [f"0x{v:08x}" for v in lo]
+    for half, (even, odd) in enumerate((("$0", "$2"), ("$1", "$3"))):
+        if half:
+            lines.append("shr.b32 nq, nq, 16;")  # bytes 2-3; prmt reads the selectors from bits 0-15
+        lines += ["and.b32 ns, nq, 0x7777;",  # entry within each half of the table
+                  "shr.b32 nc, nq, 1;", "and.b32 nc, nc, 0x4444;", "or.b32 nc, nc, 0x3210;",  # byte j or j + 4 by bit 3
+                  f"prmt.b32 na, {th[0]}, {th[1]}, ns;", f"prmt.b32 nb, {th[2]}, {th[3]}, ns;", "prmt.b32 nh, na, nb, nc;",
+                  f"prmt.b32 na, {tl[0]}, {tl[1]}, ns;", f"prmt.b32 nb, {tl[2]}, {tl[3]}, ns;", "prmt.b32 nl, na, nb, nc;",
+                  # value j's bytes are (l_j, h_j); values 1 and 3 are the high nibbles of the two bytes
+                  f"prmt.b32 {even}, nl, nh, 0x7351;", f"prmt.b32 {odd}, nl, nh, 0x6240;"]
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def _torch_moe_matmul(x, packed, ends, rows, token_of_row):
@@ -498,7 +585,7 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts, kernel=fuse)
     x = hidden.to(module.gate_up.quant_state.dtype)
     kw = dict(split_bytes=module.decode_split_bytes, kernel=module.decode_kernel, lut=module.decode_lut,
-              gemv_rows=module.decode_gemv_rows, reduce=not fuse)
+              gemv_rows=module.decode_gemv_rows, reduce=not fuse, prmt_rows=module.decode_prmt_rows)
     # fused: the split-K partial sums are added inside the SwiGLU and the gather-sum (no pass of their own)
     h = nf4_moe_matmul(x, module.gate_up, ends, index.numel(), token_of_row, **kw)
     a = swiglu_forward(h, w_row, x.dtype)
