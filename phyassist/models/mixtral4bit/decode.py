@@ -22,6 +22,12 @@ row is found on the GPU: nothing waits for the host, so a whole decode step can 
 * ``v1``: the first GEMV (per element: the byte, the nested scale chain, two code lookups), kept as the
   reference the others were measured against.
 
+Decodings (``lut=``, the module's ``decode_lut``): ``code``, ``pair``, ``code16`` look the nibbles up in small
+tables in memory (one load instruction per weight or per byte); ``prmt`` gets ``code16``'s values from byte
+permutes over the code held in registers (inline PTX, :func:`prmt_asm`), which the multi-row kernel needs where
+it is bound by instructions rather than by the bytes in flight (many rows). ``prmt_rows`` switches ``code16`` to
+``prmt`` from a row count on (bench/decode_kernels.md).
+
 :func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
 gather-sum back to token order; :func:`route` sorts the rows by expert in one program, and the
 split-K partial sums are added inside the SwiGLU and the gather-sum (``decode_fuse``). Without Triton (CPU
