@@ -424,7 +424,7 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lu
     table = state.code if lut == 0 else _pair_table(state) if lut == 1 else _code_table(state, x.dtype)
     tail = (packed.packed, table, *scales, partial, N, kh, rows, chunk)
     meta = dict(GATHER=token_of_row is not None, LUT=lut, HALF_BITS=8 * x.element_size(),
-                ASM=prmt_asm(state.code, x.dtype) if lut == 3 else "", **scale_meta)
+                ASM=_prmt_table_asm(state, x.dtype) if lut == 3 else "", **scale_meta)
     name = ("mm-nb1" if lut >= 2 else "mm") if multi else "gemv"
     if tiles is None and not x.is_cuda:
         tiles = INTERPRETER_TILES[name]
@@ -464,6 +464,19 @@ def _code_table(state, dtype: torch.dtype) -> torch.Tensor:
         table = state.code.to(dtype).contiguous()
         state._phyassist_code16 = table
     return table
+
+
+def _prmt_table_asm(state, dtype: torch.dtype) -> str:
+    """:func:`prmt_asm` of ``state``'s code, kept on the state. The code is bitsandbytes' fixed table of the
+    state's quant type, read on the host: copying the GPU's copy would sync, which a CUDA graph being captured
+    (the first decode step at a new batch size) refuses."""
+    cached = getattr(state, "_phyassist_prmt", None)
+    if cached is None or cached[0] != dtype:
+        from bitsandbytes.functional import get_4bit_type
+
+        cached = (dtype, prmt_asm(get_4bit_type(state.quant_type, device="cpu"), dtype))
+        state._phyassist_prmt = cached
+    return cached[1]
 
 
 def prmt_asm(code: torch.Tensor, dtype: torch.dtype) -> str:
