@@ -581,7 +581,7 @@ def mixtral_mode(args) -> int:
     def full_analysis():
         t0 = time.perf_counter()
         *_, done = svc.stream_analysis("bench", pid, SAID)
-        return {"seconds": round(time.perf_counter() - t0, 1), "parsed": done.ok,
+        return {"seconds": round(time.perf_counter() - t0, 2), "parsed": done.ok,
                 "new_tokens": _tokens(tok, done.text) - _tokens(tok, ANALYSIS_PREFIX),
                 "reasons": len(done.draft["reasons"]), "advice": len(done.draft["advice"])}
 

@@ -114,11 +114,11 @@ def choose(cells, nested: bool = True) -> dict:
     """The decode settings these figures pick for double-quantized experts (the study's configs):
 
     * kernel ``v2`` when its best routed kernel beats v1 at the fewest rows (batch 1), else ``v1``;
-    * lut: the decoding with the smaller summed time of its best routed kernel over all row counts (``prmt``
-      is ``code16``'s other way to the same values: code16's multi-row time is the faster of the two);
-    * gemv_rows: the largest measured row count up to which the v2 GEMV beats the multi-row kernel;
     * prmt_rows (code16, when ``mm2-prmt`` was measured): the fewest measured rows from which ``mm2-prmt`` beats
-      ``mm2-code16`` at every larger measured row count too (0: at none);
+      ``mm2-code16`` at every larger measured row count too (0: at none); from there code16's multi-row time is
+      prmt's (``prmt`` is code16's other way to the same values, not a decoding of its own);
+    * lut: the decoding with the smaller summed time of its best routed kernel over all row counts;
+    * gemv_rows: the largest measured row count up to which the v2 GEMV beats the multi-row kernel;
     * max_rows: the largest measured row count up to which the chosen routed path beats dequantizing
       all experts + grouped GEMM (a row count between two measured ones takes the smaller); a run without the
       dequantizing method cannot say, so it is refused.
@@ -131,8 +131,14 @@ def choose(cells, nested: bool = True) -> dict:
     def t(method, r):
         return ms.get((method, r), float("inf"))
 
-    def mm(lut, r):  # the multi-row kernel; code16's runs as prmt where that is faster (prmt_rows)
-        return min(t("mm2-code16", r), t("mm2-prmt", r)) if lut == "code16" else t(f"mm2-{lut}", r)
+    prmt_rows = 0
+    for r in reversed(rows):
+        if t("mm2-prmt", r) >= t("mm2-code16", r):
+            break
+        prmt_rows = r
+
+    def mm(lut, r):  # the multi-row kernel; code16's runs as prmt from prmt_rows on
+        return t("mm2-prmt" if lut == "code16" and 0 < prmt_rows <= r else f"mm2-{lut}", r)
 
     luts = [lut for lut in decode_luts() if lut != "prmt"
             and any((f"{k}-{lut}", r) in ms for k in ("gemv2", "mm2") for r in rows)]
@@ -149,11 +155,6 @@ def choose(cells, nested: bool = True) -> dict:
                 gemv_rows = r
             out["gemv_rows"] = gemv_rows
             if lut == "code16" and any(("mm2-prmt", r) in ms for r in rows):
-                prmt_rows = 0
-                for r in reversed(rows):
-                    if t("mm2-prmt", r) >= t("mm2-code16", r):
-                        break
-                    prmt_rows = r
                 out["prmt_rows"] = prmt_rows
     routed = best[out["lut"]] if out["kernel"] == "v2" else (lambda r: t("v1", r))
     max_rows = 0

@@ -1,5 +1,5 @@
 """Offline look at the routed NF4 kernels' machine code, no GPU needed: compile v1 and the v2 kernels (every
-autotune config, nested scales, row gather, bf16) for sm_90 with the installed Triton's own ptxas, and print
+decoding and autotune config, nested scales, row gather, bf16) for sm_90 with the installed Triton's own ptxas, and print
 per config the SASS instructions of the main loop per packed byte a thread handles, its loads per byte, and the
 registers and spills (cuobjdump). A static count, not a time: it says how many instructions each byte costs
 and whether a change added any (layout conversions, spills), not how the loads overlap on a GPU;
@@ -66,6 +66,7 @@ def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int):
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
     import triton
 
     from phyassist.models.mixtral4bit import decode as d
@@ -75,24 +76,28 @@ def main() -> None:
                 packed_ptr="*u8", code_ptr="*fp32", absmax_ptr="*u8", code2_ptr="*fp32", absmax2_ptr="*fp32",
                 offset_ptr="*fp32", y_ptr="*fp32", N="i32", K="i32", KH="i32", ROWS="i32", CHUNK="i32",
                 ROW_BUCKET="i32")
+    from bitsandbytes.functional import get_4bit_type
+
+    asm = d.prmt_asm(get_4bit_type("nf4", device="cpu"), torch.bfloat16)
     runs = [("v1", d._nf4_moe_gemv_kernel, c, {"QBLOCK": 64}, c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_B"])
             for c in d._GEMV_CONFIGS]
-    for lut in (0, 1):
-        runs += [(f"gemv2 lut={lut}", d._nf4_gemv_v2_kernel, c, {"LUT": lut, "HALF_BITS": 16},
-                  c.kwargs["BLOCK_N"] * c.kwargs["NB"] * 32) for c in d._GEMV2_CONFIGS]
-        runs += [(f"mm2 lut={lut}", d._nf4_mm_v2_kernel, c,
-                  {"LUT": lut, "HALF_BITS": 16, "E": 8, "E_POW2": 8, "PRECISION": None, "DOT_F32": False},
-                  c.kwargs["BLOCK_N"] * c.kwargs["NB"] * 32) for c in d._MM2_CONFIGS]
+    for lut, name in enumerate(d.LUTS):  # code, pair, code16, prmt
+        extra = {"LUT": lut, "HALF_BITS": 16, "ASM": asm if name == "prmt" else ""}
+        runs += [(f"gemv2 {name}", d._nf4_gemv_v2_kernel, c, extra, c.kwargs["BLOCK_N"] * c.kwargs["NB"] * 32)
+                 for c in d._GEMV2_CONFIGS]
+        runs += [(f"mm2 {name}", d._nf4_mm_v2_kernel, c,
+                  dict(extra, E=8, E_POW2=8, PRECISION=None, DOT_F32=False), c.kwargs["BLOCK_N"] * c.kwargs["NB"] * 32)
+                 for c in d._mm2_configs(one_block=lut >= 2)]
     for name, fn, cfg, extra, tile_bytes in runs:
         lut = extra.get("LUT", 0)
-        types = dict(ptrs, lut_ptr="*i64" if lut else "*fp32")
+        types = dict(ptrs, lut_ptr={0: "*fp32", 1: "*i64"}.get(lut, "*bf16"))
         consts = dict(NESTED=True, GATHER=True, BLOCKS_PER_BLOCK2=256, **extra, **cfg.kwargs)
         k = compile_sm90(fn, types, consts, cfg.num_warps, cfg.num_stages)
         ops, res = loop_stats(k.asm["cubin"])
         per = tile_bytes / (32 * cfg.num_warps)
         loads = sum(v for op, v in ops.items() if op in ("LDG", "LDGSTS"))
         top = ", ".join(f"{op} {v / per:.1f}" for op, v in ops.most_common(6))
-        print(f"{name:11s} {str(cfg.kwargs):52s} w{cfg.num_warps} s{cfg.num_stages}: "
+        print(f"{name:12s} {str(cfg.kwargs):84s} w{cfg.num_warps} s{cfg.num_stages}: "
               f"{sum(ops.values()) / per:5.1f} instr/byte, {loads / per:4.2f} global loads/byte, {res}  ({top})",
               flush=True)
 

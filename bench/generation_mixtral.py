@@ -115,7 +115,7 @@ VARIANT_DECODE = {
     "kit-prev": {"kernel": "v2", "lut": "code", "gemv_rows": 0, "max_rows": 128, "fuse": 0},
     # the defaults of 2026-12-02 (bench/decode_kernels.md, second choice): the code in the compute dtype looked
     # up in memory, the routing in one kernel, the partial sums added inside the SwiGLU and gather-sum
-    "kit-code16": {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 128, "fuse": 1},
+    "kit-code16": {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 128, "fuse": 1, "prmt_rows": 0},
 }
 
 

@@ -248,6 +248,19 @@ def _ptx(asm: str, *inputs: int) -> dict:
     return regs
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_prmt_table_is_the_states_code(quant_type):
+    """The kernels' PTX comes from bitsandbytes' host table of the state's quant type (no device copy during a
+    CUDA graph capture): the same PTX as from the state's own code, and kept on the state."""
+    from phyassist.models.mixtral4bit.decode import _prmt_table_asm
+
+    state = _weights(2, 8, 64, True, torch.float32, "cpu").quant_state if quant_type == "nf4" else \
+        Packed4bit(torch.randn(2, 8, 64), "fp4").quant_state
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _prmt_table_asm(state, dtype) == prmt_asm(state.code, dtype)
+        assert _prmt_table_asm(state, dtype) is _prmt_table_asm(state, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_prmt_decoding_gives_the_code16_values(dtype):
     """Every byte value in each of the four positions of a word, with random neighbours: the PTX's four
@@ -271,12 +284,15 @@ def test_prmt_decoding_gives_the_code16_values(dtype):
         prmt_asm(state.code, torch.float32)
 
 
-def test_prmt_decoding_falls_back_to_code16_off_the_gpu():
-    """Inline PTX runs on CUDA only: elsewhere ``prmt`` gives the ``code16`` result bit for bit."""
+def check_prmt_fallback():
+    """In Triton's interpreter (no inline PTX) ``prmt``, and ``code16`` past ``prmt_rows``, run the ``code16``
+    kernels: the same result bit for bit, through the GEMV and the multi-row kernel."""
     packed = _weights(4, 32, 128, True, torch.float32, "cpu")
     x, ends, rows, tok = _rows([2, 0, 1, 3], 128, torch.float32, "cpu", True)
-    assert torch.equal(nf4_moe_matmul(x, packed, ends, rows, tok, kernel="v2", lut="prmt"),
-                       nf4_moe_matmul(x, packed, ends, rows, tok, kernel="v2", lut="code16"))
+    for kernel in ("gemv2", "mm2"):
+        want = nf4_moe_matmul(x, packed, ends, rows, tok, kernel=kernel, lut="code16")
+        assert torch.equal(nf4_moe_matmul(x, packed, ends, rows, tok, kernel=kernel, lut="prmt"), want)
+        assert torch.equal(nf4_moe_matmul(x, packed, ends, rows, tok, kernel=kernel, lut="code16", prmt_rows=1), want)
 
 
 def test_unknown_kernel_is_refused():
@@ -304,7 +320,7 @@ def test_v2_kernels_match_the_reference_in_triton_interpreter():
                               "t.check_kernels(dtype=torch.bfloat16, rtol=2 ** -7, combos=[(True, 'code', True, 64), "
                               "(True, 'code16', True, 64)], prefetch=False); t.check_module(); "
                               "t.check_module(atol=2 ** -6, dtype=torch.bfloat16); t.check_route(); t.check_partials(); "
-                              "t.check_swap(); t.check_swap(torch.bfloat16, 2 ** -7)")
+                              "t.check_swap(); t.check_swap(torch.bfloat16, 2 ** -7); t.check_prmt_fallback()")
 
 
 @pytest.mark.gpu
@@ -432,11 +448,17 @@ def test_choose_picks_the_decode_settings_the_figures_support():
                                        "max_rows": 32}
     only_mm.update({("mm2-prmt", r): code16[r] + 0.01 for r in rows})  # slower everywhere: never
     assert choose(_cells(only_mm))["prmt_rows"] == 0
-    # and prmt's speed counts as code16's: a decoding slower than code16 but faster than prmt-less code16 loses
+    # prmt's speed counts as code16's from prmt_rows on: a decoding faster than code16's lookups but slower
+    # than its prmt loses
     only_mm.update({("mm2-prmt", r): code16[r] - 0.04 for r in rows})
     only_mm.update({("mm2-pair", r): code16[r] - 0.02 for r in rows})
     assert choose(_cells(only_mm)) == {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "prmt_rows": 2,
                                        "max_rows": 32}
+    # ... but not below prmt_rows, where prmt does not run: prmt much faster only at 2 rows (then slower), pair
+    # a little faster than code16's lookups everywhere: pair (counting prmt at 2 rows would pick code16)
+    only_mm.update({("mm2-prmt", r): code16[r] + (-0.04 if r == 2 else 0.01) for r in rows})
+    only_mm.update({("mm2-pair", r): code16[r] - 0.005 for r in rows})
+    assert choose(_cells(only_mm))["lut"] == "pair"
     # without the dequantizing path nothing says where routing stops paying
     with pytest.raises(ValueError, match="dequant"):
         choose(_cells({k: v for k, v in ms.items() if k[0] != "dequant+grouped"}))

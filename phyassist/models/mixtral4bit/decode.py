@@ -200,8 +200,8 @@ if triton is not None:
         """v2 multi-row: one tile of up to ``BLOCK_M`` rows of one expert, ``BLOCK_N`` columns and ``CHUNK``
         quant blocks of K; the weight tile is decoded once per step and multiplied on the tensor cores
         (``tl.dot``), the even inputs against the high nibbles and the odd ones against the low. Weights
-        are rounded to the compute dtype as the dequantized reference rounds them (``LUT`` 0, 1; with 2 the
-        codes are, and each quant block's dot product is scaled in fp32), sums in fp32.
+        are rounded to the compute dtype as the dequantized reference rounds them (``LUT`` 0, 1; with 2 and 3
+        the codes are, and each quant block's dot product is scaled in fp32), sums in fp32.
         ``DOT_F32`` (Triton's CPU interpreter only, whose ``tl.dot`` misreads bf16 tiles) multiplies those
         rounded values in fp32 instead.
 
@@ -301,10 +301,10 @@ if triton is not None:
                       for pf in (False, True) for bn, w in [(64, 2), (128, 4), (256, 4)]]
     _nf4_gemv_v2_tuned = triton.autotune(_GEMV2_CONFIGS, key=["N", "KH", "CHUNK", "NESTED", "LUT"],
                                          restore_value=[], do_bench=_quick_bench)(_nf4_gemv_v2_kernel)
-    # (BLOCK_M, BLOCK_N, NB, warps, stages, SWAP, PREFETCH). On the H200 the winner at every row count,
-    # decoding and routing was (16, 128, 1, 4, 1), the one-block unpipelined tile, also against eight more
-    # one-block tiles (stages 2-3, 64-256 columns, 16-64 rows: bench/decode_kernels.md at 280cbcf), which are
-    # gone. New and measured by the autotuner only: the transposed tiles (SWAP) and the prefetching ones.
+    # (BLOCK_M, BLOCK_N, NB, warps, stages, SWAP, PREFETCH). On the H200 (bench/decode_kernels.md) the
+    # transposed one-block tiles won for code16 at every row count (16 rows at 2-32 routed rows, 32 at 128), and
+    # for prmt but on gate/up below 128 rows (the plain (16, 128, 1, 4, 1)); no prefetching tile won. The
+    # one-block tiles of 2-3 stages tried before lost everywhere (bench/decode_kernels.md at 280cbcf) and are gone.
     _MM2_TILES = [(16, 64, 2, 4, 2, 0, 0), (16, 128, 1, 4, 1, 0, 0), (32, 64, 2, 4, 2, 0, 0), (64, 64, 2, 4, 2, 0, 0),
                   (32, 128, 2, 8, 2, 0, 0), (16, 128, 1, 4, 1, 0, 1), (16, 256, 1, 8, 1, 0, 1),
                   (16, 128, 1, 4, 1, 1, 0), (16, 128, 1, 4, 1, 1, 1), (32, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 1),
@@ -330,14 +330,15 @@ LUTS = ("code", "pair", "code16", "prmt")  # Quant4bitExperts.decode_lut: how th
 # (prefill) share one dequantization of the layer instead. ``kernel`` / ``lut`` / ``gemv_rows`` pick
 # nf4_moe_matmul's kernel and ``split_bytes`` the packed bytes of K per program. The values are what
 # bench/decode_kernels.py --choose picks from the kernel timings on an H200 (bench/decode_kernels.md): the v2
-# multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the code in the compute dtype. ``fuse`` 1: the routing
+# multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the code in the compute dtype, decoded by byte
+# permutes (prmt) from 8 rows (batch 4) on. ``fuse`` 1: the routing
 # in one kernel (route, up to ROUTE_KERNEL_ROWS rows, prefill chunks included) and the split-K partial sums added
 # inside the SwiGLU and gather-sum; 0: torch's sort and a sum of their own everywhere (the path before; measured
 # end to end only together with code16, bench/generation_mixtral.md). Per model: configure_decode.
 # ``prmt_rows`` (with ``lut`` code16): from this many rows on, the same values come from the ``prmt`` decoding
 # (byte permutes in registers instead of lookups in memory); 0 never.
 DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1,
-                   "prmt_rows": 0}
+                   "prmt_rows": 8}
 # The values each setting may take (check_decode_options).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int,
                   "fuse": (0, 1), "prmt_rows": int}
@@ -363,8 +364,9 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     of code pairs, ``code16`` two into the code rounded to the compute dtype, each quant block's dot product
     scaled once (not each weight; the weights are then not rounded as the reference rounds them, the
     difference is within that dtype's rounding); ``prmt`` the values of ``code16`` from byte permutes in
-    registers, no lookup in memory (:func:`prmt_asm`): CUDA and a 16-bit ``x`` only, elsewhere it runs as
-    ``code16``; ``code16`` runs as ``prmt`` from ``prmt_rows`` rows on (0: never). Nothing waits for the host.
+    registers, no lookup in memory (:func:`prmt_asm`): NVIDIA GPUs and a 16-bit ``x`` only, elsewhere it runs as
+    ``code16``; ``code16`` runs as ``prmt`` in the multi-row kernel from ``prmt_rows`` rows on (0: never). Nothing
+    waits for the host.
 
     ``reduce`` False returns the split-K partial sums ``[splits, rows, N]`` (fp32, or ``[1, rows, N]`` in
     ``x``'s dtype from the torch path) for a consumer that adds them itself (:func:`routed_experts`).
@@ -381,10 +383,10 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     packed._sync_state_device()
     if kernel != "v1":
         multi = kernel == "mm2" or (kernel == "v2" and rows > gemv_rows)
-        if lut == "code16" and 0 < prmt_rows <= rows:
+        if lut == "code16" and multi and 0 < prmt_rows <= rows:  # chosen from the multi-row kernel's timings
             lut = "prmt"
-        if lut == "prmt" and not (x.is_cuda and x.element_size() == 2):
-            lut = "code16"  # the same values; inline PTX needs a GPU, and its table holds 16-bit codes
+        if lut == "prmt" and not (x.is_cuda and torch.version.hip is None and x.element_size() == 2):
+            lut = "code16"  # the same values; the PTX needs an NVIDIA GPU, and its table holds 16-bit codes
         partial = _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, LUTS.index(lut))
         return sum_partials(partial, x.dtype) if reduce else partial
     scales, scale_meta = scale_args(state)
@@ -485,10 +487,10 @@ def prmt_asm(code: torch.Tensor, dtype: torch.dtype) -> str:
     ``$2, $3`` the low nibbles (the odd inputs), as ``tl.inline_asm_elementwise(..., pack=4)`` packs them.
 
     How: ``prmt`` picks 4 bytes out of 8 by four 3-bit selectors, and a packed byte's two nibbles are two
-    selectors. The 16 codes' high bytes are 16 bytes in four registers (constants); entries 0-7 and 8-15
+    selectors. The 16 codes' high bytes are 16 bytes in four words (immediates in the PTX); entries 0-7 and 8-15
     are looked up separately and bit 3 of each nibble picks between them (a third ``prmt``); the same for
-    the low bytes; two more ``prmt`` put each value's two bytes together. About 23 instructions for 8 weights,
-    no load (the memory lookups take one load instruction per weight). Bit 3 is masked off first: ``prmt``
+    the low bytes; two more ``prmt`` put each value's two bytes together. 25 instructions and a move for 8
+    weights, no load (the memory lookups take one load instruction per weight). Bit 3 is masked off first: ``prmt``
     reads it as "replicate the sign". The table is ``code`` rounded to ``dtype`` (the ``code16`` values)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"prmt_asm: the prmt decoding holds 16-bit codes, not {dtype}")
@@ -556,8 +558,9 @@ if triton is not None:
 
 
 # up to this many (token, expert) rows route() runs its one-program kernel: its compares grow with rows^2; at
-# 1,024 rows (a 512-token prefill chunk) it took about 0.7 ms a layer on the H200 (profile_decode_0204.txt vs
-# _0224.txt in bench/generation_mixtral/), where torch's sort does not reach the profiles' top 30
+# 1,024 rows (a 512-token prefill chunk) it took about 0.7 ms a layer on the H200 (`git show
+# b92138d:bench/generation_mixtral/profile_decode_0204.txt` vs _0224.txt), where torch's sort does not reach the
+# profiles' top 30
 ROUTE_KERNEL_ROWS = 256
 
 
