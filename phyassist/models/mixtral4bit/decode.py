@@ -24,9 +24,9 @@ row is found on the GPU: nothing waits for the host, so a whole decode step can 
 
 Decodings (``lut=``, the module's ``decode_lut``): ``code``, ``pair``, ``code16`` look the nibbles up in small
 tables in memory (one load instruction per weight or per byte); ``prmt`` gets ``code16``'s values from byte
-permutes over the code held in registers (inline PTX, :func:`prmt_asm`), which the multi-row kernel needs where
-it is bound by instructions rather than by the bytes in flight (many rows). ``prmt_rows`` switches ``code16`` to
-``prmt`` from a row count on (bench/decode_kernels.md).
+permutes over the code held in registers (inline PTX, :func:`prmt_asm`): a third fewer instructions in the
+multi-row kernel's loop, which pays from a few rows a tile on (bench/decode_kernels.md; at batch 1 not yet
+measured cleanly). ``prmt_rows`` switches ``code16`` to ``prmt`` from a row count on.
 
 :func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
 gather-sum back to token order; :func:`route` sorts the rows by expert in one program, and the
