@@ -196,11 +196,14 @@ def test_gpu_routed_kernel_matches_at_mixtral_width(has_gpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decoding", ["defaults", "prmt"])
 @pytest.mark.parametrize("width", ["tiny", "mixtral"])
-def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width):
+def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decoding):
     """Each generated step's logits (static cache, CUDA graph, routed experts) against one forward over
     the whole generated sequence with the training path's experts, within bf16 tolerance; the study's
-    LoRA attached (router included). ``mixtral``: 2 layers of Mixtral-8x7B's full width."""
+    LoRA attached (router included). ``mixtral``: 2 layers of Mixtral-8x7B's full width. ``prmt``: the
+    register decoding at every row count (``prmt_rows`` 1; by default it starts at batch 4, above this test's
+    batch of 2), its PTX built while the first graph is captured."""
     from transformers import LogitsProcessor
 
     from phyassist.models.mixtral4bit.build import build_quantized_model
@@ -214,6 +217,10 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width):
     torch.manual_seed(0)
     base = build_quantized_model(config, cfg.model.quant, "cuda", method="grouped", progress=False)
     model = apply_lora(base, cfg.train.lora.model_copy(update={"dropout": 0.0})).eval()
+    if decoding == "prmt":
+        from phyassist.models.mixtral4bit.decode import configure_decode
+
+        configure_decode(model, {"prmt_rows": 1})
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
