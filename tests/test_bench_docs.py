@@ -22,7 +22,7 @@ BENCH = ROOT / "bench"
 # README results table (the bold heading above it) -> raw files behind its figures.
 RESULTS_TABLES = {
     "Fine-tuning Mixtral-8x7B in 4-bit QLoRA": ["finetune_mixtral.json", "finetune_mixtral_keepw.json",
-                                                 "finetune_mixtral_keepw_run2.json", "trainer_gpu_0951.json",
+                                                 "finetune_mixtral_keepw_repeat.json", "trainer_gpu_repeat.json",
                                                  "trainer_gpu.json", "trainer_gpu_keepw.json"],
     "Generation": ["generation_mixtral/run.json"],
     "App": ["app.json", "app_gpu.json"],
@@ -146,8 +146,8 @@ def test_readme_finetuning_table_is_rebuilt_from_the_raw_json():
     groups = fm.pooled([fm.recompute(BENCH / "finetune_mixtral.json")])
     step = {g["variant"]: g for g in groups if g["part"] == "full"}
     kept = {g["variant"]: g for g in fm.pooled([fm.recompute(BENCH / n) for n in
-                                                ("finetune_mixtral_keepw.json", "finetune_mixtral_keepw_run2.json")])}
-    runs = [tg.recompute(BENCH / n) for n in ("trainer_gpu_0951.json", "trainer_gpu.json")]
+                                                ("finetune_mixtral_keepw.json", "finetune_mixtral_keepw_repeat.json")])}
+    runs = [tg.recompute(BENCH / n) for n in ("trainer_gpu_repeat.json", "trainer_gpu.json")]
     keep_run = tg.recompute(BENCH / "trainer_gpu_keepw.json")
 
     def trainer(recipe, rs):
