@@ -216,10 +216,15 @@ def main(argv=None) -> None:
         kernel_lut, _, split = name.partition("@")
         kernel, _, lut = kernel_lut.partition("-")
         split = int(split) if split else 512
-        tuner = {"v1": "_nf4_moe_gemv_tuned", "gemv2": "_nf4_gemv_v2_tuned",
-                 "mm2": "_nf4_mm_v2_tuned_nb1" if lut in ("code16", "prmt") else "_nf4_mm_v2_tuned"}[kernel]
+        lut = lut or "code"
+        if decode.triton is None:  # CPU builds of torch: no autotuner to report
+            tuner = None
+        elif kernel == "mm2":
+            tuner = decode._mm2_tuner(decode.LUTS.index(lut))
+        else:
+            tuner = {"v1": decode._nf4_moe_gemv_tuned, "gemv2": decode._nf4_gemv_v2_tuned}[kernel]
         return (lambda: decode.nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel,
-                                              lut=lut or "code")), getattr(decode, tuner, None)
+                                              lut=lut)), tuner
 
     gen = torch.Generator().manual_seed(0)  # routing and inputs
     gen_w = torch.Generator(device=dev).manual_seed(0)  # weights, drawn where they live (8 x 117 M values)

@@ -99,7 +99,8 @@ def build(method: str, layers: int, vocab: int):
     return peft, round(time.perf_counter() - t0, 1)
 
 
-FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-new", "routed-hf")  # full token count and repeats
+# full token count and repeats
+FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-new", "routed-hf")
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -252,7 +253,8 @@ def eval_projection(model, tok, args, res):
     queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
     ps = chat_prompts(tok, queries)
     out = {}
-    for variant in [v for v in ("kit-new", "kit-code16", "kit-prev", "kit") if v in args.variants.split(",")] + ["kit-hf"]:
+    kit = [v for v in ("kit-new", "kit-code16", "kit-prev", "kit") if v in args.variants.split(",")]
+    for variant in kit + ["kit-hf"]:
         set_routed(model, variant, args.decode_options)
         set_skew(model, 0.0)
         static = variant != "kit-hf"

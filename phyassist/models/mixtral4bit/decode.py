@@ -322,6 +322,11 @@ if triton is not None:
     _nf4_mm_v2_tuned_nb1 = triton.autotune(_mm2_configs(True), key=_MM2_KEY, restore_value=[],  # LUT 2, 3
                                            do_bench=_quick_bench)(_nf4_mm_v2_kernel)
 
+    def _mm2_tuner(lut: int):
+        """The multi-row kernel's autotuner for decoding ``LUTS[lut]``: one quant block a step for the decodings
+        that scale each block's dot product (2, 3)."""
+        return _nf4_mm_v2_tuned_nb1 if lut >= 2 else _nf4_mm_v2_tuned
+
 
 KERNELS = ("v1", "gemv2", "mm2", "v2")  # Quant4bitExperts.decode_kernel; see nf4_moe_matmul
 LUTS = ("code", "pair", "code16", "prmt")  # Quant4bitExperts.decode_lut: how the v2 kernels decode nibbles
@@ -431,7 +436,7 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lu
     if tiles is None and not x.is_cuda:
         tiles = INTERPRETER_TILES[name]
     if multi:
-        kern = _nf4_mm_v2_kernel if tiles else (_nf4_mm_v2_tuned_nb1 if lut >= 2 else _nf4_mm_v2_tuned)
+        kern = _nf4_mm_v2_kernel if tiles else _mm2_tuner(lut)
         grid = lambda m: (rows // m["BLOCK_M"] + min(E, rows), triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
         _launch(kern, grid, x, *args, ends, *tail, triton.next_power_of_2(rows), E=E, E_POW2=triton.next_power_of_2(E),
                 PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None, DOT_F32=not x.is_cuda,
