@@ -32,7 +32,7 @@ from pathlib import Path
 
 # every decoding's GEMV and multi-row kernel: --choose sets gemv_rows from the chosen decoding's own GEMV
 METHODS = ("v1", "gemv2-code", "gemv2-pair", "gemv2-code16", "gemv2-prmt", "mm2-code", "mm2-code@0", "mm2-pair",
-           "mm2-code16", "mm2-prmt", "mm2-code16/notma", "mm2-prmt/notma", "dequant+grouped")
+           "mm2-code16", "mm2-prmt", "dequant+grouped")
 
 
 def parse(argv=None):
@@ -213,20 +213,18 @@ def main(argv=None) -> None:
                 xs = x if tok is None else x.index_select(0, tok)
                 return _grouped_matmul(xs, packed.dequantize().transpose(1, 2), ends, counts)
             return run, None
-        name, notma, _ = name.partition("/notma")  # the multi-row kernel's tiles without the TMA ones
         kernel_lut, _, split = name.partition("@")
         kernel, _, lut = kernel_lut.partition("-")
         split = int(split) if split else 512
         lut = lut or "code"
-        tma = not notma and decode.tma_capable(x)
         if decode.triton is None:  # CPU builds of torch: no autotuner to report
             tuner = None
         elif kernel == "mm2":
-            tuner = decode._mm2_tuner(decode.LUTS.index(lut), tma and decode.LUTS.index(lut) >= 2)
+            tuner = decode._mm2_tuner(decode.LUTS.index(lut))
         else:
             tuner = {"v1": decode._nf4_moe_gemv_tuned, "gemv2": decode._nf4_gemv_v2_tuned}[kernel]
         return (lambda: decode.nf4_moe_matmul(x, packed, ends, rows, tok, split_bytes=split, kernel=kernel,
-                                              lut=lut, tma=tma)), tuner
+                                              lut=lut)), tuner
 
     gen = torch.Generator().manual_seed(0)  # routing and inputs
     gen_w = torch.Generator(device=dev).manual_seed(0)  # weights, drawn where they live (8 x 117 M values)

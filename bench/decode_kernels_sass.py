@@ -87,11 +87,10 @@ def main() -> None:
                  for c in d._GEMV2_CONFIGS]
         runs += [(f"mm2 {name}", d._nf4_mm_v2_kernel, c,
                   dict(extra, E=8, E_POW2=8, PRECISION=None, DOT_F32=False), c.kwargs["BLOCK_N"] * c.kwargs["NB"] * 32)
-                 for c in d._mm2_configs(one_block=lut >= 2, tma=lut >= 2)]
+                 for c in d._mm2_configs(one_block=lut >= 2)]
     for name, fn, cfg, extra, tile_bytes in runs:
         lut = extra.get("LUT", 0)
-        desc = f"tensordesc<u8[{cfg.kwargs.get('BLOCK_N')}, 32]>" if cfg.kwargs.get("TMA") else "*u8"
-        types = dict(ptrs, lut_ptr={0: "*fp32", 1: "*i64"}.get(lut, "*bf16"), packed_desc=desc)
+        types = dict(ptrs, lut_ptr={0: "*fp32", 1: "*i64"}.get(lut, "*bf16"))
         consts = dict(NESTED=True, GATHER=True, BLOCKS_PER_BLOCK2=256, **extra, **cfg.kwargs)
         k = compile_sm90(fn, types, consts, cfg.num_warps, cfg.num_stages)
         ops, res = loop_stats(k.asm["cubin"])

@@ -11,8 +11,11 @@ Random weights of the full architecture, built layer by layer straight into NF4 
 * ``kit-v2`` / ``kit-v2pair``: the same with the v2 routed kernels (issue 22; nibbles decoded through the
   16-entry code / the 256-entry pair table) for every decode step up to batch 128 (GEMV up to 4 rows,
   multi-row kernel above); prefill still dequantizes. (``kit``: the v1 GEMV up to 16 rows.)
+* ``kit-prev`` / ``kit-code16`` / ``kit-last``: the kit path with the decode defaults of earlier sessions
+  (``VARIANT_DECODE``), ``kit-nofuse`` with those of now; all four without the fused norms, rotary embedding and
+  LoRA products in the captured step (:mod:`phyassist.models.fused_decode`).
 * ``kit-new``: the kit path with the decode settings of ``--decode`` (what ``bench/decode_kernels.py
-  --choose`` picks from the kernel figures; by default the experts' own defaults).
+  --choose`` picks from the kernel figures; by default the experts' own defaults) and the fused kernels.
 * ``plain-hf``: bitsandbytes' ``replace_parameter_4bit`` on the fused experts, ``generate``.
 
 Random routers spread tokens almost evenly; a trained Mixtral does not. ``--skew A`` adds a fixed
@@ -100,7 +103,8 @@ def build(method: str, layers: int, vocab: int):
 
 
 # full token count and repeats
-FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-new", "routed-hf")
+FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse", "kit-new",
+        "routed-hf")
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -117,7 +121,14 @@ VARIANT_DECODE = {
     # the defaults of 2026-12-02 (bench/decode_kernels.md, second choice): the code in the compute dtype looked
     # up in memory, the routing in one kernel, the partial sums added inside the SwiGLU and gather-sum
     "kit-code16": {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 128, "fuse": 1, "prmt_rows": 0},
+    # the defaults of the morning of 2026-12-02 (third choice): the same with the prmt decoding from 8 rows on,
+    # no fused norms, rotary embedding and LoRA products (phyassist.models.fused_decode) in the captured step
+    "kit-last": {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 128, "fuse": 1, "prmt_rows": 8},
+    # the decode defaults of now without the fused layers: what the fused kernels add is kit-new vs this
+    "kit-nofuse": {},
 }
+# variants whose captured decode steps keep the modules' own norms, rotary embedding and LoRA forward
+UNFUSED = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse")
 
 
 def set_routed(model, variant: str, decode: dict | None = None) -> None:
@@ -128,6 +139,7 @@ def set_routed(model, variant: str, decode: dict | None = None) -> None:
     if variant != "plain-hf":
         settings = (decode or {}) if variant == "kit-new" else VARIANT_DECODE[variant]
         configure_decode(model, dict(DECODE_DEFAULTS, **settings))
+        model.phyassist_fused_decode = variant not in UNFUSED  # read by phyassist.models.generation
 
 
 def timed_generate(variant, model, ids, mask, new, repeats):
@@ -253,7 +265,7 @@ def eval_projection(model, tok, args, res):
     queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
     ps = chat_prompts(tok, queries)
     out = {}
-    kit = [v for v in ("kit-new", "kit-code16", "kit-prev", "kit") if v in args.variants.split(",")]
+    kit = [v for v in ("kit-new", "kit-last", "kit-code16", "kit-prev", "kit") if v in args.variants.split(",")]
     for variant in kit + ["kit-hf"]:
         set_routed(model, variant, args.decode_options)
         set_skew(model, 0.0)

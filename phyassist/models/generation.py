@@ -20,9 +20,12 @@ replays a stale one.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
+
+from phyassist.models.fused_decode import fused_decode
 
 _CHUNK_TOKENS = 8192  # prefill tokens per forward (batch x chunk length): bounds the activations
 _LEN_BUCKET = 256  # cache lengths are rounded up to this, so similar prompts share one graph
@@ -51,7 +54,7 @@ class StaticDecoder:
     """A static KV cache for ``batch`` sequences of up to ``max_len`` tokens, and (on CUDA) the
     captured decode step that reads and extends it."""
 
-    def __init__(self, model, batch: int, max_len: int, use_graph: bool):
+    def __init__(self, model, batch: int, max_len: int, use_graph: bool, fused: bool = True):
         from transformers import StaticCache
 
         self.model, self.batch, self.max_len = model, batch, max_len
@@ -60,7 +63,7 @@ class StaticDecoder:
         self.keys = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # attendable keys
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.use_graph = use_graph
+        self.use_graph, self.fused = use_graph, fused
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -113,15 +116,16 @@ class StaticDecoder:
         mask = self.keys[:, None, None, :]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._set_length(at)
-                self._forward(self.token, mask, self.position)
-        torch.cuda.current_stream().wait_stream(side)
-        self._set_length(at)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._forward(self.token, mask, self.position)
+        with fused_decode(self.model) if self.fused else contextlib.nullcontext():
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._set_length(at)
+                    self._forward(self.token, mask, self.position)
+            torch.cuda.current_stream().wait_stream(side)
+            self._set_length(at)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._forward(self.token, mask, self.position)
         self._set_length(at)
         self.graph = graph
 
@@ -133,7 +137,8 @@ def _decoder(model, batch: int, need: int, use_graph: bool) -> StaticDecoder:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit:
         length = max(need, min(length, limit))
-    key = (batch, length, use_graph, _adapter_state(model))
+    fused = bool(getattr(model, "phyassist_fused_decode", True))  # the benchmark turns it off to compare
+    key = (batch, length, use_graph, fused, _adapter_state(model))
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
@@ -142,7 +147,7 @@ def _decoder(model, batch: int, need: int, use_graph: bool) -> StaticDecoder:
         cache.popitem(last=False)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    cache[key] = dec = StaticDecoder(model, batch, length, use_graph)
+    cache[key] = dec = StaticDecoder(model, batch, length, use_graph, fused)
     return dec
 
 

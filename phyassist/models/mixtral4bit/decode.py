@@ -191,13 +191,12 @@ if triton is not None:
         tl.store(y_ptr + (split * ROWS + r) * N + cols, tl.sum(acc, axis=1), mask=cmask)
 
     @triton.jit
-    def _nf4_mm_v2_kernel(x_ptr, xw_ptr, tok_ptr, ends_ptr, packed_ptr, packed_desc, lut_ptr, absmax_ptr, code2_ptr,
-                          absmax2_ptr, offset_ptr, y_ptr, N, KH, ROWS, CHUNK, ROW_BUCKET, E: tl.constexpr,
-                          E_POW2: tl.constexpr, NESTED: tl.constexpr, GATHER: tl.constexpr, LUT: tl.constexpr,
+    def _nf4_mm_v2_kernel(x_ptr, xw_ptr, tok_ptr, ends_ptr, packed_ptr, lut_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
+                          offset_ptr, y_ptr, N, KH, ROWS, CHUNK, ROW_BUCKET, E: tl.constexpr, E_POW2: tl.constexpr,
+                          NESTED: tl.constexpr, GATHER: tl.constexpr, LUT: tl.constexpr,
                           BLOCKS_PER_BLOCK2: tl.constexpr, HALF_BITS: tl.constexpr, PRECISION: tl.constexpr,
                           DOT_F32: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          NB: tl.constexpr, SWAP: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                          TMA: tl.constexpr = False):
+                          NB: tl.constexpr, SWAP: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         """v2 multi-row: one tile of up to ``BLOCK_M`` rows of one expert, ``BLOCK_N`` columns and ``CHUNK``
         quant blocks of K; the weight tile is decoded once per step and multiplied on the tensor cores
         (``tl.dot``), the even inputs against the high nibbles and the odd ones against the low. Weights
@@ -247,11 +246,7 @@ if triton is not None:
         for j0 in range(first, last, NB):
             jb = j0 + tl.arange(0, NB)
             bmask = jb < last
-            if TMA:
-                # the tensor memory accelerator copies the tile into shared memory; the loop's stages keep the
-                # next tiles' copies in flight while this one is decoded, without holding them in registers
-                byte = packed_desc.load([(e * N + pid_n * BLOCK_N).to(tl.int32), (j0 * 32).to(tl.int32)])
-            elif PREFETCH:
+            if PREFETCH:
                 byte = nxt
                 nxt = _packed_tile(packed_ptr, wrow, cmask, jb + NB, jb + NB < last, KH)
             else:
@@ -306,38 +301,21 @@ if triton is not None:
                       for pf in (False, True) for bn, w in [(64, 2), (128, 4), (256, 4)]]
     _nf4_gemv_v2_tuned = triton.autotune(_GEMV2_CONFIGS, key=["N", "KH", "CHUNK", "NESTED", "LUT"],
                                          restore_value=[], do_bench=_quick_bench)(_nf4_gemv_v2_kernel)
-    # (BLOCK_M, BLOCK_N, NB, warps, stages, SWAP, PREFETCH). On the H200 (bench/decode_kernels.md) the
-    # transposed one-block tiles won for code16 at every row count (16 rows at 2-32 routed rows, 32 at 128), and
-    # for prmt but on gate/up below 128 rows (the plain (16, 128, 1, 4, 1)); no prefetching tile won. The
-    # one-block tiles of 2-3 stages tried before lost everywhere (bench/decode_kernels.md at 280cbcf, with the
-    # code and pair decodings, whose table lookups were what the stages pipelined); the transposed 3-stage ones
-    # are back for code16 and prmt, where the stages pipeline the packed bytes (through shared memory).
+    # (BLOCK_M, BLOCK_N, NB, warps, stages, SWAP, PREFETCH). On the H200 (bench/decode_kernels.md) prmt took the
+    # plain (16, 128, 1, 4, 1) for gate/up up to 32 routed rows, transposed tiles for down and at 128 rows, there
+    # the 3-stage (32, 128) one (its stages pipeline the packed bytes through shared memory; the 2-3 stage tiles
+    # tried at 280cbcf, with the code and pair decodings, pipelined their table lookups and lost everywhere);
+    # no prefetching tile won a cell in two sweeps, so none is in the set (the kernel keeps ``PREFETCH`` for tests
+    # and other GPUs: a tile of its own list, not the autotuner's).
     _MM2_TILES = [(16, 64, 2, 4, 2, 0, 0), (16, 128, 1, 4, 1, 0, 0), (32, 64, 2, 4, 2, 0, 0), (64, 64, 2, 4, 2, 0, 0),
-                  (32, 128, 2, 8, 2, 0, 0), (16, 128, 1, 4, 1, 0, 1), (16, 256, 1, 8, 1, 0, 1),
-                  (16, 128, 1, 4, 1, 1, 0), (16, 128, 1, 4, 1, 1, 1), (32, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 1),
-                  (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0), (32, 128, 1, 4, 3, 1, 0)]
-    # (BLOCK_M, BLOCK_N, warps, stages) of transposed one-block tiles whose packed bytes the tensor memory
-    # accelerator copies into shared memory (``TMA``; Hopper and later): ``stages - 1`` tiles in flight per
-    # program without holding them in registers. Why: at batch 1 and 64 the kernel streamed the weights at
-    # 0.6-0.8 TB/s (bench/decode_kernels.md), its 4 KB a step, loaded then decoded, being all a program had in
-    # flight, and registers capping the programs per SM at four.
-    _MM2_TMA_TILES = [(16, 128, 4, 3), (16, 128, 4, 5), (32, 128, 4, 4), (16, 256, 8, 4), (16, 64, 4, 6)]
+                  (32, 128, 2, 8, 2, 0, 0),
+                  (16, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 0), (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0),
+                  (32, 128, 1, 4, 3, 1, 0)]
 
-    def _mm2_configs(one_block: bool, tma: bool = False):
-        """The multi-row autotuner's configs; ``tma``: also the TMA tiles, each setting the packed bytes'
-        descriptor's block to its tile (``_desc_block``), as every config of that tuner gets a descriptor."""
-        hook = _desc_block if tma else None
-        plain = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(sw), "PREFETCH": bool(pf),
-                                "TMA": False},
-                               num_warps=w, num_stages=s, pre_hook=hook)
-                 for bm, bn, nb, w, s, sw, pf in _MM2_TILES if nb == 1 or not one_block]
-        return plain + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": 1, "SWAP": True, "PREFETCH": False,
-                                       "TMA": True},
-                                      num_warps=w, num_stages=s, pre_hook=hook)
-                        for bm, bn, w, s in (_MM2_TMA_TILES if tma else [])]
-
-    def _desc_block(nargs):
-        nargs["packed_desc"].block_shape = [nargs["BLOCK_N"], 32]
+    def _mm2_configs(one_block: bool):
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(sw), "PREFETCH": bool(pf)},
+                              num_warps=w, num_stages=s)
+                for bm, bn, nb, w, s, sw, pf in _MM2_TILES if nb == 1 or not one_block]
 
     # tuned per power-of-two row count (ROW_BUCKET, read only by the autotuner), not per exact count
     _MM2_KEY = ["N", "KH", "ROW_BUCKET", "CHUNK", "NESTED", "LUT"]
@@ -345,40 +323,11 @@ if triton is not None:
                                        do_bench=_quick_bench)(_nf4_mm_v2_kernel)
     _nf4_mm_v2_tuned_nb1 = triton.autotune(_mm2_configs(True), key=_MM2_KEY, restore_value=[],  # LUT 2, 3
                                            do_bench=_quick_bench)(_nf4_mm_v2_kernel)
-    _nf4_mm_v2_tuned_tma = triton.autotune(_mm2_configs(True, tma=True), key=_MM2_KEY, restore_value=[],
-                                           do_bench=_quick_bench)(_nf4_mm_v2_kernel)
 
-    def _mm2_tuner(lut: int, tma: bool = False):
+    def _mm2_tuner(lut: int):
         """The multi-row kernel's autotuner for decoding ``LUTS[lut]``: one quant block a step for the decodings
-        that scale each block's dot product (2, 3), with the TMA tiles among them where ``tma``
-        (:func:`tma_capable`)."""
-        return (_nf4_mm_v2_tuned_tma if tma else _nf4_mm_v2_tuned_nb1) if lut >= 2 else _nf4_mm_v2_tuned
-
-
-def tma_capable(x: torch.Tensor) -> bool:
-    """Whether the multi-row kernel may copy the packed bytes by TMA for input ``x``: an NVIDIA GPU of compute
-    capability 9 (Hopper) or later, and a Triton that has host tensor descriptors."""
-    if triton is None or not x.is_cuda or torch.version.hip is not None:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 9
-
-
-def _packed_desc(packed, kh: int, block_n: int):
-    """A host TMA descriptor of the packed bytes as ``[E * N, K // 2]`` rows, kept on ``packed`` (the autotuner's
-    configs set its block, :func:`_desc_block`; a captured graph keeps the encoded copy it was launched with)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    desc = getattr(packed, "_phyassist_desc", None)
-    if desc is None or desc.base.data_ptr() != packed.packed.data_ptr():
-        base = packed.packed.view(-1, kh)
-        desc = TensorDescriptor(base, list(base.shape), [kh, 1], [block_n, 32])
-        packed._phyassist_desc = desc
-    desc.block_shape = [block_n, 32]
-    return desc
+        that scale each block's dot product (2, 3)."""
+        return _nf4_mm_v2_tuned_nb1 if lut >= 2 else _nf4_mm_v2_tuned
 
 
 KERNELS = ("v1", "gemv2", "mm2", "v2")  # Quant4bitExperts.decode_kernel; see nf4_moe_matmul
@@ -394,19 +343,18 @@ LUTS = ("code", "pair", "code16", "prmt")  # Quant4bitExperts.decode_lut: how th
 # inside the SwiGLU and gather-sum; 0: torch's sort and a sum of their own everywhere (the path before; measured
 # end to end only together with code16, bench/generation_mixtral.md). Per model: configure_decode.
 # ``prmt_rows`` (with ``lut`` code16): from this many rows on, the same values come from the ``prmt`` decoding
-# (byte permutes in registers instead of lookups in memory); 0 never. ``tma`` 1: the multi-row kernel's autotuner
-# also has tiles whose packed bytes come by TMA (code16 and prmt, Hopper GPUs and later; tma_capable); 0: not.
+# (byte permutes in registers instead of lookups in memory); 0 never.
 DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1,
-                   "prmt_rows": 8, "tma": 1}
+                   "prmt_rows": 2}
 # The values each setting may take (check_decode_options).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int,
-                  "fuse": (0, 1), "prmt_rows": int, "tma": (0, 1)}
+                  "fuse": (0, 1), "prmt_rows": int}
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
                    token_of_row: torch.Tensor | None = None, split_bytes: int = DECODE_DEFAULTS["split_bytes"],
                    kernel: str = "v1", lut: str = "code", gemv_rows: int = DECODE_DEFAULTS["gemv_rows"],
-                   reduce: bool = True, prmt_rows: int = 0, tma: bool = False) -> torch.Tensor:
+                   reduce: bool = True, prmt_rows: int = 0) -> torch.Tensor:
     """``y[r] = x[src(r)] @ W[e(r)].T`` for ``rows`` rows sorted by expert; ``W`` stays NF4.
 
     ``packed`` is a :class:`~phyassist.models.mixtral4bit.experts.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
@@ -424,9 +372,7 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
     scaled once (not each weight; the weights are then not rounded as the reference rounds them, the
     difference is within that dtype's rounding); ``prmt`` the values of ``code16`` from byte permutes in
     registers, no lookup in memory (:func:`prmt_asm`): NVIDIA GPUs and a 16-bit ``x`` only, elsewhere it runs as
-    ``code16``; ``code16`` runs as ``prmt`` in the multi-row kernel from ``prmt_rows`` rows on (0: never). ``tma``:
-    the multi-row kernel with ``code16`` / ``prmt`` may take tiles whose bytes come by TMA (where
-    :func:`tma_capable`). Nothing
+    ``code16``; ``code16`` runs as ``prmt`` in the multi-row kernel from ``prmt_rows`` rows on (0: never). Nothing
     waits for the host.
 
     ``reduce`` False returns the split-K partial sums ``[splits, rows, N]`` (fp32, or ``[1, rows, N]`` in
@@ -448,7 +394,7 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
             lut = "prmt"
         if lut == "prmt" and not (x.is_cuda and torch.version.hip is None and x.element_size() == 2):
             lut = "code16"  # the same values; the PTX needs an NVIDIA GPU, and its table holds 16-bit codes
-        partial = _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, LUTS.index(lut), tma=tma)
+        partial = _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi, LUTS.index(lut))
         return sum_partials(partial, x.dtype) if reduce else partial
     scales, scale_meta = scale_args(state)
     row_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device, dtype=ends.dtype), right=True)
@@ -470,11 +416,10 @@ INTERPRETER_TILES = {"gemv": {"BLOCK_N": 32, "NB": 2, "PREFETCH": True},
                      "mm": {"BLOCK_M": 16, "BLOCK_N": 32, "NB": 2}, "mm-nb1": {"BLOCK_M": 16, "BLOCK_N": 32, "NB": 1}}
 
 
-def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lut: int, tiles=None,
-               tma: bool = False):
+def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lut: int, tiles=None):
     """Launch the v2 GEMV (``multi`` False) or multi-row kernel with decoding ``LUTS[lut]``; returns the
-    fp32 partial sums ``[splits, rows, N]``. ``tiles`` fixes the tile (else: the autotuned one on GPUs, with the
-    TMA tiles where ``tma`` and :func:`tma_capable`; :data:`INTERPRETER_TILES` in the interpreter)."""
+    fp32 partial sums ``[splits, rows, N]``. ``tiles`` fixes the tile (else: the autotuned one on GPUs,
+    :data:`INTERPRETER_TILES` in the interpreter)."""
     E, N, K = packed.shape
     state = packed.quant_state
     scales, scale_meta = scale_args(state)
@@ -493,12 +438,8 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lu
     if tiles is None and not x.is_cuda:
         tiles = INTERPRETER_TILES[name]
     if multi:
-        # a TMA descriptor where the tuner has TMA tiles or the fixed tile is one; else the bytes' pointer again
-        tma = lut >= 2 and (tiles.get("TMA", False) if tiles else tma and tma_capable(x))
-        kern = _nf4_mm_v2_kernel if tiles else _mm2_tuner(lut, tma)
-        desc = _packed_desc(packed, kh, tiles["BLOCK_N"] if tiles else 128) if tma else packed.packed
+        kern = _nf4_mm_v2_kernel if tiles else _mm2_tuner(lut)
         grid = lambda m: (rows // m["BLOCK_M"] + min(E, rows), triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
-        tail = (tail[0], desc, *tail[1:])
         _launch(kern, grid, x, *args, ends, *tail, triton.next_power_of_2(rows), E=E, E_POW2=triton.next_power_of_2(E),
                 PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None, DOT_F32=not x.is_cuda,
                 **meta, **(tiles or {}))
@@ -673,8 +614,7 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts, kernel=fuse)
     x = hidden.to(module.gate_up.quant_state.dtype)
     kw = dict(split_bytes=module.decode_split_bytes, kernel=module.decode_kernel, lut=module.decode_lut,
-              gemv_rows=module.decode_gemv_rows, reduce=not fuse, prmt_rows=module.decode_prmt_rows,
-              tma=bool(module.decode_tma))
+              gemv_rows=module.decode_gemv_rows, reduce=not fuse, prmt_rows=module.decode_prmt_rows)
     # fused: the split-K partial sums are added inside the SwiGLU and the gather-sum (no pass of their own)
     h = nf4_moe_matmul(x, module.gate_up, ends, index.numel(), token_of_row, **kw)
     a = swiglu_forward(h, w_row, x.dtype)

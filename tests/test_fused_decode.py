@@ -1,0 +1,165 @@
+"""The captured decode step's fused kernels (phyassist.models.fused_decode) against the modules they stand in for:
+HF's RMSNorm and rotary embedding, PEFT's LoRA forward; in Triton's CPU interpreter (``make test``) and on a GPU
+(``gpu``). The whole decode step with them: tests/test_generation.py's graph-decode test (gpu)."""
+
+import pytest
+import torch
+from conftest import run_in_triton_interpreter
+
+from phyassist.config import load_config
+
+
+def _close(got, want, steps, what, unit=None):
+    """Within ``steps`` rounding steps of ``unit`` (default: ``want``'s dtype) of its largest value (bf16: 2^-8
+    relative)."""
+    eps = torch.finfo(unit or want.dtype).eps
+    bound = steps * eps * want.float().abs().amax().item()
+    err = (got.float() - want.float()).abs().max().item()
+    assert got.dtype == want.dtype and got.shape == want.shape and err <= bound, (what, err, bound)
+
+
+def check_norm(device="cpu"):
+    """RMSNorm: the two roundings of HF's forward (normalized row to the input dtype, times the weight; torch's rsqrt
+    and the kernel's 1 / sqrt may round the first one a step apart), weight in
+    the input's dtype and in fp32, rows wider than a tile's warp share, a whole batch of rows."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from phyassist.models.fused_decode import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    for d, wdtype in ((64, torch.bfloat16), (4096, torch.bfloat16), (96, torch.float32)):
+        norm = MixtralRMSNorm(d, eps=1e-5).to(device, wdtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(d, generator=g) * 0.5 + 1)
+        x = (torch.randn(3, 5, d, generator=g) * 3).to(device, torch.bfloat16)
+        with torch.no_grad():
+            want = norm(x)
+        _close(rms_norm(x, norm.weight, norm.variance_epsilon), want, 2, ("norm", d, wdtype), unit=x.dtype)
+
+
+def check_rotary(device="cpu"):
+    """Rotary embedding on q and k as the attention passes them (transposed views of the projections), grouped
+    KV heads, one and several positions, bf16: HF's three rounded ops (within two steps: the interpreter's casts
+    to bf16 need not round to nearest)."""
+    from transformers.models.mixtral.modeling_mixtral import apply_rotary_pos_emb
+
+    from phyassist.models.fused_decode import apply_rotary
+
+    g = torch.Generator().manual_seed(1)
+    for b, s, hq, hk, d in ((1, 1, 8, 2, 64), (3, 4, 4, 4, 32)):
+        q = torch.randn(b, s, hq * d, generator=g).to(device, torch.bfloat16).view(b, s, hq, d).transpose(1, 2)
+        k = torch.randn(b, s, hk * d, generator=g).to(device, torch.bfloat16).view(b, s, hk, d).transpose(1, 2)
+        angle = torch.rand(b, s, d // 2, generator=g) * 6
+        emb = torch.cat([angle, angle], -1)
+        cos, sin = emb.cos().to(device, torch.bfloat16), emb.sin().to(device, torch.bfloat16)
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+        got_q, got_k = apply_rotary(q, k, cos, sin)
+        _close(got_q, want_q, 2, ("rotary q", b, s, hq, d))
+        _close(got_k, want_k, 2, ("rotary k", b, s, hk, d))
+
+
+def check_lora(device="cpu"):
+    """``y += s * B(A(x))`` against the fp32 products, adapter weights in fp32 and bf16, a rank not a power of
+    two, columns past a tile."""
+    from phyassist.models.fused_decode import lora_add_
+
+    g = torch.Generator().manual_seed(2)
+    for rows, K, N, r, adtype in ((1, 512, 200, 32, torch.float32), (5, 1000, 130, 12, torch.bfloat16)):
+        x = torch.randn(rows, K, generator=g).to(device, torch.bfloat16)
+        y = torch.randn(rows, N, generator=g).to(device, torch.bfloat16)
+        a = (torch.randn(r, K, generator=g) * 0.05).to(device, adtype)
+        b = (torch.randn(N, r, generator=g) * 0.05).to(device, adtype)
+        want = (y.float() + 0.7 * (x.to(adtype).float() @ a.float().T) @ b.float().T).to(torch.bfloat16)
+        got = lora_add_(y.clone(), x, a, b, 0.7)
+        _close(got, want, 2, ("lora", rows, K, N, r, adtype))
+
+
+def check_model(device="cpu"):
+    """The tiny Mixtral in 4 bit with the study's LoRA (router included, whose parameter wrapper stays
+    unpatched) one decode step with and without :func:`fused_decode`: the same logits within bf16 rounding; after
+    the context every module runs its own forward again."""
+    from transformers import StaticCache
+
+    from phyassist.models.fused_decode import fused_decode
+    from phyassist.models.mixtral4bit.build import build_quantized_model
+    from phyassist.models.mixtral4bit.decode import configure_decode
+    from phyassist.models.registry import architecture_config
+    from phyassist.train.lora import apply_lora
+
+    cfg = load_config("paper")  # the study's quantization and LoRA (router included), on the tiny architecture
+    config = architecture_config("tiny-mixtral")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = build_quantized_model(config, cfg.model.quant, device, method="grouped", progress=False)
+    model = apply_lora(model, cfg.train.lora.model_copy(update={"dropout": 0.0})).eval()
+    configure_decode(model, {"max_rows": 0})  # the experts' torch path: what this test checks is around them
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+            elif ".mlp.gate." in n and n.endswith("weight"):  # decisive routers, as trained ones are: no near-tied top-2
+                p.mul_(20)
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).to(device)
+
+    def step():
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+            return model(input_ids=ids[:, 5:], position_ids=torch.full((2, 1), 5, device=device),
+                         past_key_values=cache, use_cache=True).logits.float()
+
+    forwards = {n: m.forward for n, m in model.named_modules()}
+    want = step()
+    import phyassist.models.fused_decode as f
+
+    calls = {"rms_norm": 0, "apply_rotary": 0, "lora_add_": 0}
+    originals = {name: getattr(f, name) for name in calls}
+
+    def counted(name):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return run
+    try:
+        for name in calls:
+            setattr(f, name, counted(name))
+        with fused_decode(model):
+            patched = [n for n, m in model.named_modules() if "forward" in vars(m)]
+            got = step()
+    finally:
+        for name, fn in originals.items():
+            setattr(f, name, fn)
+    layers = model.config.num_hidden_layers
+    # the decode step's 2 norms a layer and the final one, a rotary embedding and q, k, v, o's adapters a layer
+    # (the prefill inside step() runs them too: twice each)
+    assert calls == {"rms_norm": 2 * (2 * layers + 1), "apply_rotary": 2 * layers, "lora_add_": 2 * 4 * layers}, calls
+    assert any("norm" in n for n in patched) and any("q_proj" in n for n in patched), patched
+    assert not any("gate" in n.split(".")[-1] for n in patched), patched  # the router's adapter wrapper
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(m.forward == forwards[n] for n, m in model.named_modules())
+    rel = ((got - want).abs().amax(-1) / want.abs().amax()).flatten()
+    assert (rel <= 0.02).all(), rel.tolist()
+
+
+def test_fused_decode_kernels_match_the_modules_in_triton_interpreter():
+    run_in_triton_interpreter("import tests.test_fused_decode as t; t.check_norm(); t.check_rotary(); "
+                              "t.check_lora(); t.check_model()")
+
+
+def test_without_triton_nothing_is_patched(monkeypatch):
+    """CPU builds of torch: the context changes nothing."""
+    from phyassist.models import fused_decode as f
+
+    monkeypatch.setattr(f, "triton", None)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with f.fused_decode(model):
+        assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.gpu
+def test_gpu_fused_decode_kernels_match_the_modules(has_gpu):
+    check_norm("cuda")
+    check_rotary("cuda")
+    check_lora("cuda")
+    check_model("cuda")
