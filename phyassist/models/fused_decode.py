@@ -137,9 +137,10 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     xc = x.contiguous()
     rows = xc.numel() // K
     t = torch.empty(rows, R, dtype=torch.float32, device=x.device)
-    block_r = min(4, triton.next_power_of_2(R))
+    # two ranks a program, all of K in one step up to 4,096: every load of a program in flight at once
+    block_r = min(2, triton.next_power_of_2(R))
     _launch(_lora_a_kernel, (rows, triton.cdiv(R, block_r)), x, xc, a.contiguous(), t, K, R, BLOCK_R=block_r,
-            BLOCK_K=512, num_warps=4)
+            BLOCK_K=min(4096, triton.next_power_of_2(K)), num_warps=4)
     _launch(_lora_b_add_kernel, (rows, triton.cdiv(N, 128)), x, t, b.contiguous(), y, N, R, float(scale),
             R_POW2=max(16, triton.next_power_of_2(R)), BLOCK_N=128, num_warps=4)
     return y
@@ -160,8 +161,9 @@ def _norm_forward(module):
 
 
 def _plain_adapter(module, x, args, kwargs):
-    """The one active adapter of a PEFT LoRA layer if its forward is the plain ``y + s * B(A(x))`` (no dropout,
-    DoRA or other variant, no bias, not merged or disabled, no per-row adapter names), else None."""
+    """The one active adapter of a PEFT LoRA layer if its forward is the plain ``y + s * B(A(x))`` (no dropout, or
+    dropout in eval mode, where it passes its input through; no DoRA or other variant, no bias, not merged or
+    disabled, no per-row adapter names), else None."""
     if args or kwargs or module.disable_adapters or module.merged or not _fusable(x):
         return None
     names = [a for a in module.active_adapters if a in module.lora_A]
@@ -169,8 +171,11 @@ def _plain_adapter(module, x, args, kwargs):
         return None
     name = names[0]
     a, b = module.lora_A[name], module.lora_B[name]
-    if (name in getattr(module, "lora_variant", {}) or not isinstance(module.lora_dropout[name], torch.nn.Identity)
-            or not isinstance(a, torch.nn.Linear) or not isinstance(b, torch.nn.Linear) or b.bias is not None):
+    drop = module.lora_dropout[name]
+    no_dropout = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout)
+                                                         and (not drop.training or drop.p == 0))
+    if (name in getattr(module, "lora_variant", {}) or not no_dropout or not isinstance(a, torch.nn.Linear)
+            or not isinstance(b, torch.nn.Linear) or b.bias is not None):
         return None
     return name
 
