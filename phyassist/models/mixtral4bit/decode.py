@@ -25,8 +25,8 @@ row is found on the GPU: nothing waits for the host, so a whole decode step can 
 Decodings (``lut=``, the module's ``decode_lut``): ``code``, ``pair``, ``code16`` look the nibbles up in small
 tables in memory (one load instruction per weight or per byte); ``prmt`` gets ``code16``'s values from byte
 permutes over the code held in registers (inline PTX, :func:`prmt_asm`): a third fewer instructions in the
-multi-row kernel's loop, which pays from a few rows a tile on (bench/decode_kernels.md; at batch 1 not yet
-measured cleanly). ``prmt_rows`` switches ``code16`` to ``prmt`` from a row count on.
+multi-row kernel's loop, 1.35-1.56x faster than ``code16`` from 2 rows (batch 1) to 128 on the H200
+(bench/decode_kernels.md). ``prmt_rows`` switches ``code16`` to ``prmt`` from a row count on.
 
 :func:`routed_experts` is the MLP built on it: gate/up, fused SwiGLU with the routing weight, down,
 gather-sum back to token order; :func:`route` sorts the rows by expert in one program, and the
@@ -338,7 +338,7 @@ LUTS = ("code", "pair", "code16", "prmt")  # Quant4bitExperts.decode_lut: how th
 # nf4_moe_matmul's kernel and ``split_bytes`` the packed bytes of K per program. The values are what
 # bench/decode_kernels.py --choose picks from the kernel timings on an H200 (bench/decode_kernels.md): the v2
 # multi-row kernel from 2 rows (batch 1) to 128 (batch 64), the code in the compute dtype, decoded by byte
-# permutes (prmt) from 8 rows (batch 4) on. ``fuse`` 1: the routing
+# permutes (prmt) from 2 rows on (every decode step). ``fuse`` 1: the routing
 # in one kernel (route, up to ROUTE_KERNEL_ROWS rows, prefill chunks included) and the split-K partial sums added
 # inside the SwiGLU and gather-sum; 0: torch's sort and a sum of their own everywhere (the path before; measured
 # end to end only together with code16, bench/generation_mixtral.md). Per model: configure_decode.
