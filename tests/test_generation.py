@@ -136,6 +136,22 @@ def test_graph_key_follows_adapter_state(tiny_mixtral_lora):
     assert _adapter_state(model) == before
 
 
+def test_decoder_cache_separates_fused_and_unfused_graphs(tiny_mixtral_lora):
+    """A graph captured with the fused kernels (phyassist.models.fused_decode) and one without are different
+    decoders; switching back finds the first again."""
+    from phyassist.models.generation import _decoder
+
+    model = tiny_mixtral_lora
+    fused = _decoder(model, 1, 10, use_graph=False)
+    model.phyassist_fused_decode = False
+    try:
+        plain = _decoder(model, 1, 10, use_graph=False)
+        assert plain is not fused and not plain.fused and fused.fused
+    finally:
+        del model.phyassist_fused_decode
+    assert _decoder(model, 1, 10, use_graph=False) is fused
+
+
 def test_cpu_default_keeps_transformers_generate(tiny_mixtral_lora, monkeypatch):
     """On a CPU the default is transformers' generate (the dynamic cache attends over fewer keys)."""
     model = tiny_mixtral_lora
@@ -202,8 +218,9 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decod
     """Each generated step's logits (static cache, CUDA graph, routed experts) against one forward over
     the whole generated sequence with the training path's experts, within bf16 tolerance; the study's
     LoRA attached (router included). ``mixtral``: 2 layers of Mixtral-8x7B's full width. ``prmt``: the
-    register decoding at every row count (``prmt_rows`` 1; by default it starts at batch 4, above this test's
-    batch of 2), its PTX built while the first graph is captured."""
+    register decoding from 1 row (``prmt_rows`` 1; the default, 2, already decodes this test's batch of 2 by byte
+    permutes), its PTX built while the first graph is captured. Both capture the step with the fused norm, rotary
+    and LoRA kernels (phyassist.models.fused_decode)."""
     from transformers import LogitsProcessor
 
     from phyassist.models.mixtral4bit.build import build_quantized_model

@@ -221,19 +221,22 @@ def _patchable_lora(m) -> bool:
 @contextlib.contextmanager
 def fused_decode(model):
     """While open, ``model``'s Llama-family RMSNorms, rotary embedding and plain LoRA layers run the fused kernels
-    (on CUDA without autograd; elsewhere their own code). Nothing is patched without Triton."""
+    (on CUDA without autograd; elsewhere their own code). Nothing is patched without Triton. A module's own
+    ``forward`` attribute (accelerate's device hooks set one) is what the fused forward falls back to and what it
+    gets back on exit; nested use restores each level. The rotary function is patched in its modeling module, for
+    the whole process while open (the fused version is the same maths, and runs only for CUDA tensors without
+    autograd)."""
     if triton is None:
         yield model
         return
     patched, originals = [], {}
     try:
         for m in model.modules():
-            if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon"):
-                m.forward = _norm_forward(m)
-                patched.append(m)
-            elif _patchable_lora(m):
-                m.forward = _lora_forward(m)
-                patched.append(m)
+            fused = (_norm_forward(m) if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon")
+                     else _lora_forward(m) if _patchable_lora(m) else None)
+            if fused is not None:
+                patched.append((m, m.__dict__.get("forward")))  # the instance's own forward, if it had one
+                m.forward = fused
             name = type(m).__module__
             if name in ROTARY_MODULES and name in sys.modules and sys.modules[name] not in originals:
                 mod = sys.modules[name]
@@ -241,7 +244,10 @@ def fused_decode(model):
                 mod.apply_rotary_pos_emb = _rotary_function(originals[mod])
         yield model
     finally:
-        for m in patched:
-            del m.forward  # the class's forward again
         for mod, fn in originals.items():
             mod.apply_rotary_pos_emb = fn
+        for m, own in reversed(patched):
+            if own is None:
+                m.__dict__.pop("forward", None)  # the class's forward again
+            else:
+                m.forward = own
