@@ -23,7 +23,10 @@ per-expert logit bias ``-A * log(rank)`` (a Zipf-like load, reported as measured
 
 ``tokens_per_s`` counts the whole call, the prompts' prefill included; a serving load of long answers is paced
 by the decode steps instead, so each batch's row also times the prefill alone (the same prompts, 1 new token)
-and reports ``decode_tok_s`` from the difference (:func:`decode_rate`).
+and reports ``decode_tok_s`` from the difference (:func:`decode_rate`), and, for the kit's path,
+``decode_tok_s_events``: the decode steps of the timed calls themselves, between CUDA events recorded after the
+prefill and after the last step (``generate(step_events=)``); a prefill that drifts between the two calls (it did
+on a slow host, bench/generation_mixtral.md) moves the first, not the second.
 
     python3 bench/generation_mixtral.py --tokenizer .gpu/mistral-v1-tokenizer --out $OUT
     python3 bench/generation_mixtral.py --variants kit,kit-v2,kit-v2pair --skew-variants kit,kit-v2 --out $OUT
@@ -149,21 +152,25 @@ def timed_generate(variant, model, ids, mask, new, repeats):
 
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2)
     static = variant.startswith("kit") and variant != "kit-hf"
-    call = ((lambda: generate(model, ids, mask, **kw)) if static
+    events: list = []
+    call = ((lambda: generate(model, ids, mask, step_events=events, **kw)) if static
             else (lambda: model.generate(input_ids=ids, attention_mask=mask, **kw)))
     with torch.inference_mode():
         warm = dict(kw, max_new_tokens=min(new, 4), min_new_tokens=min(new, 4))
         # warm-up (graphs captured, kernels tuned): same cache-length bucket, fewer tokens
         generate(model, ids, mask, **warm) if static else model.generate(input_ids=ids, attention_mask=mask, **warm)
         sync()
-        times = []
+        times, steps = [], []
         for _ in range(repeats):
+            events.clear()
             t0 = time.perf_counter()
             out = call()
             sync()
             times.append(time.perf_counter() - t0)
+            if len(events) > 1:  # the decode steps of this very call, on the GPU's clock
+                steps.append(events[0].elapsed_time(events[-1]) / 1e3)
     assert out.shape[1] == ids.shape[1] + new, out.shape
-    return times
+    return times, steps
 
 
 def decode_rate(batch: int, new: int, total_s: float, prefill_s: float) -> float | None:
@@ -201,23 +208,26 @@ def run_variant(variant, model, tok, args, skew, res):
         new = args.new if variant in FAST else args.new_slow
         ids = prompts(tok, b, args.prompt_len)
         mask = torch.ones_like(ids)
-        times = timed_generate(variant, model, ids, mask, new, repeats)
+        times, steps = timed_generate(variant, model, ids, mask, new, repeats)
         med = statistics.median(times)
         shares = expert_shares(model)  # before the prefill call below, whose forward would replace them
         # the same prompts, 1 new token: the prefill (and first token) alone, for the decode rate; with the
         # default lengths (p + 1 and p + new in one 256-token bucket) it reuses the call's own static cache
-        prefill = timed_generate(variant, model, ids, mask, 1, repeats)
+        prefill, _ = timed_generate(variant, model, ids, mask, 1, repeats)
         pre = statistics.median(prefill)
         rows.append(dict(variant=variant, skew=skew, batch=b, prompt=args.prompt_len, new_tokens=new,
                          seconds=[round(t, 4) for t in times], median_s=round(med, 4),
                          tokens_per_s=round(b * new / med, 1),
                          prefill_seconds=[round(t, 4) for t in prefill], prefill_median_s=round(pre, 4),
                          decode_tok_s=decode_rate(b, new, med, pre), expert_share=shares))
+        if steps:  # the decode steps timed inside each call (CUDA events): no second call whose prefill may drift
+            rows[-1].update(step_seconds=[round(t, 4) for t in steps],
+                            decode_tok_s_events=round(b * (new - 1) / statistics.median(steps), 1))
         print(json.dumps(rows[-1]), flush=True)
         save(res, rows)
         torch.cuda.empty_cache()
     ids = prompts(tok, 1, args.long_prompt, seed=1)
-    ttft = timed_generate(variant, model, ids, torch.ones_like(ids), 1, repeats)
+    ttft, _ = timed_generate(variant, model, ids, torch.ones_like(ids), 1, repeats)
     rows.append(dict(variant=variant, skew=skew, batch=1, prompt=args.long_prompt, new_tokens=1,
                      seconds=[round(t, 4) for t in ttft], first_token_s=round(statistics.median(ttft), 4)))
     print(json.dumps(rows[-1]), flush=True)

@@ -32,7 +32,7 @@ RESULTS_TABLES = {
 }
 # the JSON keys a table's figures are read from (so that a figure cannot match an unrelated value of the file)
 RESULT_KEYS = {
-    "Generation": {"tokens_per_s", "first_token_s", "decode_tok_s"},
+    "Generation": {"tokens_per_s", "first_token_s", "decode_tok_s", "decode_tok_s_events"},
     "App": {"median_warm_s", "p95_ms", "wall_s", "seconds"},
 }
 # a figure: an optional minus sign (not a hyphen inside a word), digits with thousands commas, decimals, a ratio sign

@@ -58,9 +58,11 @@ def test_static_path_gives_the_reference_greedy_tokens(tiny_mixtral_lora):
                              pad_token_id=0, eos_token_id=None)
     for m in experts:
         m.decode_max_rows = 16
-    out = generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, static=True)
+    events = []
+    out = generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, static=True, step_events=events)
     assert ref.shape == out.shape == (2, 74)
     assert torch.equal(out, ref)
+    assert events == []  # timing events are recorded on CUDA only
 
 
 def test_static_path_follows_generate_with_penalty_stop_and_streamer(tiny_mixtral_lora):
@@ -251,9 +253,12 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decod
             seen.append(scores.clone())
             return scores
 
+    events = []
     out = generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, eos_token_id=None,
-                   logits_processor=[Record()])
+                   logits_processor=[Record()], step_events=events)
     assert model.__dict__["_phyassist_decoders"], "the CUDA path captured no graph"
+    torch.cuda.synchronize()
+    assert len(events) == 64 and events[0].elapsed_time(events[-1]) > 0  # after the prefill and 63 decode steps
     full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1]:])], 1)
     for m in _experts(model):
         m.decode_max_rows = 0

@@ -131,6 +131,12 @@ class StaticDecoder:
         self.graph = graph
 
 
+def _recorded_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 def _decoder(model, batch: int, need: int, use_graph: bool) -> StaticDecoder:
     """A decoder for this batch size and length from the model's small cache, or a new one."""
     cache: OrderedDict = model.__dict__.setdefault("_phyassist_decoders", OrderedDict())
@@ -176,12 +182,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              repetition_penalty: float | None = 1.0, num_beams: int = 1, logits_processor=None,
              stopping_criteria=None, streamer=None, pad_token_id: int | None = None,
              eos_token_id: int | list[int] | None = None, static: bool | None = None,
-             sync_every: int = 8, **kwargs) -> torch.Tensor:
+             sync_every: int = 8, step_events: list | None = None, **kwargs) -> torch.Tensor:
     """``model.generate``'s result (prompt + new tokens, finished rows padded) by the static path.
 
     ``static``: None chooses (CUDA and a model with a static cache), True/False forces. Graphs are
     captured on CUDA only. ``sync_every``: steps between checks whether every row has finished
-    (each check waits for the GPU).
+    (each check waits for the GPU). ``step_events`` (benchmarks, CUDA): a timing event is recorded into this list
+    after the prefill and after each decode step, without waiting for the GPU, so that the steps' time is read
+    from the same call (``events[0].elapsed_time(events[-1])``) rather than from a second, prefill-only call.
     """
     device = input_ids.device
     if attention_mask is None:
@@ -217,6 +225,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if streamer is not None:
                 streamer.put(input_ids.cpu())
             logits = dec.prefill(input_ids, attention_mask)
+            timing = step_events is not None and device.type == "cuda"
+            if timing:
+                step_events.append(_recorded_event())
             n = 0
             while n < max_new_tokens:
                 scores = logits.float()
@@ -240,6 +251,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 if n == max_new_tokens or ((streamer is not None or n % sync_every == 0) and bool(finished.all())):
                     break
                 logits = dec.step(nxt, p + n - 1)
+                if timing:
+                    step_events.append(_recorded_event())
     finally:
         if streamer is not None:
             streamer.end()
