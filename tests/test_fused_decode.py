@@ -190,8 +190,9 @@ def test_without_triton_nothing_is_patched(monkeypatch):
 
 
 def test_a_modules_own_forward_comes_back_and_nesting_restores_each_level():
-    """accelerate's device hooks set a module's ``forward``: the fused forward falls back to it and it comes back
-    on exit; a nested context restores the outer one's patch, the outer the original, the rotary function too."""
+    """A module's own ``forward``: the fused forward falls back to it and it comes back on exit; a nested context
+    restores the outer one's patch, the outer the original, the rotary function too; a module under an accelerate
+    hook is not patched."""
     pytest.importorskip("triton")
     import transformers.models.mixtral.modeling_mixtral as mm
     from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
@@ -199,7 +200,7 @@ def test_a_modules_own_forward_comes_back_and_nesting_restores_each_level():
     from phyassist.models.fused_decode import fused_decode
 
     norm = MixtralRMSNorm(8)
-    hooked = lambda x: x * 2  # noqa: E731 - stands for accelerate's hooked forward
+    hooked = lambda x: x * 2  # noqa: E731 - a forward of the instance's own
     norm.forward = hooked
     model = torch.nn.Sequential(norm)
     rotary = mm.apply_rotary_pos_emb
@@ -210,6 +211,10 @@ def test_a_modules_own_forward_comes_back_and_nesting_restores_each_level():
             assert norm.forward is not outer
         assert norm.forward is outer and mm.apply_rotary_pos_emb is not rotary
     assert norm.forward is hooked and mm.apply_rotary_pos_emb is rotary
+    norm._hf_hook = object()  # accelerate's device hook: left alone
+    with fused_decode(model):
+        assert norm.forward is hooked
+    del norm._hf_hook
     del norm.forward
     with fused_decode(model):
         pass

@@ -221,9 +221,9 @@ def _patchable_lora(m) -> bool:
 @contextlib.contextmanager
 def fused_decode(model):
     """While open, ``model``'s Llama-family RMSNorms, rotary embedding and plain LoRA layers run the fused kernels
-    (on CUDA without autograd; elsewhere their own code). Nothing is patched without Triton. A module's own
-    ``forward`` attribute (accelerate's device hooks set one) is what the fused forward falls back to and what it
-    gets back on exit; nested use restores each level. The rotary function is patched in its modeling module, for
+    (on CUDA without autograd; elsewhere their own code). Nothing is patched without Triton, nor modules under an
+    accelerate hook (a model dispatched over devices: the hook moves their inputs). A module's own ``forward``
+    attribute is what the fused forward falls back to and what it gets back on exit; nested use restores each level. The rotary function is patched in its modeling module, for
     the whole process while open (the fused version is the same maths, and runs only for CUDA tensors without
     autograd)."""
     if triton is None:
@@ -234,7 +234,7 @@ def fused_decode(model):
         for m in model.modules():
             fused = (_norm_forward(m) if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon")
                      else _lora_forward(m) if _patchable_lora(m) else None)
-            if fused is not None:
+            if fused is not None and not hasattr(m, "_hf_hook"):  # accelerate moves such a module's inputs
                 patched.append((m, m.__dict__.get("forward")))  # the instance's own forward, if it had one
                 m.forward = fused
             name = type(m).__module__
