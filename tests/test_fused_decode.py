@@ -205,11 +205,12 @@ def test_a_modules_own_forward_comes_back_and_nesting_restores_each_level():
     model = torch.nn.Sequential(norm)
     rotary = mm.apply_rotary_pos_emb
     with fused_decode(model):
-        outer = norm.forward
+        outer, outer_rotary = norm.forward, mm.apply_rotary_pos_emb
         assert outer is not hooked and torch.equal(norm(torch.ones(8)), torch.full((8,), 2.0))  # CPU: falls back
+        assert outer_rotary is not rotary
         with fused_decode(model):
-            assert norm.forward is not outer
-        assert norm.forward is outer and mm.apply_rotary_pos_emb is not rotary
+            assert norm.forward is not outer and mm.apply_rotary_pos_emb is not outer_rotary
+        assert norm.forward is outer and mm.apply_rotary_pos_emb is outer_rotary
     assert norm.forward is hooked and mm.apply_rotary_pos_emb is rotary
     norm._hf_hook = object()  # accelerate's device hook: left alone
     with fused_decode(model):

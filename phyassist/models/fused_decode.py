@@ -221,9 +221,11 @@ def _patchable_lora(m) -> bool:
 @contextlib.contextmanager
 def fused_decode(model):
     """While open, ``model``'s Llama-family RMSNorms, rotary embedding and plain LoRA layers run the fused kernels
-    (on CUDA without autograd; elsewhere their own code). Nothing is patched without Triton, nor modules under an
-    accelerate hook (a model dispatched over devices: the hook moves their inputs). A module's own ``forward``
-    attribute is what the fused forward falls back to and what it gets back on exit; nested use restores each level. The rotary function is patched in its modeling module, for
+    (on CUDA without autograd; elsewhere their own code). Nothing is patched without Triton, nor modules carrying an
+    accelerate hook (a model dispatched over devices: the hook moves their inputs; their children, reached after it
+    moved them, are patched). A module's own ``forward`` attribute is what the fused forward falls back to and what
+    it gets back on exit; nested use restores each level (contexts must close in the reverse order of opening, as
+    ``with`` blocks in one thread do). The rotary function is patched in its modeling module, for
     the whole process while open (the fused version is the same maths, and runs only for CUDA tensors without
     autograd)."""
     if triton is None:

@@ -131,9 +131,10 @@ class StaticDecoder:
         self.graph = graph
 
 
-def _recorded_event() -> torch.cuda.Event:
+def _recorded_event(device: torch.device) -> torch.cuda.Event:
+    """A timing event on ``device``'s current stream (the model's, not necessarily the current device's)."""
     event = torch.cuda.Event(enable_timing=True)
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 
@@ -189,7 +190,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     captured on CUDA only. ``sync_every``: steps between checks whether every row has finished
     (each check waits for the GPU). ``step_events`` (benchmarks, CUDA): a timing event is recorded into this list
     after the prefill and after each decode step, without waiting for the GPU, so that the steps' time is read
-    from the same call (``events[0].elapsed_time(events[-1])``) rather than from a second, prefill-only call.
+    from the same call (``events[0].elapsed_time(events[-1])``) rather than from a second, prefill-only call (the
+    GPU's clock still shows the host's gaps at the every-``sync_every`` checks).
     """
     device = input_ids.device
     if attention_mask is None:
@@ -227,7 +229,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             logits = dec.prefill(input_ids, attention_mask)
             timing = step_events is not None and device.type == "cuda"
             if timing:
-                step_events.append(_recorded_event())
+                step_events.append(_recorded_event(device))
             n = 0
             while n < max_new_tokens:
                 scores = logits.float()
@@ -252,7 +254,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                     break
                 logits = dec.step(nxt, p + n - 1)
                 if timing:
-                    step_events.append(_recorded_event())
+                    step_events.append(_recorded_event(device))
     finally:
         if streamer is not None:
             streamer.end()
