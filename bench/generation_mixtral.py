@@ -130,8 +130,6 @@ VARIANT_DECODE = {
     # the decode defaults of now without the fused layers: what the fused kernels add is kit-new vs this
     "kit-nofuse": {},
 }
-# variants whose captured decode steps keep the modules' own norms, rotary embedding and LoRA forward
-UNFUSED = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse")
 
 
 def set_routed(model, variant: str, decode: dict | None = None) -> None:
@@ -142,7 +140,8 @@ def set_routed(model, variant: str, decode: dict | None = None) -> None:
     if variant != "plain-hf":
         settings = (decode or {}) if variant == "kit-new" else VARIANT_DECODE[variant]
         configure_decode(model, dict(DECODE_DEFAULTS, **settings))
-        model.phyassist_fused_decode = variant not in UNFUSED  # read by phyassist.models.generation
+        # only kit-new's captured steps get the fused kernels (phyassist.models.generation reads this)
+        model.phyassist_fused_decode = variant == "kit-new"
 
 
 def timed_generate(variant, model, ids, mask, new, repeats):
@@ -222,7 +221,7 @@ def run_variant(variant, model, tok, args, skew, res):
                          decode_tok_s=decode_rate(b, new, med, pre), expert_share=shares))
         if steps:  # the decode steps timed inside each call (CUDA events): no second call whose prefill may drift
             rows[-1].update(step_seconds=[round(t, 4) for t in steps],
-                            decode_tok_s_events=round(b * (new - 1) / statistics.median(steps), 1))
+                            decode_tok_s_events=decode_rate(b, new, statistics.median(steps), 0.0))
         print(json.dumps(rows[-1]), flush=True)
         save(res, rows)
         torch.cuda.empty_cache()

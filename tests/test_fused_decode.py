@@ -97,8 +97,8 @@ def check_lora(device="cpu"):
         b = (torch.randn(N, r, generator=g) * 0.05).to(device, adtype)
         term = 0.7 * (x.to(adtype).double() @ a.double().T) @ b.double().T
         got = lora_add_(y.clone(), x, a, b, 0.7)
-        _close(got, (y.double() + term).to(torch.bfloat16), _steps(device, 1, 2), ("lora", rows, K, N, r, xdtype, adtype),
-               y.double().abs() + term.abs())
+        _close(got, (y.double() + term).to(torch.bfloat16), _steps(device, 1, 2),
+               ("lora", rows, K, N, r, xdtype, adtype), y.double().abs() + term.abs())
 
 
 def check_model(device="cpu"):
@@ -125,7 +125,7 @@ def check_model(device="cpu"):
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.normal_(0, 0.05)
-            elif ".mlp.gate." in n and n.endswith("weight"):  # decisive routers, as trained ones are: no near-tied top-2
+            elif ".mlp.gate." in n and n.endswith("weight"):  # decisive routers, as trained ones: no near-tied top-2
                 p.mul_(20)
     ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).to(device)
 

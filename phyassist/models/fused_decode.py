@@ -203,19 +203,17 @@ def _rotary_function(original):
     return apply_rotary_pos_emb
 
 
-def _patchable_lora(m) -> bool:
-    """PEFT LoRA layers over a linear layer (plain or bitsandbytes 4-bit), whose forward is ``base(x) + s * B(A(x))``;
-    not the parameter wrappers (the router's adapter), whose base returns the router's tuple."""
+def _lora_linear_classes() -> tuple:
+    """PEFT's LoRA layers over a linear layer (plain, and bitsandbytes 4-bit where PEFT has it), whose forward is
+    ``base(x) + s * B(A(x))``; not the parameter wrappers (the router's adapter), whose base returns the router's
+    tuple."""
     from peft.tuners.lora.layer import Linear
 
-    classes = [Linear]
     try:
         from peft.tuners.lora.bnb import Linear4bit
-
-        classes.append(Linear4bit)
     except ImportError:  # PEFT without bitsandbytes
-        pass
-    return isinstance(m, tuple(classes)) and isinstance(m.get_base_layer(), torch.nn.Linear)
+        return (Linear,)
+    return Linear, Linear4bit
 
 
 @contextlib.contextmanager
@@ -232,10 +230,12 @@ def fused_decode(model):
         yield model
         return
     patched, originals = [], {}
+    lora = _lora_linear_classes()
     try:
         for m in model.modules():
             fused = (_norm_forward(m) if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon")
-                     else _lora_forward(m) if _patchable_lora(m) else None)
+                     else _lora_forward(m) if isinstance(m, lora) and isinstance(m.get_base_layer(), torch.nn.Linear)
+                     else None)
             if fused is not None and not hasattr(m, "_hf_hook"):  # accelerate moves such a module's inputs
                 patched.append((m, m.__dict__.get("forward")))  # the instance's own forward, if it had one
                 m.forward = fused

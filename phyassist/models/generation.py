@@ -7,9 +7,9 @@ pace (bench/generation_mixtral.md). Here the prompt is prefilled eagerly into a
 :class:`~transformers.StaticCache` (in chunks, so a long batch never materializes all its activations),
 then every decode step replays one captured CUDA graph: the model forward with the cache, the position
 and the attention mask in fixed buffers, captured with fused RMSNorm, rotary and LoRA kernels
-(:mod:`phyassist.models.fused_decode`: a few kernels a layer instead of dozens). Logits processing (repetition penalty, the app's format
-guard, sampling) and stopping stay eager and use transformers' own processors, so the maths is the
-same as ``generate``'s.
+(:mod:`phyassist.models.fused_decode`: a few kernels a layer instead of dozens). Logits processing
+(repetition penalty, the app's format guard, sampling) and stopping stay eager and use transformers' own
+processors, so the maths is the same as ``generate``'s.
 
 :func:`generate` is what evaluation, the app, chat and the recipes call. It takes ``model.generate``'s
 arguments, and falls back to ``model.generate`` for what the static path does not do (beam search,

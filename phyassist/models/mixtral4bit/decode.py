@@ -308,9 +308,8 @@ if triton is not None:
     # no prefetching tile won a cell in two sweeps, so none is in the set (the kernel keeps ``PREFETCH`` for tests
     # and other GPUs: a tile of its own list, not the autotuner's).
     _MM2_TILES = [(16, 64, 2, 4, 2, 0, 0), (16, 128, 1, 4, 1, 0, 0), (32, 64, 2, 4, 2, 0, 0), (64, 64, 2, 4, 2, 0, 0),
-                  (32, 128, 2, 8, 2, 0, 0),
-                  (16, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 0), (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0),
-                  (32, 128, 1, 4, 3, 1, 0)]
+                  (32, 128, 2, 8, 2, 0, 0), (16, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 0),
+                  (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0), (32, 128, 1, 4, 3, 1, 0)]
 
     def _mm2_configs(one_block: bool):
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(sw), "PREFETCH": bool(pf)},
