@@ -14,8 +14,11 @@ Random weights of the full architecture, built layer by layer straight into NF4 
 * ``kit-prev`` / ``kit-code16`` / ``kit-last``: the kit path with the decode defaults of earlier sessions
   (``VARIANT_DECODE``), ``kit-nofuse`` with those of now; all four without the fused norms, rotary embedding and
   LoRA products in the captured step (:mod:`phyassist.models.fused_decode`).
+* ``kit-fuse3``: the decode settings of now with the fused kernels of the session before only (norms, rotary
+  embedding, LoRA products): ``kit-new`` vs ``kit-fuse3`` is the fused router and the attention projections' 4-bit
+  GEMV.
 * ``kit-new``: the kit path with the decode settings of ``--decode`` (what ``bench/decode_kernels.py
-  --choose`` picks from the kernel figures; by default the experts' own defaults) and the fused kernels.
+  --choose`` picks from the kernel figures; by default the experts' own defaults) and all the fused kernels.
 * ``plain-hf``: bitsandbytes' ``replace_parameter_4bit`` on the fused experts, ``generate``.
 
 Random routers spread tokens almost evenly; a trained Mixtral does not. ``--skew A`` adds a fixed
@@ -106,8 +109,8 @@ def build(method: str, layers: int, vocab: int):
 
 
 # full token count and repeats
-FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse", "kit-new",
-        "routed-hf")
+FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse", "kit-fuse3",
+        "kit-new", "routed-hf")
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -129,7 +132,12 @@ VARIANT_DECODE = {
     "kit-last": {"kernel": "v2", "lut": "code16", "gemv_rows": 0, "max_rows": 128, "fuse": 1, "prmt_rows": 8},
     # the decode defaults of now without the fused layers: what the fused kernels add is kit-new vs this
     "kit-nofuse": {},
+    # the same with the fused kernels of the session before only (norms, rotary embedding, LoRA products): kit-new
+    # vs this is what the fused router and the 4-bit GEMV of the attention projections add
+    "kit-fuse3": {},
 }
+# the fused kernels (phyassist.models.fused_decode.FUSED_PARTS) each variant's captured steps get; others none
+VARIANT_FUSED = {"kit-new": True, "kit-fuse3": ("norm", "rotary", "lora")}
 
 
 def set_routed(model, variant: str, decode: dict | None = None) -> None:
@@ -140,8 +148,8 @@ def set_routed(model, variant: str, decode: dict | None = None) -> None:
     if variant != "plain-hf":
         settings = (decode or {}) if variant == "kit-new" else VARIANT_DECODE[variant]
         configure_decode(model, dict(DECODE_DEFAULTS, **settings))
-        # only kit-new's captured steps get the fused kernels (phyassist.models.generation reads this)
-        model.phyassist_fused_decode = variant == "kit-new"
+        # which fused kernels the captured steps get (phyassist.models.generation reads this)
+        model.phyassist_fused_decode = VARIANT_FUSED.get(variant, False)
 
 
 def timed_generate(variant, model, ids, mask, new, repeats):
@@ -274,7 +282,8 @@ def eval_projection(model, tok, args, res):
     queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
     ps = chat_prompts(tok, queries)
     out = {}
-    kit = [v for v in ("kit-new", "kit-last", "kit-code16", "kit-prev", "kit") if v in args.variants.split(",")]
+    kit = [v for v in ("kit-new", "kit-fuse3", "kit-last", "kit-code16", "kit-prev", "kit")
+           if v in args.variants.split(",")]
     for variant in kit + ["kit-hf"]:
         set_routed(model, variant, args.decode_options)
         set_skew(model, 0.0)

@@ -101,10 +101,79 @@ def check_lora(device="cpu"):
                ("lora", rows, K, N, r, xdtype, adtype), y.double().abs() + term.abs())
 
 
+def check_dense(device="cpu"):
+    """The attention projections' 4-bit GEMV: a bitsandbytes NF4 weight's bytes through the routed kernel as one
+    expert (split-K partial sums), against ``x @ W.T`` of the dequantized weight in fp64 (the kernel scales each quant
+    block's dot product instead of rounding each weight: within bf16's rounding of the products' sizes); then the
+    adapter's kernel adding the partials, rounded as the base layer rounds, and ``s * B(A(x))`` (one rounding)."""
+    import bitsandbytes.functional as bnbf
+
+    from phyassist.models.fused_decode import lora_add_partials
+    from phyassist.models.mixtral4bit.decode import nf4_linear_partials
+
+    g = torch.Generator().manual_seed(5)
+    for rows, N, K, r in ((1, 200, 512, 32), (5, 64, 256, 8), (40, 130, 1024, 12)):
+        w = (torch.randn(N, K, generator=g) * 0.05).to(device, torch.bfloat16)
+        data, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        wd = bnbf.dequantize_4bit(data, state).double()
+        x = torch.randn(rows, K, generator=g).to(device, torch.bfloat16)
+        partial = nf4_linear_partials(x, data, state)
+        assert partial.shape[1:] == (rows, N) and (device != "cuda" or partial.shape[0] > 1), partial.shape
+        base = partial.float().sum(0)
+        size = x.double().abs() @ wd.abs().T
+        err = (base.double() - x.double() @ wd.T).abs()
+        assert (err <= 2 ** -7 * size + 1e-6).all(), ("dense", rows, N, K, (err / size).max().item())
+        a = (torch.randn(r, K, generator=g) * 0.05).to(device, torch.float32)
+        b = (torch.randn(N, r, generator=g) * 0.05).to(device, torch.float32)
+        term = 0.7 * (x.double() @ a.double().T) @ b.double().T
+        got = lora_add_partials(partial, x, a, b, 0.7, torch.bfloat16)
+        rounded = base.to(torch.bfloat16).double()
+        _close(got, (rounded + term).to(torch.bfloat16), _steps(device, 1, 2), ("dense lora", rows, N, K, r),
+               rounded.abs() + term.abs())
+
+
+def check_router(device="cpu"):
+    """Mixtral's router in one kernel against ``MixtralTopKRouter``: the logits within bf16's rounding of the
+    products' sizes; from the kernel's logits, torch's softmax, top-2 and renormalization give the same experts and
+    weights (so a logit a step off cannot hide a wrong softmax or order); the adapted weight against PEFT's formula
+    ``W + (B @ A * s).to(W.dtype)``."""
+    from types import SimpleNamespace
+
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    from phyassist.models.fused_decode import router_top_k, router_weight
+
+    g = torch.Generator().manual_seed(6)
+    for rows, K, E, k in ((1, 256, 8, 2), (7, 2048, 8, 2), (3, 128, 4, 1)):
+        router = MixtralTopKRouter(SimpleNamespace(num_experts_per_tok=k, num_local_experts=E, hidden_size=K))
+        with torch.no_grad():
+            router.weight.copy_(torch.randn(E, K, generator=g) * 0.3)
+        router = router.to(device, torch.bfloat16)
+        x = torch.randn(rows, K, generator=g).to(device, torch.bfloat16)
+        with torch.no_grad():
+            want_logits, _, _ = router(x)
+        logits, values, index = router_top_k(x, router.weight, k)
+        _close(logits, want_logits, _steps(device, 1, 2), ("router logits", rows, K, E),
+               x.float().abs() @ router.weight.float().abs().T)
+        probs = torch.softmax(logits.float(), -1)
+        top, idx = torch.topk(probs, k, -1)
+        assert torch.equal(index, idx), (index, idx)
+        assert torch.allclose(values, top / top.sum(-1, keepdim=True), rtol=1e-5, atol=0), (values, top)
+        assert values.dtype == torch.float32 and index.dtype == torch.int64 and logits.dtype == torch.bfloat16
+        r = 12
+        a = (torch.randn(r, K, generator=g) * 0.05).to(device)
+        b = (torch.randn(E, r, generator=g) * 0.05).to(device)
+        delta = ((b @ a) * 0.5).to(torch.bfloat16)
+        want_w = router.weight + delta
+        _close(router_weight(router.weight, a, b, 0.5), want_w, _steps(device, 1, 2), ("router weight", K, E),
+               router.weight.float().abs() + delta.float().abs())
+
+
 def check_model(device="cpu"):
-    """The tiny Mixtral in 4 bit with the study's LoRA (router included, whose parameter wrapper stays
-    unpatched) one decode step with and without :func:`fused_decode`: the same logits within bf16 rounding; after
-    the context every module runs its own forward again."""
+    """The tiny Mixtral in 4 bit with the study's LoRA (router included) one decode step with and without
+    :func:`fused_decode`: the same logits within bf16 rounding; counts that every fused kernel ran (norms, rotary,
+    the 4-bit q/k/v/o with their adapters, the adapted routers); after the context every module runs its own forward
+    again."""
     from transformers import StaticCache
 
     from phyassist.models.fused_decode import fused_decode
@@ -120,6 +189,9 @@ def check_model(device="cpu"):
     model = build_quantized_model(config, cfg.model.quant, device, method="grouped", progress=False)
     model = apply_lora(model, cfg.train.lora).eval()  # the study's dropout: in eval mode it passes x through
     configure_decode(model, {"max_rows": 0})  # the experts' torch path: what this test checks is around them
+    for m in model.modules():  # keep bitsandbytes' GPU layout on CPUs with AVX512-BF16 (it repacks for them)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     torch.manual_seed(3)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -140,7 +212,8 @@ def check_model(device="cpu"):
     want = step()
     import phyassist.models.fused_decode as f
 
-    calls = {"rms_norm": 0, "apply_rotary": 0, "lora_add_": 0}
+    calls = dict.fromkeys(("rms_norm", "apply_rotary", "lora_add_", "lora_add_partials", "nf4_linear_partials",
+                           "router_weight", "router_top_k"), 0)
     originals = {name: getattr(f, name) for name in calls}
 
     def counted(name):
@@ -158,11 +231,14 @@ def check_model(device="cpu"):
         for name, fn in originals.items():
             setattr(f, name, fn)
     layers = model.config.num_hidden_layers
-    # the decode step's 2 norms a layer and the final one, a rotary embedding and q, k, v, o's adapters a layer
-    # (the prefill inside step() runs them too: twice each)
-    assert calls == {"rms_norm": 2 * (2 * layers + 1), "apply_rotary": 2 * layers, "lora_add_": 2 * 4 * layers}, calls
+    # the decode step's 2 norms a layer and the final one, a rotary embedding, q, k, v, o's 4-bit GEMVs with their
+    # adapters and the adapted router a layer (the prefill inside step() runs them too: twice each); no adapter
+    # over a projection that is not 4-bit
+    assert calls == {"rms_norm": 2 * (2 * layers + 1), "apply_rotary": 2 * layers, "lora_add_": 0,
+                     "lora_add_partials": 2 * 4 * layers, "nf4_linear_partials": 2 * 4 * layers,
+                     "router_weight": 2 * layers, "router_top_k": 2 * layers}, calls
     assert any("norm" in n for n in patched) and any("q_proj" in n for n in patched), patched
-    assert not any("gate" in n.split(".")[-1] for n in patched), patched  # the router's adapter wrapper
+    assert any(n.endswith("mlp.gate") for n in patched), patched  # the router's adapter wrapper
     assert not any("forward" in vars(m) for m in model.modules())
     assert all(m.forward == forwards[n] for n, m in model.named_modules())
     rel = ((got - want).abs().amax(-1) / want.abs().amax()).flatten()
@@ -171,7 +247,7 @@ def check_model(device="cpu"):
 
 def test_fused_decode_kernels_match_the_modules_in_triton_interpreter():
     run_in_triton_interpreter("import tests.test_fused_decode as t; t.check_norm(); t.check_rotary(); "
-                              "t.check_lora(); t.check_model()")
+                              "t.check_lora(); t.check_dense(); t.check_router(); t.check_model()")
 
 
 def test_without_triton_nothing_is_patched(monkeypatch):
@@ -227,4 +303,6 @@ def test_gpu_fused_decode_kernels_match_the_modules(has_gpu):
     check_norm("cuda")
     check_rotary("cuda")
     check_lora("cuda")
+    check_dense("cuda")
+    check_router("cuda")
     check_model("cuda")

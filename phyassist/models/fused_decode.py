@@ -1,20 +1,30 @@
-"""Fused kernels for the captured decode step: RMSNorm, rotary embedding and LoRA products in one kernel each.
+"""Fused kernels for the captured decode step: RMSNorm, rotary embedding, LoRA products, the router, and the
+attention projections' 4-bit GEMV, one or two kernels each.
 
 Why: a decode step of the 4-bit Mixtral at batch 1 is about 70 kernels a layer, and most of them are a few
 microseconds of casts, powers, means, slices, concatenations and small GEMVs around the real work
 (bench/generation_mixtral/profile_decode.txt: the routed experts took half of the step, hundreds of small kernels
 most of the rest). In a replayed CUDA graph each kernel still costs its launch and its ramp; an RMSNorm is eight
-of them, a rotary embedding ten, a LoRA product on a 4-bit projection seven besides the projection itself.
+of them, a rotary embedding ten, a LoRA product on a 4-bit projection seven besides the projection itself, the router
+with its adapter about ten (PEFT rebuilds the adapted weight every call, then softmax, top-k, renormalization). And
+bitsandbytes' 4-bit GEMV read the attention projections at about 0.59 TB/s there (dequantizing the whole weight
+above batch 1).
 
-What: :func:`fused_decode` is a context manager that, while it is open, runs those three through one Triton
-kernel each: the RMSNorm modules of the Llama family (Llama, Mistral, Mixtral, Qwen2: the same formula), the
-family's ``apply_rotary_pos_emb``, and the forward of PEFT's LoRA layers (one plain adapter active: its two
-products and the scaled add into the base layer's output in two kernels). :class:`~phyassist.models.generation
+What: :func:`fused_decode` is a context manager that, while it is open, runs these through Triton kernels: the
+RMSNorm modules of the Llama family (Llama, Mistral, Mixtral, Qwen2: the same formula), the family's
+``apply_rotary_pos_emb``, the forward of PEFT's LoRA layers (one plain adapter active: its two products and the scaled
+add into the base layer's output in two kernels), Mixtral's router (logits, softmax, top-k and renormalization in one
+kernel; with PEFT's adapter on its weight, one more kernel builds the adapted weight) and bitsandbytes' NF4
+``Linear4bit`` (the routed expert kernel of :mod:`phyassist.models.mixtral4bit.decode` with one expert; under a LoRA
+layer its split-K partial sums are added in the adapter's second kernel). :class:`~phyassist.models.generation
 .StaticDecoder` opens it around the capture of a decode step, so the graph holds the fused kernels; the prefill,
-CPUs, autograd and every case outside these (several adapters, DoRA, dropout, merged weights) run the modules'
-own code. The maths is the modules': the RMSNorm and the rotary embedding round where they round (bit-equal up
-to the order of a sum); the LoRA path sums its products in fp32 and rounds once (the modules round each product
-to the adapter's dtype first: a difference within bf16's rounding).
+CPUs, autograd and every case outside these (several adapters, DoRA, dropout in training mode, merged weights, a
+bias) run the modules' own code. The maths is the modules': the RMSNorm and the rotary embedding round where they round
+(bit-equal up to the order of a sum); the LoRA path sums its products in fp32 and rounds once (the modules round each
+product to the adapter's dtype first: a difference within bf16's rounding); the 4-bit GEMV scales each quant block's
+dot product instead of rounding each weight (within bf16's rounding, :func:`~phyassist.models.mixtral4bit.decode
+.nf4_moe_matmul`); the router rounds its logits and the adapted weight as ``F.linear`` and PEFT do, so its choice of
+experts differs only where two are within a rounding of each other.
 """
 
 from __future__ import annotations
@@ -24,11 +34,17 @@ import sys
 
 import torch
 
-from phyassist.models.mixtral4bit.kernels import _launch, use_triton
+from phyassist.models.mixtral4bit.decode import DENSE_MIN_ROWS, nf4_linear_partials
+from phyassist.models.mixtral4bit.kernels import _launch, sum_partials, use_triton
 from phyassist.models.mixtral4bit.kernels import _triton as triton
 
 # RMSNorm classes whose forward is HF's ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
+# routers whose forward is Mixtral's: logits = x @ W.T, softmax in fp32, top-k, the k probabilities renormalized
+ROUTERS = ("MixtralTopKRouter",)
+# what fused_decode can patch (its ``parts``): the norms, the rotary embedding, the LoRA products, the router, the
+# 4-bit linear layers' GEMV
+FUSED_PARTS = ("norm", "rotary", "lora", "router", "nf4")
 # modeling modules whose apply_rotary_pos_emb is HF's ``q * cos + rotate_half(q) * sin`` (cos, sin unsqueezed at 1)
 ROTARY_MODULES = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "mistral", "mixtral", "qwen2"))
 
@@ -90,8 +106,11 @@ if triton is not None:
         tl.store(t_ptr + row * R + rs, tl.sum(acc, axis=1), mask=rmask)
 
     @triton.jit
-    def _lora_b_add_kernel(t_ptr, b_ptr, y_ptr, N, R, scale, R_POW2: tl.constexpr, BLOCK_N: tl.constexpr):
-        """``y[row, n] += scale * t[row] @ B[n].T`` for a tile of ``n``, in fp32, rounded once to ``y``'s dtype."""
+    def _lora_b_add_kernel(t_ptr, b_ptr, y_ptr, base_ptr, N, R, ROWS, scale, SPLITS: tl.constexpr,
+                           R_POW2: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``y[row, n] = base + scale * t[row] @ B[n].T`` for a tile of ``n``, in fp32, rounded once to ``y``'s dtype.
+        ``SPLITS`` 0: the base is ``y`` itself (in place); else the sum of the base layer's ``SPLITS`` split-K partial
+        sums ``base[s, row, n]``, rounded to ``y``'s dtype first, as the base layer rounds its output."""
         row, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = ns < N
@@ -100,8 +119,66 @@ if triton is not None:
         t = tl.load(t_ptr + row * R + rs, mask=rmask, other=0.0)
         bt = tl.load(b_ptr + ns[:, None] * R + rs[None, :], mask=nmask[:, None] & rmask[None, :], other=0.0)
         acc = tl.sum(bt.to(tl.float32) * t[None, :], axis=1)
-        y = tl.load(y_ptr + row * N + ns, mask=nmask, other=0.0).to(tl.float32)
+        if SPLITS == 0:
+            y = tl.load(y_ptr + row * N + ns, mask=nmask, other=0.0).to(tl.float32)
+        else:
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                y += tl.load(base_ptr + (s * ROWS + row) * N + ns, mask=nmask, other=0.0).to(tl.float32)
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + row * N + ns, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=nmask)
+
+    @triton.jit
+    def _router_weight_kernel(w_ptr, a_ptr, b_ptr, out_ptr, K, R, scale, E: tl.constexpr, R_POW2: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        """``out[e, k] = W[e, k] + round(scale * B[e] @ A[:, k])`` for a tile of ``k``: PEFT's parameter wrapper's
+        ``W + (B @ A * scale).to(W.dtype)`` (products in fp32; the delta rounded to ``W``'s dtype, then the sum)."""
+        ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        rs = tl.arange(0, R_POW2)
+        rmask = rs < R
+        a = tl.load(a_ptr + rs[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        a = a.to(tl.float32)
+        for e in tl.static_range(E):
+            b = tl.load(b_ptr + e * R + rs, mask=rmask, other=0.0).to(tl.float32)
+            delta = (tl.sum(b[:, None] * a, axis=0) * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + e * K + ks, mask=kmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + e * K + ks, (w + delta).to(out_ptr.dtype.element_ty), mask=kmask)
+
+    @triton.jit
+    def _router_top_k_kernel(x_ptr, w_ptr, logit_ptr, value_ptr, index_ptr, K, E: tl.constexpr,
+                             E_POW2: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One token: the router's logits ``x @ W.T`` (fp32 sums rounded to ``x``'s dtype, as ``F.linear``), their
+        softmax in fp32, the ``TOP_K`` largest (the lower expert first on a tie) divided by their sum."""
+        row = tl.program_id(0).to(tl.int64)
+        es = tl.arange(0, E_POW2)
+        emask = es < E
+        acc = tl.zeros((E_POW2, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            x = tl.load(x_ptr + row * K + ks, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + es[:, None] * K + ks[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        logits = tl.sum(acc, axis=1).to(logit_ptr.dtype.element_ty)
+        tl.store(logit_ptr + row * E + es, logits, mask=emask)
+        z = tl.where(emask, logits.to(tl.float32), float("-inf"))
+        p = tl.exp(z - tl.max(z, axis=0))
+        p = p / tl.sum(p, axis=0)
+        left = tl.where(emask, p, -1.0)
+        slots = tl.arange(0, K_POW2)
+        top = tl.zeros((K_POW2,), dtype=tl.float32)
+        idx = tl.zeros((K_POW2,), dtype=tl.int64)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(left, axis=0)
+            pick = tl.min(tl.where(left == best, es, E_POW2), axis=0)
+            top = tl.where(slots == j, best, top)
+            idx = tl.where(slots == j, pick.to(tl.int64), idx)
+            left = tl.where(es == pick, -1.0, left)
+        smask = slots < TOP_K
+        top = top / tl.sum(tl.where(smask, top, 0.0), axis=0)
+        tl.store(value_ptr + row * TOP_K + slots, top, mask=smask)
+        tl.store(index_ptr + row * TOP_K + slots, idx, mask=smask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,20 +207,70 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return qo, ko
 
 
-def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``y += scale * (x @ a.T) @ b.T`` in place, two kernels (``a``: ``[r, K]``, ``b``: ``[N, r]``, ``y``
-    contiguous ``[..., N]``)."""
-    K, R, N = x.shape[-1], a.shape[0], y.shape[-1]
+def _lora_a(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x @ a.T`` in fp32, ``[rows, r]`` (two ranks a program, all of K in one step up to 4,096: every load of a
+    program in flight at once)."""
+    K, R = x.shape[-1], a.shape[0]
     xc = x.contiguous()
     rows = xc.numel() // K
     t = torch.empty(rows, R, dtype=torch.float32, device=x.device)
-    # two ranks a program, all of K in one step up to 4,096: every load of a program in flight at once
     block_r = min(2, triton.next_power_of_2(R))
     _launch(_lora_a_kernel, (rows, triton.cdiv(R, block_r)), x, xc, a.contiguous(), t, K, R, BLOCK_R=block_r,
             BLOCK_K=min(4096, triton.next_power_of_2(K)), num_warps=4)
-    _launch(_lora_b_add_kernel, (rows, triton.cdiv(N, 128)), x, t, b.contiguous(), y, N, R, float(scale),
-            R_POW2=max(16, triton.next_power_of_2(R)), BLOCK_N=128, num_warps=4)
+    return t
+
+
+def _lora_b_add(t, b, y, base, scale, splits):
+    rows, R = t.shape
+    N = y.shape[-1]
+    _launch(_lora_b_add_kernel, (rows, triton.cdiv(N, 128)), y, t, b.contiguous(), y, base, N, R, rows, float(scale),
+            SPLITS=splits, R_POW2=max(16, triton.next_power_of_2(R)), BLOCK_N=128, num_warps=4)
     return y
+
+
+def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``y += scale * (x @ a.T) @ b.T`` in place, two kernels (``a``: ``[r, K]``, ``b``: ``[N, r]``, ``y``
+    contiguous ``[..., N]``)."""
+    return _lora_b_add(_lora_a(x, a), b, y, y, scale, 0)
+
+
+def lora_add_partials(partial: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``round(sum(partial)) + scale * (x @ a.T) @ b.T`` in ``dtype``, ``[..., N]`` as ``x`` is ``[..., K]``: a 4-bit
+    base layer's split-K partial sums (:func:`phyassist.models.mixtral4bit.decode.nf4_linear_partials`,
+    ``[splits, rows, N]``) added, rounded as the base layer rounds its output, and its adapter's product added, in
+    the adapter's second kernel: no pass of its own over the partials."""
+    n = partial.shape[-1]
+    y = torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
+    return _lora_b_add(_lora_a(x, a), b, y, partial.contiguous(), scale, partial.shape[0])
+
+
+def router_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """PEFT's parameter wrapper's adapted router weight ``W + (B @ A * scale).to(W.dtype)`` in one kernel (``w``:
+    ``[E, K]``, ``a``: ``[r, K]``, ``b``: ``[E, r]``); computed every step, as PEFT does, so a captured graph sees an
+    adapter whose weights change in place."""
+    E, K = w.shape
+    R = a.shape[0]
+    out = torch.empty_like(w)
+    _launch(_router_weight_kernel, (triton.cdiv(K, 256),), w, w.contiguous(), a.contiguous(), b.contiguous(), out, K,
+            R, float(scale), E=E, R_POW2=max(16, triton.next_power_of_2(R)), BLOCK_K=256, num_warps=4)
+    return out
+
+
+def router_top_k(x: torch.Tensor, w: torch.Tensor, top_k: int):
+    """Mixtral's router (``MixtralTopKRouter.forward``) in one kernel: ``(logits, weights, experts)``, the logits in
+    ``x``'s dtype, the top-``k`` softmax probabilities renormalized (fp32) and their experts (int64)."""
+    E, K = w.shape
+    xc = x.reshape(-1, K).contiguous()
+    rows = xc.shape[0]
+    logits = torch.empty(rows, E, dtype=x.dtype, device=x.device)
+    values = torch.empty(rows, top_k, dtype=torch.float32, device=x.device)
+    index = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
+    if rows:
+        _launch(_router_top_k_kernel, (rows,), x, xc, w.contiguous(), logits, values, index, K, E=E,
+                E_POW2=max(2, triton.next_power_of_2(E)), TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
+                BLOCK_K=min(1024, triton.next_power_of_2(K)), num_warps=8)
+    return logits, values, index
 
 
 def _fusable(x: torch.Tensor) -> bool:
@@ -180,17 +307,90 @@ def _plain_adapter(module, x, args, kwargs):
     return name
 
 
-def _lora_forward(module):
+def _nf4_ready(base, x: torch.Tensor) -> bool:
+    """Whether the dense NF4 kernel can stand in for bitsandbytes' ``Linear4bit`` ``base`` on ``x``: at least
+    :data:`~phyassist.models.mixtral4bit.decode.DENSE_MIN_ROWS` rows (at one, bitsandbytes' GEMV is faster), NF4 in
+    blocks of 64 in the layout bitsandbytes' GPU path reads (not repacked for CPUs), no bias, ``x`` already in the
+    layer's 16-bit compute dtype (the layer's own cast would be a no-op) on the weight's device."""
+    w = getattr(base, "weight", None)
+    state = getattr(w, "quant_state", None)
+    return (state is not None and base.bias is None and state.quant_type == "nf4" and state.blocksize == 64
+            and x.numel() >= DENSE_MIN_ROWS * x.shape[-1]
+            and not getattr(state, "packing_format_for_cpu", False) and w.dtype == torch.uint8
+            and x.dtype in (torch.bfloat16, torch.float16) and getattr(base, "compute_dtype", None) == x.dtype
+            and len(state.shape) == 2 and state.shape[1] % 64 == 0 and x.shape[-1] == state.shape[1]
+            and x.device == w.device)
+
+
+def _nf4_forward(module):
+    original = module.forward
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not _fusable(x) or not _nf4_ready(module, x):
+            return original(x, *args, **kwargs)
+        partial = nf4_linear_partials(x, module.weight.data, module.weight.quant_state)
+        return sum_partials(partial, x.dtype).view(*x.shape[:-1], partial.shape[-1])
+    return forward
+
+
+def _lora_forward(module, nf4_class):
     original = module.forward
 
     def forward(x, *args, **kwargs):
         name = _plain_adapter(module, x, args, kwargs)
         if name is None:
             return original(x, *args, **kwargs)
+        a, b, scale = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+        base = module.get_base_layer()
+        if nf4_class is not None and isinstance(base, nf4_class) and _nf4_ready(base, x):
+            partial = nf4_linear_partials(x, base.weight.data, base.weight.quant_state)
+            return lora_add_partials(partial, x, a, b, scale, x.dtype)
         y = module.base_layer(x)
         if not y.is_contiguous():
             y = y.contiguous()
-        return lora_add_(y, x, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
+        return lora_add_(y, x, a, b, scale)
+    return forward
+
+
+def _router_forward(module):
+    original = module.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        w = module.weight  # under PEFT's parameter wrapper: the adapted weight, as the original forward reads it
+        if args or kwargs or not _fusable(hidden_states) or hidden_states.dtype != w.dtype:
+            return original(hidden_states, *args, **kwargs)
+        return router_top_k(hidden_states, w, module.top_k)
+    return forward
+
+
+def _router_adapter(module, x, args, kwargs):
+    """The one active adapter of PEFT's parameter wrapper around a router if its adapted weight is the plain
+    ``W + B @ A * s`` (not merged or disabled, no variant, a 2-D weight), else None."""
+    if args or kwargs or module.disable_adapters or module.merged or not _fusable(x):
+        return None
+    names = [a for a in module.active_adapters if a in module.lora_A]
+    if len(names) != 1 or module.parameter_name != "weight" or getattr(module, "fan_in_fan_out", False):
+        return None
+    name = names[0]
+    a, b = module.lora_A[name], module.lora_B[name]
+    w = module.get_base_layer().weight
+    if (name in getattr(module, "lora_variant", {}) or getattr(module, "num_experts", 1) != 1 or w.dim() != 2
+            or not isinstance(a, torch.nn.Linear) or not isinstance(b, torch.nn.Linear) or b.bias is not None
+            or a.weight.shape[1] != w.shape[1] or b.weight.shape[0] != w.shape[0] or x.dtype != w.dtype):
+        return None
+    return name
+
+
+def _router_lora_forward(module):
+    original = module.forward
+
+    def forward(x, *args, **kwargs):
+        name = _router_adapter(module, x, args, kwargs)
+        if name is None:
+            return original(x, *args, **kwargs)
+        router = module.get_base_layer()
+        w = router_weight(router.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
+        return router_top_k(x, w, router.top_k)
     return forward
 
 
@@ -216,10 +416,50 @@ def _lora_linear_classes() -> tuple:
     return Linear, Linear4bit
 
 
+def _nf4_linear_class():
+    """bitsandbytes' ``Linear4bit``, or None without bitsandbytes."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
+def _fused_forward(m, parts, lora, wrapper, nf4):
+    """The fused forward for module ``m`` among ``parts``, or None where none applies."""
+    name = type(m).__name__
+    nf4 = nf4 if "nf4" in parts else None
+    if name in RMS_NORMS and hasattr(m, "variance_epsilon"):
+        return _norm_forward(m) if "norm" in parts else None
+    if isinstance(m, lora) and isinstance(m.get_base_layer(), torch.nn.Linear):
+        return _lora_forward(m, nf4) if "lora" in parts else None
+    if isinstance(m, wrapper) and type(m.get_base_layer()).__name__ in ROUTERS:
+        return _router_lora_forward(m) if "router" in parts else None
+    if name in ROUTERS and hasattr(m, "top_k") and hasattr(m, "weight"):
+        return _router_forward(m) if "router" in parts else None
+    if nf4 is not None and isinstance(m, nf4):
+        return _nf4_forward(m)
+    return None
+
+
+def fused_parts(setting) -> tuple:
+    """The parts a setting names (``model.phyassist_fused_decode``, which the benchmark sets): True all of
+    :data:`FUSED_PARTS`, False none, else an iterable of their names (checked), in :data:`FUSED_PARTS`' order."""
+    if setting is True or setting is False:
+        return FUSED_PARTS if setting else ()
+    names = set(setting)
+    unknown = names - set(FUSED_PARTS)
+    if unknown:
+        raise ValueError(f"fused decode parts {sorted(unknown)}: each is one of {', '.join(FUSED_PARTS)}")
+    return tuple(p for p in FUSED_PARTS if p in names)
+
+
 @contextlib.contextmanager
-def fused_decode(model):
-    """While open, ``model``'s Llama-family RMSNorms, rotary embedding and plain LoRA layers run the fused kernels
-    (on CUDA without autograd; elsewhere their own code). Nothing is patched without Triton, nor modules carrying an
+def fused_decode(model, parts=FUSED_PARTS):
+    """While open, ``model``'s Llama-family RMSNorms, rotary embedding, plain LoRA layers, Mixtral routers (with or
+    without PEFT's adapter on their weight) and bitsandbytes NF4 linear layers run the fused kernels (on CUDA without
+    autograd; elsewhere their own code); ``parts`` (:data:`FUSED_PARTS`, or True / False) limits it to some of them.
+    Nothing is patched without Triton, nor modules carrying an
     accelerate hook (a model dispatched over devices: the hook moves their inputs; their children, reached after it
     moved them, are patched). A module's own ``forward`` attribute is what the fused forward falls back to and what
     it gets back on exit; nested use restores each level (contexts must close in the reverse order of opening, as
@@ -229,18 +469,20 @@ def fused_decode(model):
     if triton is None:
         yield model
         return
+    from peft.tuners.lora.layer import ParamWrapper
+
+    parts = fused_parts(parts)
     patched, originals = [], {}
-    lora = _lora_linear_classes()
+    lora, nf4 = _lora_linear_classes(), _nf4_linear_class()
     try:
         for m in model.modules():
-            fused = (_norm_forward(m) if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon")
-                     else _lora_forward(m) if isinstance(m, lora) and isinstance(m.get_base_layer(), torch.nn.Linear)
-                     else None)
+            fused = _fused_forward(m, parts, lora, ParamWrapper, nf4)
             if fused is not None and not hasattr(m, "_hf_hook"):  # accelerate moves such a module's inputs
                 patched.append((m, m.__dict__.get("forward")))  # the instance's own forward, if it had one
                 m.forward = fused
             name = type(m).__module__
-            if name in ROTARY_MODULES and name in sys.modules and sys.modules[name] not in originals:
+            if ("rotary" in parts and name in ROTARY_MODULES and name in sys.modules
+                    and sys.modules[name] not in originals):
                 mod = sys.modules[name]
                 originals[mod] = mod.apply_rotary_pos_emb
                 mod.apply_rotary_pos_emb = _rotary_function(originals[mod])

@@ -6,8 +6,8 @@ launched from Python, one token per sequence per step; on an H200 the launches, 
 pace (bench/generation_mixtral.md). Here the prompt is prefilled eagerly into a
 :class:`~transformers.StaticCache` (in chunks, so a long batch never materializes all its activations),
 then every decode step replays one captured CUDA graph: the model forward with the cache, the position
-and the attention mask in fixed buffers, captured with fused RMSNorm, rotary and LoRA kernels
-(:mod:`phyassist.models.fused_decode`: a few kernels a layer instead of dozens). Logits processing
+and the attention mask in fixed buffers, captured with fused RMSNorm, rotary, LoRA, router and 4-bit projection
+kernels (:mod:`phyassist.models.fused_decode`: a few kernels a layer instead of dozens). Logits processing
 (repetition penalty, the app's format guard, sampling) and stopping stay eager and use transformers' own
 processors, so the maths is the same as ``generate``'s.
 
@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 
-from phyassist.models.fused_decode import fused_decode
+from phyassist.models.fused_decode import fused_decode, fused_parts
 
 _CHUNK_TOKENS = 8192  # prefill tokens per forward (batch x chunk length): bounds the activations
 _LEN_BUCKET = 256  # cache lengths are rounded up to this, so similar prompts share one graph
@@ -53,9 +53,10 @@ def supports_static_cache(model) -> bool:
 
 class StaticDecoder:
     """A static KV cache for ``batch`` sequences of up to ``max_len`` tokens, and (on CUDA) the
-    captured decode step that reads and extends it."""
+    captured decode step that reads and extends it, with the fused kernels of ``fused``
+    (:func:`~phyassist.models.fused_decode.fused_parts`' setting: True all)."""
 
-    def __init__(self, model, batch: int, max_len: int, use_graph: bool, fused: bool = True):
+    def __init__(self, model, batch: int, max_len: int, use_graph: bool, fused=True):
         from transformers import StaticCache
 
         self.model, self.batch, self.max_len = model, batch, max_len
@@ -117,7 +118,7 @@ class StaticDecoder:
         mask = self.keys[:, None, None, :]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with fused_decode(self.model) if self.fused else contextlib.nullcontext():
+        with fused_decode(self.model, self.fused) if self.fused else contextlib.nullcontext():
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self._set_length(at)
@@ -145,7 +146,8 @@ def _decoder(model, batch: int, need: int, use_graph: bool) -> StaticDecoder:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit:
         length = max(need, min(length, limit))
-    fused = bool(getattr(model, "phyassist_fused_decode", True))  # the benchmark turns it off to compare
+    # which fused kernels the graph holds: all unless the benchmark sets fewer to compare (fused_parts)
+    fused = fused_parts(getattr(model, "phyassist_fused_decode", True))
     key = (batch, length, use_graph, fused, _adapter_state(model))
     if key in cache:
         cache.move_to_end(key)

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import torch
 
-from phyassist.models.mixtral4bit.kernels import (_launch, gather_sum, scale_args, sum_partials, swiglu_forward,
-                                                  use_triton)
+from phyassist.models.mixtral4bit.kernels import (_launch, dequantize_nf4, gather_sum, scale_args, sum_partials,
+                                                  swiglu_forward, use_triton)
 from phyassist.models.mixtral4bit.kernels import _triton as triton
 
 if triton is not None:
@@ -448,6 +448,73 @@ def _v2_matmul(x, packed, ends, rows, token_of_row, split_bytes, multi: bool, lu
         grid = lambda m: (rows, triton.cdiv(N, m["BLOCK_N"]), splits)  # noqa: E731
         _launch(kern, grid, x, *args, row_expert, *tail, **meta, **(tiles or {}))
     return partial
+
+
+class _OneExpert:
+    """A bitsandbytes 4-bit linear weight (``quantize_4bit`` of ``[N, K]``) seen as a one-expert stack ``[1, N, K]``:
+    the same packed bytes and quant state that :func:`nf4_moe_matmul` reads for the experts."""
+
+    def __init__(self, data: torch.Tensor, state):
+        self.packed, self.quant_state, self.shape = data, state, (1, *state.shape)
+
+    def _sync_state_device(self) -> None:
+        if self.quant_state.absmax.device != self.packed.device:
+            self.quant_state.to(self.packed.device)
+
+    def dequantize(self) -> torch.Tensor:  # the torch path's weights
+        self._sync_state_device()
+        return dequantize_nf4(self.packed, self.quant_state).view(self.shape)
+
+
+_ONE_EXPERT_ENDS: dict = {}
+# the dense kernel's split of K aims at about this many programs (output tiles of 128 columns x row tiles of 16 x
+# splits): few output tiles at decode batch sizes, and a memory-bound stream needs every SM busy. It stands in for
+# bitsandbytes from DENSE_MIN_ROWS rows on; at one row bitsandbytes' GEMV was faster. Both from bench/dense_nf4.md
+# (H200: Mixtral's q, k, v, o with the study's adapters, in a CUDA graph: 1,024 programs the fastest at 64 rows,
+# 512 at 16 by 9 %; at one row the best split took 1.19x bitsandbytes' time)
+DENSE_PROGRAMS = 1024
+DENSE_MIN_ROWS = 2
+
+
+def _one_expert_ends(rows: int, device: torch.device) -> torch.Tensor:
+    """``ends`` of a one-expert stack (``[rows]``, int32), kept per (rows, device) once made outside a CUDA graph
+    capture; during one it is made inside (a fill node of the graph), since a kept tensor would be written only
+    when that graph replays."""
+    key = (rows, str(device))
+    ends = _ONE_EXPERT_ENDS.get(key)
+    if ends is None:
+        ends = torch.full((1,), rows, dtype=torch.int32, device=device)
+        if not (ends.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _ONE_EXPERT_ENDS[key] = ends
+    return ends
+
+
+def dense_split_bytes(rows: int, n: int, k: int, programs: int = DENSE_PROGRAMS) -> int:
+    """Packed bytes of K per program for :func:`nf4_linear_partials`: the split (a power of two dividing K's quant
+    blocks) that brings ``cdiv(n, 128) x cdiv(rows, 16) x splits`` up to ``programs``, never below one block."""
+    blocks = k // 64
+    tiles = -(-n // 128) * -(-rows // 16)
+    splits = 1
+    while tiles * splits < programs and blocks % (2 * splits) == 0:
+        splits *= 2
+    return 32 * (blocks // splits)
+
+
+def nf4_linear_partials(x: torch.Tensor, data: torch.Tensor, state, lut: str = DECODE_DEFAULTS["lut"],
+                        prmt_rows: int = DECODE_DEFAULTS["prmt_rows"],
+                        programs: int = DENSE_PROGRAMS) -> torch.Tensor:
+    """``x @ W.T`` for a bitsandbytes 4-bit linear weight (``data``, ``state``: a ``Linear4bit``'s
+    ``weight.data`` and ``weight.quant_state``), as the routed kernel's split-K partial sums ``[splits, rows, N]``
+    (fp32; ``[1, rows, N]`` in ``x``'s dtype from the torch path): the multi-row kernel with one expert. Why: at
+    batch 1 bitsandbytes' GEMV read the attention projections at about 0.59 TB/s in the captured step
+    (bench/generation_mixtral.md), and above batch 1 it dequantizes the whole weight first; the consumer adds the
+    partials while it does its own pass (:func:`phyassist.models.fused_decode.lora_add_partials`)."""
+    n, k = state.shape
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    return nf4_moe_matmul(x2, _OneExpert(data, state), _one_expert_ends(rows, x.device), rows, None,
+                          dense_split_bytes(rows, n, k, programs), kernel="v2", lut=lut, gemv_rows=0, reduce=False,
+                          prmt_rows=prmt_rows)
 
 
 def _pair_table(state) -> torch.Tensor:
