@@ -4,12 +4,12 @@ study's LoRA product added (issue 22).
 
 Mixtral-8x7B's q, k, v, o (``[4096, 4096]``, ``[1024, 4096]`` twice, ``[4096, 4096]``) of 32 layers, random weights
 in NF4 (blocks of 64, nested scales: the study's quantization) with rank-32 fp32 adapters; each method runs all 128
-projections in one captured CUDA graph (689 MB of NF4 bytes: the L2 cache holds none of it between layers, as in a
-decode step), timed over graph replays between CUDA events. ``bnb``: the layer's forward (bitsandbytes' GEMV at one
-row, dequantize + cuBLAS above) then :func:`phyassist.models.fused_decode.lora_add_`; ``kit-pN``: the dense kernel,
-its split of K aimed at ``N`` programs (``DENSE_PROGRAMS``), and :func:`~phyassist.models.fused_decode
+projections in one captured CUDA graph (692 MB of NF4 bytes and scales: the L2 cache holds none of it between layers,
+as in a decode step), timed over graph replays between CUDA events. ``bnb``: the layer's forward (bitsandbytes' GEMV
+at one row, dequantize + cuBLAS above) then :func:`phyassist.models.fused_decode.lora_add_`; ``kit-pN``: the dense
+kernel, its split of K aimed at ``N`` programs (``DENSE_PROGRAMS``), and :func:`~phyassist.models.fused_decode
 .lora_add_partials` adding its partial sums. Reports microseconds a layer (q + k + v + o with adapters), the median
-of the replays, and the NF4 bytes' rate.
+of the replays, and the NF4 bytes' rate (bench/dense_nf4.md).
 
     . bench/device_env.sh && python3 bench/dense_nf4.py --out $OUT/dense_nf4.json     # H200: about a minute
 """

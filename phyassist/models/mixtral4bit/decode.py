@@ -33,6 +33,10 @@ gather-sum back to token order; :func:`route` sorts the rows by expert in one pr
 split-K partial sums are added inside the SwiGLU and the gather-sum (``decode_fuse``). Without Triton (CPU
 builds of torch) the same maths runs on the dequantized experts.
 
+:func:`nf4_linear_partials` runs the multi-row kernel with one expert over a bitsandbytes ``Linear4bit``'s bytes:
+the attention projections in the captured decode step from 2 rows on (:mod:`phyassist.models.fused_decode`; at
+one row bitsandbytes' GEMV was faster, bench/dense_nf4.md).
+
 The packed layout is bitsandbytes' (``quantize_4bit`` of the whole ``[E, N, K]`` tensor, blocks of
 64 consecutive values along ``K``, the first value of a byte in its high nibble), so these kernels
 read the very tensors that training uses.
