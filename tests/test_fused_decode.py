@@ -160,6 +160,14 @@ def check_router(device="cpu"):
         assert torch.equal(index, idx), (index, idx)
         assert torch.allclose(values, top / top.sum(-1, keepdim=True), rtol=1e-5, atol=0), (values, top)
         assert values.dtype == torch.float32 and index.dtype == torch.int64 and logits.dtype == torch.bfloat16
+        bias = -1.2 * torch.log(torch.arange(1, E + 1, dtype=torch.float32)).to(device)  # the benchmarks' skew
+        logits_b, values_b, index_b = router_top_k(x, router.weight, k, bias)
+        _close(logits_b, (want_logits + bias.to(torch.bfloat16)), _steps(device, 1, 2), ("router bias", rows, K),
+               x.float().abs() @ router.weight.float().abs().T + bias.abs())
+        top_b, idx_b = torch.topk(torch.softmax(logits_b.float(), -1), k, -1)
+        assert torch.equal(index_b, idx_b) and torch.allclose(values_b, top_b / top_b.sum(-1, keepdim=True), rtol=1e-5)
+        _, nan_values, nan_index = router_top_k(torch.full_like(x, float("nan")), router.weight, k)
+        assert nan_index.min() >= 0 and nan_index.max() < E and len(set(nan_index[0].tolist())) == k, nan_index
         r = 12
         a = (torch.randn(r, K, generator=g) * 0.05).to(device)
         b = (torch.randn(E, r, generator=g) * 0.05).to(device)
@@ -201,15 +209,15 @@ def check_model(device="cpu"):
                 p.mul_(20)
     ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).to(device)
 
-    def step():
+    def step(batch):
         cache = StaticCache(config=model.config, max_cache_len=16)
         with torch.no_grad():
-            model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
-            return model(input_ids=ids[:, 5:], position_ids=torch.full((2, 1), 5, device=device),
+            model(input_ids=ids[:batch, :5], past_key_values=cache, use_cache=True)
+            return model(input_ids=ids[:batch, 5:], position_ids=torch.full((batch, 1), 5, device=device),
                          past_key_values=cache, use_cache=True).logits.float()
 
     forwards = {n: m.forward for n, m in model.named_modules()}
-    want = step()
+    want = {batch: step(batch) for batch in (2, 1)}
     import phyassist.models.fused_decode as f
 
     calls = dict.fromkeys(("rms_norm", "apply_rotary", "lora_add_", "lora_add_partials", "nf4_linear_partials",
@@ -224,25 +232,33 @@ def check_model(device="cpu"):
     try:
         for name in calls:
             setattr(f, name, counted(name))
+        got, counts = {}, {}
         with fused_decode(model):
             patched = [n for n, m in model.named_modules() if "forward" in vars(m)]
-            got = step()
+            for batch in (2, 1):
+                got[batch] = step(batch)
+                counts[batch] = dict(calls)
+                calls.update(dict.fromkeys(calls, 0))
     finally:
         for name, fn in originals.items():
             setattr(f, name, fn)
     layers = model.config.num_hidden_layers
     # the decode step's 2 norms a layer and the final one, a rotary embedding, q, k, v, o's 4-bit GEMVs with their
-    # adapters and the adapted router a layer (the prefill inside step() runs them too: twice each); no adapter
-    # over a projection that is not 4-bit
-    assert calls == {"rms_norm": 2 * (2 * layers + 1), "apply_rotary": 2 * layers, "lora_add_": 0,
-                     "lora_add_partials": 2 * 4 * layers, "nf4_linear_partials": 2 * 4 * layers,
-                     "router_weight": 2 * layers, "router_top_k": 2 * layers}, calls
+    # adapters and the adapted router a layer (the prefill inside step() runs them too: twice each); at batch 1 the
+    # decode step's projections stay on bitsandbytes' GEMV (DENSE_MIN_ROWS), their adapters on lora_add_
+    same = {"rms_norm": 2 * (2 * layers + 1), "apply_rotary": 2 * layers, "router_weight": 2 * layers,
+            "router_top_k": 2 * layers}
+    assert counts[2] == dict(same, lora_add_=0, lora_add_partials=2 * 4 * layers,
+                             nf4_linear_partials=2 * 4 * layers), counts[2]
+    assert counts[1] == dict(same, lora_add_=4 * layers, lora_add_partials=4 * layers,
+                             nf4_linear_partials=4 * layers), counts[1]
     assert any("norm" in n for n in patched) and any("q_proj" in n for n in patched), patched
     assert any(n.endswith("mlp.gate") for n in patched), patched  # the router's adapter wrapper
     assert not any("forward" in vars(m) for m in model.modules())
     assert all(m.forward == forwards[n] for n, m in model.named_modules())
-    rel = ((got - want).abs().amax(-1) / want.abs().amax()).flatten()
-    assert (rel <= 0.02).all(), rel.tolist()
+    for batch in (2, 1):
+        rel = ((got[batch] - want[batch]).abs().amax(-1) / want[batch].abs().amax()).flatten()
+        assert (rel <= 0.02).all(), (batch, rel.tolist())
 
 
 def test_fused_decode_kernels_match_the_modules_in_triton_interpreter():
@@ -296,6 +312,34 @@ def test_a_modules_own_forward_comes_back_and_nesting_restores_each_level():
     with fused_decode(model):
         pass
     assert "forward" not in vars(norm)
+
+
+def test_only_routers_with_mixtrals_maths_are_fused():
+    """A router class whose forward was replaced keeps it (the fused kernel would drop what it adds), unless the
+    forward declares itself Mixtral's maths plus the router's ``logit_bias`` (the benchmarks' skewed router)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    from phyassist.models.fused_decode import fused_decode
+
+    cfg = SimpleNamespace(num_experts_per_tok=2, num_local_experts=4, hidden_size=8)
+
+    class Patched(MixtralTopKRouter):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states * 2)
+
+    class Declared(MixtralTopKRouter):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states)
+    Declared.forward._phyassist_logit_bias = True
+
+    model = torch.nn.ModuleList([MixtralTopKRouter(cfg), Patched(cfg), Declared(cfg)])
+    with fused_decode(model):
+        assert ["forward" in vars(m) for m in model] == [True, False, True]
+    with fused_decode(model, parts=("norm",)):
+        assert not any("forward" in vars(m) for m in model)
 
 
 @pytest.mark.gpu

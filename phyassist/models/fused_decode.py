@@ -146,10 +146,13 @@ if triton is not None:
             tl.store(out_ptr + e * K + ks, (w + delta).to(out_ptr.dtype.element_ty), mask=kmask)
 
     @triton.jit
-    def _router_top_k_kernel(x_ptr, w_ptr, logit_ptr, value_ptr, index_ptr, K, E: tl.constexpr,
-                             E_POW2: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One token: the router's logits ``x @ W.T`` (fp32 sums rounded to ``x``'s dtype, as ``F.linear``), their
-        softmax in fp32, the ``TOP_K`` largest (the lower expert first on a tie) divided by their sum."""
+    def _router_top_k_kernel(x_ptr, w_ptr, bias_ptr, logit_ptr, value_ptr, index_ptr, K, E: tl.constexpr,
+                             E_POW2: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr, BIAS: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """One token: the router's logits ``x @ W.T`` (fp32 sums rounded to ``x``'s dtype, as ``F.linear``; with
+        ``BIAS`` plus the per-expert bias rounded to that dtype, the sum rounded again), their softmax in fp32, the
+        ``TOP_K`` largest (the lower expert first on a tie; a row of NaNs picks experts in order, never one past
+        ``E``) divided by their sum."""
         row = tl.program_id(0).to(tl.int64)
         es = tl.arange(0, E_POW2)
         emask = es < E
@@ -161,20 +164,27 @@ if triton is not None:
             w = tl.load(w_ptr + es[:, None] * K + ks[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
         logits = tl.sum(acc, axis=1).to(logit_ptr.dtype.element_ty)
+        if BIAS:
+            b = tl.load(bias_ptr + es, mask=emask, other=0.0).to(logit_ptr.dtype.element_ty)
+            logits = (logits.to(tl.float32) + b.to(tl.float32)).to(logit_ptr.dtype.element_ty)
         tl.store(logit_ptr + row * E + es, logits, mask=emask)
         z = tl.where(emask, logits.to(tl.float32), float("-inf"))
         p = tl.exp(z - tl.max(z, axis=0))
         p = p / tl.sum(p, axis=0)
-        left = tl.where(emask, p, -1.0)
+        taken = es >= E  # experts chosen so far (and the padding past E)
+        left = tl.where(taken, -1.0, p)
         slots = tl.arange(0, K_POW2)
         top = tl.zeros((K_POW2,), dtype=tl.float32)
         idx = tl.zeros((K_POW2,), dtype=tl.int64)
         for j in tl.static_range(TOP_K):
             best = tl.max(left, axis=0)
-            pick = tl.min(tl.where(left == best, es, E_POW2), axis=0)
-            top = tl.where(slots == j, best, top)
+            pick = tl.min(tl.where((left == best) & ~taken, es, E_POW2), axis=0)
+            # NaN probabilities match nothing: the first expert not yet taken, never one past E
+            pick = tl.where(pick < E, pick, tl.min(tl.where(taken, E_POW2, es), axis=0))
+            top = tl.where(slots == j, tl.sum(tl.where(es == pick, p, 0.0), axis=0), top)
             idx = tl.where(slots == j, pick.to(tl.int64), idx)
-            left = tl.where(es == pick, -1.0, left)
+            taken = taken | (es == pick)
+            left = tl.where(taken, -1.0, left)
         smask = slots < TOP_K
         top = top / tl.sum(tl.where(smask, top, 0.0), axis=0)
         tl.store(value_ptr + row * TOP_K + slots, top, mask=smask)
@@ -257,9 +267,11 @@ def router_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: floa
     return out
 
 
-def router_top_k(x: torch.Tensor, w: torch.Tensor, top_k: int):
+def router_top_k(x: torch.Tensor, w: torch.Tensor, top_k: int, bias: torch.Tensor | None = None):
     """Mixtral's router (``MixtralTopKRouter.forward``) in one kernel: ``(logits, weights, experts)``, the logits in
-    ``x``'s dtype, the top-``k`` softmax probabilities renormalized (fp32) and their experts (int64)."""
+    ``x``'s dtype, the top-``k`` softmax probabilities renormalized (fp32) and their experts (int64). ``bias``: a
+    per-expert logit bias added as ``logits + bias.to(logits.dtype)`` (a router's ``logit_bias``, see
+    :func:`_router_maths`)."""
     E, K = w.shape
     xc = x.reshape(-1, K).contiguous()
     rows = xc.shape[0]
@@ -267,8 +279,9 @@ def router_top_k(x: torch.Tensor, w: torch.Tensor, top_k: int):
     values = torch.empty(rows, top_k, dtype=torch.float32, device=x.device)
     index = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
     if rows:
-        _launch(_router_top_k_kernel, (rows,), x, xc, w.contiguous(), logits, values, index, K, E=E,
-                E_POW2=max(2, triton.next_power_of_2(E)), TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
+        _launch(_router_top_k_kernel, (rows,), x, xc, w.contiguous(), w if bias is None else bias.contiguous(),
+                logits, values, index, K, E=E, E_POW2=max(2, triton.next_power_of_2(E)), TOP_K=top_k,
+                K_POW2=max(2, triton.next_power_of_2(top_k)), BIAS=bias is not None,
                 BLOCK_K=min(1024, triton.next_power_of_2(K)), num_warps=8)
     return logits, values, index
 
@@ -287,16 +300,22 @@ def _norm_forward(module):
     return forward
 
 
+def _one_adapter(module, x, args, kwargs):
+    """The name of a PEFT LoRA layer's one active adapter where the fused path may run: no extra arguments (such as
+    per-row adapter names), not disabled or merged, a fusable input, exactly one active adapter; else None."""
+    if args or kwargs or module.disable_adapters or module.merged or not _fusable(x):
+        return None
+    names = [a for a in module.active_adapters if a in module.lora_A]
+    return names[0] if len(names) == 1 else None
+
+
 def _plain_adapter(module, x, args, kwargs):
     """The one active adapter of a PEFT LoRA layer if its forward is the plain ``y + s * B(A(x))`` (no dropout, or
     dropout in eval mode, where it passes its input through; no DoRA or other variant, no bias, not merged or
     disabled, no per-row adapter names), else None."""
-    if args or kwargs or module.disable_adapters or module.merged or not _fusable(x):
+    name = _one_adapter(module, x, args, kwargs)
+    if name is None:
         return None
-    names = [a for a in module.active_adapters if a in module.lora_A]
-    if len(names) != 1:
-        return None
-    name = names[0]
     a, b = module.lora_A[name], module.lora_B[name]
     drop = module.lora_dropout[name]
     no_dropout = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout)
@@ -311,7 +330,8 @@ def _nf4_ready(base, x: torch.Tensor) -> bool:
     """Whether the dense NF4 kernel can stand in for bitsandbytes' ``Linear4bit`` ``base`` on ``x``: at least
     :data:`~phyassist.models.mixtral4bit.decode.DENSE_MIN_ROWS` rows (at one, bitsandbytes' GEMV is faster), NF4 in
     blocks of 64 in the layout bitsandbytes' GPU path reads (not repacked for CPUs), no bias, ``x`` already in the
-    layer's 16-bit compute dtype (the layer's own cast would be a no-op) on the weight's device."""
+    layer's 16-bit compute dtype (the layer's own cast would be a no-op) on the weight's device, its scales there too,
+    no hooks on the layer (under a LoRA layer the kernel reads the base layer's weight without calling it)."""
     w = getattr(base, "weight", None)
     state = getattr(w, "quant_state", None)
     return (state is not None and base.bias is None and state.quant_type == "nf4" and state.blocksize == 64
@@ -319,7 +339,8 @@ def _nf4_ready(base, x: torch.Tensor) -> bool:
             and not getattr(state, "packing_format_for_cpu", False) and w.dtype == torch.uint8
             and x.dtype in (torch.bfloat16, torch.float16) and getattr(base, "compute_dtype", None) == x.dtype
             and len(state.shape) == 2 and state.shape[1] % 64 == 0 and x.shape[-1] == state.shape[1]
-            and x.device == w.device)
+            and x.device == w.device and state.absmax.device == w.device  # nothing to move while a graph captures
+            and not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")))
 
 
 def _nf4_forward(module):
@@ -352,6 +373,23 @@ def _lora_forward(module, nf4_class):
     return forward
 
 
+def _router_maths(router) -> bool:
+    """Whether ``router``'s forward is Mixtral's (transformers' ``MixtralTopKRouter.forward``), or one that declares
+    itself that maths plus the router's per-expert ``logit_bias`` (``_phyassist_logit_bias``: the benchmarks'
+    skewed router, bench/router_skew.py): a forward patched otherwise is not replaced."""
+    fn = getattr(type(router), "forward", None)
+    if getattr(fn, "_phyassist_logit_bias", False):
+        return True
+    return (type(router).__name__ in ROUTERS and getattr(fn, "__qualname__", "") == "MixtralTopKRouter.forward"
+            and getattr(fn, "__module__", "").startswith("transformers.") and hasattr(router, "top_k")
+            and getattr(router, "weight", None) is not None)
+
+
+def _router_bias(router):
+    """The per-expert logit bias a router's declared forward adds (:func:`_router_maths`), else None."""
+    return getattr(router, "logit_bias", None) if getattr(type(router).forward, "_phyassist_logit_bias", False) else None
+
+
 def _router_forward(module):
     original = module.forward
 
@@ -359,19 +397,16 @@ def _router_forward(module):
         w = module.weight  # under PEFT's parameter wrapper: the adapted weight, as the original forward reads it
         if args or kwargs or not _fusable(hidden_states) or hidden_states.dtype != w.dtype:
             return original(hidden_states, *args, **kwargs)
-        return router_top_k(hidden_states, w, module.top_k)
+        return router_top_k(hidden_states, w, module.top_k, _router_bias(module))
     return forward
 
 
 def _router_adapter(module, x, args, kwargs):
     """The one active adapter of PEFT's parameter wrapper around a router if its adapted weight is the plain
     ``W + B @ A * s`` (not merged or disabled, no variant, a 2-D weight), else None."""
-    if args or kwargs or module.disable_adapters or module.merged or not _fusable(x):
+    name = _one_adapter(module, x, args, kwargs)
+    if name is None or module.parameter_name != "weight" or getattr(module, "fan_in_fan_out", False):
         return None
-    names = [a for a in module.active_adapters if a in module.lora_A]
-    if len(names) != 1 or module.parameter_name != "weight" or getattr(module, "fan_in_fan_out", False):
-        return None
-    name = names[0]
     a, b = module.lora_A[name], module.lora_B[name]
     w = module.get_base_layer().weight
     if (name in getattr(module, "lora_variant", {}) or getattr(module, "num_experts", 1) != 1 or w.dim() != 2
@@ -390,7 +425,7 @@ def _router_lora_forward(module):
             return original(x, *args, **kwargs)
         router = module.get_base_layer()
         w = router_weight(router.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
-        return router_top_k(x, w, router.top_k)
+        return router_top_k(x, w, router.top_k, _router_bias(router))
     return forward
 
 
@@ -433,9 +468,9 @@ def _fused_forward(m, parts, lora, wrapper, nf4):
         return _norm_forward(m) if "norm" in parts else None
     if isinstance(m, lora) and isinstance(m.get_base_layer(), torch.nn.Linear):
         return _lora_forward(m, nf4) if "lora" in parts else None
-    if isinstance(m, wrapper) and type(m.get_base_layer()).__name__ in ROUTERS:
+    if isinstance(m, wrapper) and _router_maths(m.get_base_layer()):
         return _router_lora_forward(m) if "router" in parts else None
-    if name in ROUTERS and hasattr(m, "top_k") and hasattr(m, "weight"):
+    if _router_maths(m):
         return _router_forward(m) if "router" in parts else None
     if nf4 is not None and isinstance(m, nf4):
         return _nf4_forward(m)
@@ -447,6 +482,8 @@ def fused_parts(setting) -> tuple:
     :data:`FUSED_PARTS`, False none, else an iterable of their names (checked), in :data:`FUSED_PARTS`' order."""
     if setting is True or setting is False:
         return FUSED_PARTS if setting else ()
+    if isinstance(setting, str) or not hasattr(setting, "__iter__"):
+        raise ValueError(f"fused decode parts {setting!r}: True, False or a list of {', '.join(FUSED_PARTS)}")
     names = set(setting)
     unknown = names - set(FUSED_PARTS)
     if unknown:
