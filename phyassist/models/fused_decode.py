@@ -23,8 +23,10 @@ bias) run the modules' own code. The maths is the modules': the RMSNorm and the 
 (bit-equal up to the order of a sum); the LoRA path sums its products in fp32 and rounds once (the modules round each
 product to the adapter's dtype first: a difference within bf16's rounding); the 4-bit GEMV scales each quant block's
 dot product instead of rounding each weight (within bf16's rounding, :func:`~phyassist.models.mixtral4bit.decode
-.nf4_moe_matmul`); the router rounds its logits and the adapted weight as ``F.linear`` and PEFT do, so its choice of
-experts differs only where two are within a rounding of each other.
+.nf4_moe_matmul`); the router rounds its logits and the adapted weight as ``F.linear`` and PEFT do (PEFT with fp32
+adapters), so its choice of experts differs only where two are within a rounding of each other. A router whose class
+forward was replaced is left alone, unless that forward declares Mixtral's maths plus a ``logit_bias`` (the
+benchmarks' skewed router), which the kernel then adds.
 """
 
 from __future__ import annotations
@@ -258,7 +260,8 @@ def lora_add_partials(partial: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b
 def router_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """PEFT's parameter wrapper's adapted router weight ``W + (B @ A * scale).to(W.dtype)`` in one kernel (``w``:
     ``[E, K]``, ``a``: ``[r, K]``, ``b``: ``[E, r]``); computed every step, as PEFT does, so a captured graph sees an
-    adapter whose weights change in place."""
+    adapter whose weights change in place. Rounded as PEFT rounds fp32 adapters (the study's); with 16-bit adapters
+    PEFT also rounds ``B @ A`` before scaling, which this kernel does not (a rounding step apart)."""
     E, K = w.shape
     R = a.shape[0]
     out = torch.empty_like(w)
@@ -387,7 +390,8 @@ def _router_maths(router) -> bool:
 
 def _router_bias(router):
     """The per-expert logit bias a router's declared forward adds (:func:`_router_maths`), else None."""
-    return getattr(router, "logit_bias", None) if getattr(type(router).forward, "_phyassist_logit_bias", False) else None
+    declared = getattr(type(router).forward, "_phyassist_logit_bias", False)
+    return getattr(router, "logit_bias", None) if declared else None
 
 
 def _router_forward(module):

@@ -475,7 +475,8 @@ _ONE_EXPERT_ENDS: dict = {}
 # splits): few output tiles at decode batch sizes, and a memory-bound stream needs every SM busy. It stands in for
 # bitsandbytes from DENSE_MIN_ROWS rows on; at one row bitsandbytes' GEMV was faster. Both from bench/dense_nf4.md
 # (H200: Mixtral's q, k, v, o with the study's adapters, in a CUDA graph: 1,024 programs the fastest at 64 rows,
-# 512 at 16 by 9 %; at one row the best split took 1.19x bitsandbytes' time)
+# 512 at 16 by 9 %; at one row the best split took 1.19x bitsandbytes' time; 2-15 rows not measured: above one row
+# bitsandbytes dequantizes and multiplies, the path the kernel beat at 16 and 64 rows)
 DENSE_PROGRAMS = 1024
 DENSE_MIN_ROWS = 2
 
