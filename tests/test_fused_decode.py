@@ -350,3 +350,46 @@ def test_gpu_fused_decode_kernels_match_the_modules(has_gpu):
     check_dense("cuda")
     check_router("cuda")
     check_model("cuda")
+
+
+def test_fused_paths_take_only_the_cases_they_compute(monkeypatch):
+    """The eligibility checks on the tiny 4-bit Mixtral with the study's LoRA (as if on a GPU: ``_fusable`` forced):
+    one plain active adapter is fused; per-row adapter names, dropout in training mode, disabled, merged or two active
+    adapters fall back to the modules' own forward; the router's adapter the same and a mismatched input dtype; the
+    4-bit GEMV from 2 rows, not under a hook."""
+    import copy
+
+    import phyassist.models.fused_decode as f
+    from phyassist.models.mixtral4bit.build import build_quantized_model
+    from phyassist.models.registry import architecture_config
+    from phyassist.train.lora import apply_lora
+
+    cfg = load_config("paper")
+    config = architecture_config("tiny-mixtral")
+    torch.manual_seed(0)
+    model = apply_lora(build_quantized_model(config, cfg.model.quant, "cpu", method="grouped", progress=False),
+                       cfg.train.lora).eval()
+    monkeypatch.setattr(f, "_fusable", lambda x: True)
+    q = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    gate = model.get_submodule("base_model.model.model.layers.0.mlp.gate")
+    x = torch.zeros(2, config.hidden_size, dtype=torch.bfloat16)
+    assert f._plain_adapter(q, x, (), {}) == "default" and f._router_adapter(gate, x, (), {}) == "default"
+    assert f._plain_adapter(q, x, (), {"adapter_names": ["default"] * 2}) is None
+    assert f._router_adapter(gate, x.float(), (), {}) is None
+    model.train()  # the study's dropout (0.05) is active in training mode
+    assert f._plain_adapter(q, x, (), {}) is None
+    model.eval()
+    with model.disable_adapter():
+        assert f._plain_adapter(q, x, (), {}) is None and f._router_adapter(gate, x, (), {}) is None
+    for layer in (q, gate):
+        layer.merged_adapters.append("default")
+        assert (f._plain_adapter if layer is q else f._router_adapter)(layer, x, (), {}) is None
+        layer.merged_adapters.remove("default")
+    model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
+    model.base_model.set_adapter(["default", "other"])
+    assert f._plain_adapter(q, x, (), {}) is None and f._router_adapter(gate, x, (), {}) is None
+    base = q.get_base_layer()
+    assert f._nf4_ready(base, x) and not f._nf4_ready(base, x[:1])
+    handle = base.register_forward_hook(lambda *a: None)
+    assert not f._nf4_ready(base, x)
+    handle.remove()
