@@ -2,6 +2,8 @@
 HF's RMSNorm and rotary embedding, PEFT's LoRA forward; in Triton's CPU interpreter (``make test``) and on a GPU
 (``gpu``). The whole decode step with them: tests/test_generation.py's graph-decode test (gpu)."""
 
+import functools
+
 import pytest
 import torch
 from conftest import run_in_triton_interpreter
@@ -144,7 +146,7 @@ def check_router(device="cpu"):
     from phyassist.models.fused_decode import router_top_k, router_weight
 
     g = torch.Generator().manual_seed(6)
-    for rows, K, E, k in ((1, 256, 8, 2), (7, 2048, 8, 2), (3, 128, 4, 1)):
+    for rows, K, E, k in ((1, 256, 8, 2), (7, 2048, 8, 2), (3, 128, 4, 1), (2, 128, 6, 2)):
         router = MixtralTopKRouter(SimpleNamespace(num_experts_per_tok=k, num_local_experts=E, hidden_size=K))
         with torch.no_grad():
             router.weight.copy_(torch.randn(E, K, generator=g) * 0.3)
@@ -166,6 +168,9 @@ def check_router(device="cpu"):
                x.float().abs() @ router.weight.float().abs().T + bias.abs())
         top_b, idx_b = torch.topk(torch.softmax(logits_b.float(), -1), k, -1)
         assert torch.equal(index_b, idx_b) and torch.allclose(values_b, top_b / top_b.sum(-1, keepdim=True), rtol=1e-5)
+        zero_logits, _, _ = router_top_k(torch.zeros_like(x), router.weight, k, bias)  # the bias alone, rounded once:
+        _close(zero_logits, bias.to(torch.bfloat16).expand_as(zero_logits).contiguous(),  # bit-equal on a GPU
+               _steps(device, 0, 1), ("router bias alone", E))
         _, nan_values, nan_index = router_top_k(torch.full_like(x, float("nan")), router.weight, k)
         assert nan_index.min() >= 0 and nan_index.max() < E and len(set(nan_index[0].tolist())) == k, nan_index
         r = 12
@@ -259,6 +264,23 @@ def check_model(device="cpu"):
     for batch in (2, 1):
         rel = ((got[batch] - want[batch]).abs().amax(-1) / want[batch].abs().amax()).flatten()
         assert (rel <= 0.02).all(), (batch, rel.tolist())
+    # the benchmarks' skewed router (a logit bias that forces experts 0 and 1): the fused router adds it too
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    from bench.router_skew import set_skew
+    try:
+        set_skew(model, 50.0)
+        want_skew = step(2)
+        with fused_decode(model):
+            got_skew = step(2)
+    finally:  # the class's own forward back (set_skew patches it process-wide)
+        MixtralTopKRouter.forward = MixtralTopKRouter.__dict__["_phy_plain_forward"]
+        del MixtralTopKRouter._phy_plain_forward
+        for m in model.modules():
+            m.__dict__.pop("logit_bias", None)
+    assert ((want_skew - want[2]).abs().amax(-1) / want[2].abs().amax()).min() > 0.05  # the skew moves the output
+    rel = ((got_skew - want_skew).abs().amax(-1) / want_skew.abs().amax()).flatten()
+    assert (rel <= 0.02).all(), ("skewed", rel.tolist())
 
 
 def test_fused_decode_kernels_match_the_modules_in_triton_interpreter():
@@ -314,7 +336,7 @@ def test_a_modules_own_forward_comes_back_and_nesting_restores_each_level():
     assert "forward" not in vars(norm)
 
 
-def test_only_routers_with_mixtrals_maths_are_fused():
+def test_only_routers_with_mixtrals_maths_are_fused(monkeypatch):
     """A router class whose forward was replaced keeps it (the fused kernel would drop what it adds), unless the
     forward declares itself Mixtral's maths plus the router's ``logit_bias`` (the benchmarks' skewed router)."""
     pytest.importorskip("triton")
@@ -340,6 +362,19 @@ def test_only_routers_with_mixtrals_maths_are_fused():
         assert ["forward" in vars(m) for m in model] == [True, False, True]
     with fused_decode(model, parts=("norm",)):
         assert not any("forward" in vars(m) for m in model)
+    own = MixtralTopKRouter.forward
+
+    @functools.wraps(own)
+    def wrapped(self, hidden_states):  # a wrapper carries the name and module of what it wraps
+        return own(self, hidden_states * 2)
+
+    def replaced(self, hidden_states):
+        return own(self, hidden_states * 2)
+    for patch in (wrapped, replaced):
+        monkeypatch.setattr(MixtralTopKRouter, "forward", patch)
+        with fused_decode(model):
+            assert "forward" not in vars(model[0]), patch
+    monkeypatch.undo()
 
 
 @pytest.mark.gpu

@@ -381,10 +381,13 @@ def _router_maths(router) -> bool:
     itself that maths plus the router's per-expert ``logit_bias`` (``_phyassist_logit_bias``: the benchmarks'
     skewed router, bench/router_skew.py): a forward patched otherwise is not replaced."""
     fn = getattr(type(router), "forward", None)
+    if fn is None or hasattr(fn, "__wrapped__"):  # a wrapper copies the name (and marker) of what it wraps
+        return False
     if getattr(fn, "_phyassist_logit_bias", False):
         return True
+    code = getattr(fn, "__code__", None)
     return (type(router).__name__ in ROUTERS and getattr(fn, "__qualname__", "") == "MixtralTopKRouter.forward"
-            and getattr(fn, "__module__", "").startswith("transformers.") and hasattr(router, "top_k")
+            and code is not None and code.co_filename.endswith("modeling_mixtral.py") and hasattr(router, "top_k")
             and getattr(router, "weight", None) is not None)
 
 
@@ -394,14 +397,21 @@ def _router_bias(router):
     return getattr(router, "logit_bias", None) if declared else None
 
 
+def _bias_fits(bias, w: torch.Tensor) -> bool:
+    """A logit bias the kernel can add: none, or one value per expert on the weight's device."""
+    return bias is None or (isinstance(bias, torch.Tensor) and bias.numel() == w.shape[0] and bias.device == w.device)
+
+
 def _router_forward(module):
     original = module.forward
 
     def forward(hidden_states, *args, **kwargs):
         w = module.weight  # under PEFT's parameter wrapper: the adapted weight, as the original forward reads it
-        if args or kwargs or not _fusable(hidden_states) or hidden_states.dtype != w.dtype:
+        bias = _router_bias(module)
+        if (args or kwargs or not _fusable(hidden_states) or hidden_states.dtype != w.dtype
+                or not _bias_fits(bias, w)):
             return original(hidden_states, *args, **kwargs)
-        return router_top_k(hidden_states, w, module.top_k, _router_bias(module))
+        return router_top_k(hidden_states, w, module.top_k, bias)
     return forward
 
 
@@ -428,8 +438,11 @@ def _router_lora_forward(module):
         if name is None:
             return original(x, *args, **kwargs)
         router = module.get_base_layer()
+        bias = _router_bias(router)
+        if not _bias_fits(bias, router.weight):
+            return original(x, *args, **kwargs)
         w = router_weight(router.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
-        return router_top_k(x, w, router.top_k, _router_bias(router))
+        return router_top_k(x, w, router.top_k, bias)
     return forward
 
 
