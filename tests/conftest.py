@@ -65,3 +65,17 @@ def run_in_triton_interpreter(checks: str) -> None:
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def adapters_like_trained(model, std: float) -> None:
+    """Non-zero LoRA weights (normal, ``std``), so that adapters change the output, and decisive routers (the
+    router weights x20), as trained ones are: random routers leave near-tied top-2 choices that a sum in another
+    order flips."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, std)
+            elif ".mlp.gate." in n and n.endswith("weight"):
+                p.mul_(20)

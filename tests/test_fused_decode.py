@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import run_in_triton_interpreter
+from conftest import adapters_like_trained, run_in_triton_interpreter
 
 from phyassist.config import load_config
 
@@ -182,6 +182,21 @@ def check_router(device="cpu"):
                router.weight.float().abs() + delta.float().abs())
 
 
+def _tiny_study_model(device):
+    """The tiny Mixtral built layer by layer into 4 bit with the study's quantization and LoRA (router included;
+    its dropout passes x through in eval mode), in eval mode."""
+    from phyassist.models.mixtral4bit.build import build_quantized_model
+    from phyassist.models.registry import architecture_config
+    from phyassist.train.lora import apply_lora
+
+    cfg = load_config("paper")
+    config = architecture_config("tiny-mixtral")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = build_quantized_model(config, cfg.model.quant, device, method="grouped", progress=False)
+    return apply_lora(model, cfg.train.lora).eval()
+
+
 def check_model(device="cpu"):
     """The tiny Mixtral in 4 bit with the study's LoRA (router included) one decode step with and without
     :func:`fused_decode`: the same logits within bf16 rounding; counts that every fused kernel ran (norms, rotary,
@@ -190,28 +205,15 @@ def check_model(device="cpu"):
     from transformers import StaticCache
 
     from phyassist.models.fused_decode import fused_decode
-    from phyassist.models.mixtral4bit.build import build_quantized_model
     from phyassist.models.mixtral4bit.decode import configure_decode
-    from phyassist.models.registry import architecture_config
-    from phyassist.train.lora import apply_lora
 
-    cfg = load_config("paper")  # the study's quantization and LoRA (router included), on the tiny architecture
-    config = architecture_config("tiny-mixtral")
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = build_quantized_model(config, cfg.model.quant, device, method="grouped", progress=False)
-    model = apply_lora(model, cfg.train.lora).eval()  # the study's dropout: in eval mode it passes x through
+    model = _tiny_study_model(device)
     configure_decode(model, {"max_rows": 0})  # the experts' torch path: what this test checks is around them
     for m in model.modules():  # keep bitsandbytes' GPU layout on CPUs with AVX512-BF16 (it repacks for them)
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.05)
-            elif ".mlp.gate." in n and n.endswith("weight"):  # decisive routers, as trained ones: no near-tied top-2
-                p.mul_(20)
+    adapters_like_trained(model, 0.05)
     ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).to(device)
 
     def step(batch):
@@ -395,15 +397,9 @@ def test_fused_paths_take_only_the_cases_they_compute(monkeypatch):
     import copy
 
     import phyassist.models.fused_decode as f
-    from phyassist.models.mixtral4bit.build import build_quantized_model
-    from phyassist.models.registry import architecture_config
-    from phyassist.train.lora import apply_lora
 
-    cfg = load_config("paper")
-    config = architecture_config("tiny-mixtral")
-    torch.manual_seed(0)
-    model = apply_lora(build_quantized_model(config, cfg.model.quant, "cpu", method="grouped", progress=False),
-                       cfg.train.lora).eval()
+    model = _tiny_study_model("cpu")
+    config = model.config
     monkeypatch.setattr(f, "_fusable", lambda x: True)
     q = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
     gate = model.get_submodule("base_model.model.model.layers.0.mlp.gate")

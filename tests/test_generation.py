@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import run_in_triton_interpreter
+from conftest import adapters_like_trained, run_in_triton_interpreter
 
 from phyassist.config import load_config
 from phyassist.models.generation import _adapter_state, generate
@@ -247,12 +247,7 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decod
         from phyassist.models.mixtral4bit.decode import configure_decode
 
         configure_decode(model, {"prmt_rows": 1})
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.02)
-            elif ".mlp.gate." in n and n.endswith("weight"):  # decisive routers, as trained ones: no near-tied top-2
-                p.mul_(20)
+    adapters_like_trained(model, 0.02)
     ids, mask = _left_padded_prompts(model.config.vocab_size)
     ids, mask = ids.cuda(), mask.cuda()
     seen = []
