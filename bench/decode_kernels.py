@@ -45,7 +45,8 @@ def parse(argv=None):
     ap.add_argument("--nested", default="1,0", help="double-quantized scales: 1, 0 or both")
     ap.add_argument("--dists", default="uniform,zipf")
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help="kernel-lut[@split bytes] (split 512 unless given) or dequant+grouped")
+                    help="kernel-lut[@split bytes][#tile] (split 512 unless given; tile BMxBNxWARPSxSTAGES[s], see "
+                    "fixed_tile) or dequant+grouped")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--zipf", type=float, default=1.2)
@@ -69,6 +70,18 @@ def routing(rows: int, E: int, dist: str, alpha: float, gen):
     p = torch.ones(E) if dist == "uniform" else 1.0 / torch.arange(1, E + 1).float() ** alpha
     index = torch.multinomial(p.expand(tokens, E), 2, replacement=False, generator=gen)
     return index, torch.full((tokens, 2), 0.5)
+
+
+def fixed_tile(text: str) -> dict:
+    """``"32x128x4x3s"`` -> the multi-row kernel's tile: BLOCK_M x BLOCK_N, warps, stages, ``s`` transposed
+    (SWAP), one quant block a step (the code16 and prmt decodings take one)."""
+    swap = text.endswith("s")
+    parts = text.rstrip("s").split("x")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"tile {text!r}: expected BMxBNxWARPSxSTAGES with an optional trailing s (transposed)")
+    bm, bn, warps, stages = map(int, parts)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "NB": 1, "SWAP": swap, "PREFETCH": False, "num_warps": warps,
+            "num_stages": stages}
 
 
 def nf4_bytes(packed, experts: int) -> int:
@@ -213,10 +226,21 @@ def main(argv=None) -> None:
                 xs = x if tok is None else x.index_select(0, tok)
                 return _grouped_matmul(xs, packed.dequantize().transpose(1, 2), ends, counts)
             return run, None
+        name, _, tile = name.partition("#")
         kernel_lut, _, split = name.partition("@")
         kernel, _, lut = kernel_lut.partition("-")
         split = int(split) if split else 512
         lut = lut or "code"
+        if tile:  # one fixed multi-row tile, not the autotuner's choice (a sweep of the tiles themselves)
+            tiles = fixed_tile(tile)
+            index = decode.LUTS.index(lut)
+            if index == 2 and x.is_cuda and x.element_size() == 2:
+                index = 3  # code16 runs as prmt from 2 rows on (DECODE_DEFAULTS' prmt_rows)
+
+            def run():
+                part = decode._v2_matmul(x, packed, ends, rows, tok, split, True, index, tiles=tiles)
+                return decode.sum_partials(part, x.dtype)
+            return run, None
         if decode.triton is None:  # CPU builds of torch: no autotuner to report
             tuner = None
         elif kernel == "mm2":

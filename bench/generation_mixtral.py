@@ -72,7 +72,8 @@ def parse(argv=None):
     ap.add_argument("--crossover", action="store_true", help="routed vs dequantized experts by token count")
     ap.add_argument("--decode", default="", help="kit-new's decode settings, e.g. kernel=v2,lut=code,max_rows=256 "
                     "(phyassist.models.mixtral4bit.decode.parse_decode_options)")
-    ap.add_argument("--profile", default="", help="variant whose batch-1 decode is profiled (kernel table)")
+    ap.add_argument("--profile", default="", help="variant whose decode is profiled (kernel table, layer breakdown)")
+    ap.add_argument("--profile-runs", default="1:0", help="BATCH:SKEW pairs profiled, comma-separated")
     ap.add_argument("--out", required=True)
     return ap.parse_args(argv)
 
@@ -301,18 +302,22 @@ def eval_projection(model, tok, args, res):
     res["eval_projection"] = out
 
 
-def profile_decode(model, tok, args, res, new: int = 16) -> None:
-    """Where a batch-1 decode step's time goes: torch.profiler over one ``generate`` call of ``new`` tokens
-    (512-token prompt, after a warm-up call), kernels by total GPU time."""
+def profile_decode(model, tok, args, res, batch: int = 1, skew: float = 0.0, new: int = 16) -> None:
+    """Where a decode step's time goes: torch.profiler over one ``generate`` call of ``new`` tokens (512-token
+    prompts, ``batch`` of them, router skew ``skew``, after a warm-up call): kernels by total GPU time, and the
+    captured steps kernel by kernel, by place in the layer (bench/kernel_timeline.py)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from kernel_timeline import decode_steps, format_breakdown, kernel_events, layer_breakdown
     from phyassist.models.generation import generate
 
     set_routed(model, args.profile, args.decode_options)
-    set_skew(model, 0.0)
-    ids = prompts(tok, 1, args.prompt_len)
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2)
+    set_skew(model, skew)
+    ids = prompts(tok, batch, args.prompt_len)
+    # no every-8-step check (it adds a kernel to some steps): every step runs the same kernels
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2,
+              sync_every=10 ** 9)
     with torch.inference_mode():
         generate(model, ids, torch.ones_like(ids), **kw)
         sync()
@@ -320,9 +325,23 @@ def profile_decode(model, tok, args, res, new: int = 16) -> None:
             generate(model, ids, torch.ones_like(ids), **kw)
             sync()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-    res["profile"] = {"variant": args.profile, "batch": 1, "prompt": args.prompt_len, "new_tokens": new,
-                      "table": table}
-    (Path(res["out"]).parent / "profile_decode.txt").write_text(table)
+    name = f"profile_decode_b{batch}_s{skew:g}"
+    out_dir = Path(res["out"]).parent
+    trace = out_dir / f"{name}.trace.json"
+    prof.export_chrome_trace(str(trace))
+    entry = {"variant": args.profile, "batch": batch, "skew": skew, "shares": expert_shares(model),
+             "prompt": args.prompt_len, "new_tokens": new, "table": table}
+    try:  # the breakdown must not cost the table
+        steps = decode_steps(kernel_events(trace), new - 1)
+        entry["breakdown"] = layer_breakdown(steps, args.layers)
+        table += "\n\n" + format_breakdown(entry["breakdown"], f"{args.profile}, batch {batch}, skew {skew:g}, "
+                                            f"expert shares {entry['shares']}: the captured decode steps")
+    except ValueError as exc:
+        entry["breakdown_error"] = str(exc)
+    finally:
+        trace.unlink()  # tens of MB; the breakdown keeps what it says
+    res.setdefault("profiles", []).append(entry)
+    (out_dir / f"{name}.txt").write_text(table)
     print(table, flush=True)
     save(res)
 
@@ -355,12 +374,14 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
                 run_variant(v, model, tok, args, skew, res)
                 res.setdefault("peak_gib", {})[f"{v}@{skew}"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        if args.profile:
+        for run in filter(None, args.profile_runs.split(",") if args.profile else []):
+            batch, _, skew = run.partition(":")
             try:  # a profiler failure must not cost the measurements after it
-                profile_decode(model, tok, args, res)
+                profile_decode(model, tok, args, res, int(batch), float(skew or 0))
             except Exception as exc:  # noqa: BLE001 - recorded in the results
-                res["profile"] = {"variant": args.profile, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-                print("profile failed:", res["profile"]["error"], flush=True)
+                res.setdefault("profiles", []).append({"variant": args.profile, "batch": batch, "skew": skew,
+                                                       "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                print("profile failed:", res["profiles"][-1]["error"], flush=True)
         if args.queries:
             eval_projection(model, tok, args, res)
         del model
