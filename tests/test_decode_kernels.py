@@ -191,6 +191,22 @@ def check_module(atol=1e-5, dtype=torch.float32):
             out = routed_experts(q, x, idx, w)
             err = (out.float() - ref.float()).abs().max().item()
             assert err <= atol * max(1.0, ref.abs().max().item()), (lut, fuse, split, err)
+        # decode_split_programs: the split chosen per call for about that many programs, split_bytes then unused
+        from phyassist.models.mixtral4bit import decode
+
+        real, calls = decode.split_for_programs, []
+        decode.split_for_programs = lambda *a: calls.append(a) or real(*a)
+        try:
+            q.decode_lut, q.decode_fuse, q.decode_split_bytes, q.decode_split_programs = "code16", 1, 0, 64
+            out = routed_experts(q, x, idx, w)
+        finally:
+            decode.split_for_programs, q.decode_split_programs = real, 0
+        rows = idx.numel()
+        assert calls == [(rows, q.num_experts, 2 * q.intermediate_dim, q.hidden_dim, 64),
+                         (rows, q.num_experts, q.hidden_dim, q.intermediate_dim, 64)], calls
+        assert any(real(*c) < c[3] // 2 for c in calls), calls  # K is split (else the test would not show it)
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= atol * max(1.0, ref.abs().max().item()), ("split_programs", err)
 
 
 def test_module_switch_reaches_the_kernel():
@@ -204,6 +220,20 @@ def test_module_switch_reaches_the_kernel():
     q.decode_kernel = "nope"
     with torch.inference_mode(), pytest.raises(ValueError, match="nope"):
         routed_experts(q, x, idx, w)
+
+
+def test_split_for_programs_fills_the_grid_with_whole_quant_blocks():
+    """K's split gives about the asked programs: none at batch 64's gate/up (tiles enough), more where rows are few;
+    a power of two of splits that divides K's quant blocks (Mixtral's down: 224 = 7 x 32), never below one block;
+    one expert is the dense projections' split (dense_split_bytes)."""
+    from phyassist.models.mixtral4bit.decode import dense_split_bytes, split_for_programs
+
+    assert split_for_programs(128, 8, 28672, 4096, 1024) == 2048  # 224 x 15 tiles: K whole
+    assert split_for_programs(2, 8, 28672, 4096, 1024) == 512  # 224 x 2 tiles: 4 splits
+    assert split_for_programs(2, 8, 4096, 14336, 1024) == 448  # 32 x 2 tiles: 16 splits of 14 blocks
+    assert split_for_programs(1, 8, 128, 14336, 10 ** 6) == 224  # 32 splits of 7 blocks; 7 is odd: no further
+    assert split_for_programs(64, 1, 4096, 4096, 1024) == dense_split_bytes(64, 4096, 4096, 1024) == 256
+    assert split_for_programs(128, 8, 4096, 14336, 1024) == 14336 // 2 // 4  # 32 x 15 tiles: 4 splits
 
 
 def test_pair_table_holds_both_codes():

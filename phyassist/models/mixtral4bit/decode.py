@@ -311,9 +311,12 @@ if triton is not None:
     # tried at 280cbcf, with the code and pair decodings, pipelined their table lookups and lost everywhere);
     # no prefetching tile won a cell in two sweeps, so none is in the set (the kernel keeps ``PREFETCH`` for tests
     # and other GPUs: a tile of its own list, not the autotuner's).
+    # The 3-stage transposed tiles of 64 rows (issue 22, batch 64 with a skewed router): an expert with 33-64 rows
+    # (a popular one at batch 64: 0.35 of 128 rows is 45) then decodes each weight tile once, not twice.
     _MM2_TILES = [(16, 64, 2, 4, 2, 0, 0), (16, 128, 1, 4, 1, 0, 0), (32, 64, 2, 4, 2, 0, 0), (64, 64, 2, 4, 2, 0, 0),
                   (32, 128, 2, 8, 2, 0, 0), (16, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 0),
-                  (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0), (32, 128, 1, 4, 3, 1, 0)]
+                  (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0), (32, 128, 1, 4, 3, 1, 0),
+                  (64, 128, 1, 4, 3, 1, 0), (64, 128, 1, 8, 3, 1, 0)]
 
     def _mm2_configs(one_block: bool):
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(sw), "PREFETCH": bool(pf)},
@@ -347,22 +350,26 @@ LUTS = ("code", "pair", "code16", "prmt")  # Quant4bitExperts.decode_lut: how th
 # end to end only together with code16, bench/generation_mixtral.md). Per model: configure_decode.
 # ``prmt_rows`` (with ``lut`` code16): from this many rows on, the same values come from the ``prmt`` decoding
 # (byte permutes in registers instead of lookups in memory); 0 never.
+# ``split_programs`` (v2 kernels): when not 0, the split of K is chosen per call instead of ``split_bytes``, for about
+# this many programs (:func:`split_for_programs`): few splits where rows give many row tiles (batch 64: the split-K
+# partial sums of gate/up are 4 x 128 x 28,672 fp32 values, 59 MB a layer, with 512-byte splits), more where few do.
 DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1,
-                   "prmt_rows": 2}
+                   "prmt_rows": 2, "split_programs": 0}
 # The values each setting may take (check_decode_options).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int,
-                  "fuse": (0, 1), "prmt_rows": int}
+                  "fuse": (0, 1), "prmt_rows": int, "split_programs": int}
 
 
 def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
                    token_of_row: torch.Tensor | None = None, split_bytes: int = DECODE_DEFAULTS["split_bytes"],
                    kernel: str = "v1", lut: str = "code", gemv_rows: int = DECODE_DEFAULTS["gemv_rows"],
-                   reduce: bool = True, prmt_rows: int = 0) -> torch.Tensor:
+                   reduce: bool = True, prmt_rows: int = 0, split_programs: int = 0) -> torch.Tensor:
     """``y[r] = x[src(r)] @ W[e(r)].T`` for ``rows`` rows sorted by expert; ``W`` stays NF4.
 
     ``packed`` is a :class:`~phyassist.models.mixtral4bit.experts.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
     the end (exclusive) of expert ``e``'s rows; ``src(r) = token_of_row[r]`` (a gather) or ``r``.
-    Each program covers ``split_bytes`` packed bytes of K (0: all of K); the partial sums are added
+    Each program covers ``split_bytes`` packed bytes of K (0: all of K), or with ``split_programs`` (v2 kernels) the
+    split that gives about that many programs (:func:`split_for_programs`); the partial sums are added
     in fp32 in a fixed order (deterministic, unlike atomics).
 
     ``kernel``: ``v1`` the first GEMV; ``gemv2`` its rewrite (aligned vector loads, one scale per quant
@@ -392,6 +399,8 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
         return y if reduce else y[None]
     packed._sync_state_device()
     if kernel != "v1":
+        if split_programs:
+            split_bytes = split_for_programs(rows, E, N, K, split_programs)
         multi = kernel == "mm2" or (kernel == "v2" and rows > gemv_rows)
         if lut == "code16" and multi and 0 < prmt_rows <= rows:  # chosen from the multi-row kernel's timings
             lut = "prmt"
@@ -494,15 +503,22 @@ def _one_expert_ends(rows: int, device: torch.device) -> torch.Tensor:
     return ends
 
 
-def dense_split_bytes(rows: int, n: int, k: int, programs: int = DENSE_PROGRAMS) -> int:
-    """Packed bytes of K per program for :func:`nf4_linear_partials`: the split (a power of two dividing K's quant
-    blocks) that brings ``cdiv(n, 128) x cdiv(rows, 16) x splits`` up to ``programs``, never below one block."""
+def split_for_programs(rows: int, experts: int, n: int, k: int, programs: int) -> int:
+    """Packed bytes of K per program for the multi-row kernel: the split (a power of two dividing K's quant blocks)
+    that brings ``cdiv(n, 128)`` output tiles x row tiles x splits up to ``programs``, never below one block. Row
+    tiles: ``cdiv(rows, 16)``, plus one for each further expert that got rows (each may end in a partial tile); the
+    kernel's own tile may be larger, so this counts programs as tiles of 128 x 16."""
     blocks = k // 64
-    tiles = -(-n // 128) * -(-rows // 16)
+    tiles = -(-n // 128) * (-(-rows // 16) + min(experts, rows) - 1)
     splits = 1
     while tiles * splits < programs and blocks % (2 * splits) == 0:
         splits *= 2
     return 32 * (blocks // splits)
+
+
+def dense_split_bytes(rows: int, n: int, k: int, programs: int = DENSE_PROGRAMS) -> int:
+    """Packed bytes of K per program for :func:`nf4_linear_partials`: :func:`split_for_programs` with one expert."""
+    return split_for_programs(rows, 1, n, k, programs)
 
 
 def nf4_linear_partials(x: torch.Tensor, data: torch.Tensor, state, lut: str = DECODE_DEFAULTS["lut"],
@@ -685,7 +701,8 @@ def routed_experts(module, hidden: torch.Tensor, index: torch.Tensor, weights: t
     token_of_row, inverse, ends, w_row = route(index, weights, module.num_experts, kernel=fuse)
     x = hidden.to(module.gate_up.quant_state.dtype)
     kw = dict(split_bytes=module.decode_split_bytes, kernel=module.decode_kernel, lut=module.decode_lut,
-              gemv_rows=module.decode_gemv_rows, reduce=not fuse, prmt_rows=module.decode_prmt_rows)
+              gemv_rows=module.decode_gemv_rows, reduce=not fuse, prmt_rows=module.decode_prmt_rows,
+              split_programs=module.decode_split_programs)
     # fused: the split-K partial sums are added inside the SwiGLU and the gather-sum (no pass of their own)
     h = nf4_moe_matmul(x, module.gate_up, ends, index.numel(), token_of_row, **kw)
     a = swiglu_forward(h, w_row, x.dtype)
