@@ -376,6 +376,24 @@ def test_gpu_kernels_match_the_reference_at_mixtral_shapes(has_gpu, nested):
 
 
 @pytest.mark.gpu
+def test_gpu_every_multi_row_tile_matches_the_reference(has_gpu):
+    """Each tile of the multi-row autotuner's set (``_MM2_TILES``: the tuner may pick any of them on another GPU or
+    shape), fixed, with each decoding it takes, against the dequantized reference: bf16, uneven experts of up to 40
+    rows with the row gather, K split in 4, partial column tiles (N = 1,000)."""
+    from phyassist.models.mixtral4bit import decode
+
+    packed = _weights(8, 1000, 2048, True, torch.bfloat16, "cuda")
+    x, ends, rows, tok = _rows([40, 25, 16, 0, 10, 9, 1, 8], 2048, torch.bfloat16, "cuda", True)
+    ref = _torch_moe_matmul(x, packed, ends, rows, tok)
+    for bm, bn, nb, warps, stages, swap, prefetch in decode._MM2_TILES:
+        tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(swap), "PREFETCH": bool(prefetch),
+                 "num_warps": warps, "num_stages": stages}
+        for lut in ((0, 1, 2, 3) if nb == 1 else (0, 1)):
+            out = decode._v2_matmul(x, packed, ends, rows, tok, 256, True, lut, tiles=tiles).sum(0).to(torch.bfloat16)
+            _agree(out, ref, 2 ** -6, (tiles, lut))
+
+
+@pytest.mark.gpu
 def test_gpu_route_and_partial_sums_match_torch(has_gpu):
     """route()'s kernel and the SwiGLU / gather-sum over split-K partials on the GPU, as in the interpreter."""
     from phyassist.models.mixtral4bit import kernels
