@@ -378,7 +378,7 @@ def test_gpu_kernels_match_the_reference_at_mixtral_shapes(has_gpu, nested):
 @pytest.mark.gpu
 def test_gpu_every_multi_row_tile_matches_the_reference(has_gpu):
     """Each tile of the multi-row autotuner's set (``_MM2_TILES``: the tuner may pick any of them on another GPU or
-    shape), fixed, with each decoding it takes, against the dequantized reference: bf16, uneven experts of up to 40
+    shape), fixed, with code16 and prmt (one-block tiles) or code (two-block tiles), against the dequantized reference: bf16, uneven experts of up to 40
     rows with the row gather, K split in 4, partial column tiles (N = 1,000)."""
     from phyassist.models.mixtral4bit import decode
 
@@ -388,7 +388,7 @@ def test_gpu_every_multi_row_tile_matches_the_reference(has_gpu):
     for bm, bn, nb, warps, stages, swap, prefetch in decode._MM2_TILES:
         tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(swap), "PREFETCH": bool(prefetch),
                  "num_warps": warps, "num_stages": stages}
-        for lut in ((0, 1, 2, 3) if nb == 1 else (0, 1)):
+        for lut in ((2, 3) if nb == 1 else (0,)):  # the defaults' decodings; the 2-block tiles take code, pair
             out = decode._v2_matmul(x, packed, ends, rows, tok, 256, True, lut, tiles=tiles).sum(0).to(torch.bfloat16)
             _agree(out, ref, 2 ** -6, (tiles, lut))
 
