@@ -232,10 +232,12 @@ def main(argv=None) -> None:
         split = int(split) if split else 512
         lut = lut or "code"
         if tile:  # one fixed multi-row tile, not the autotuner's choice (a sweep of the tiles themselves)
+            if kernel != "mm2":
+                raise ValueError(f"method {name}#{tile}: a fixed tile is the multi-row kernel's (mm2)")
             tiles = fixed_tile(tile)
             index = decode.LUTS.index(lut)
-            if index == 2 and x.is_cuda and x.element_size() == 2:
-                index = 3  # code16 runs as prmt from 2 rows on (DECODE_DEFAULTS' prmt_rows)
+            if index == 2 and x.is_cuda and x.element_size() == 2 and rows >= decode.DECODE_DEFAULTS["prmt_rows"] > 0:
+                index = 3  # code16 runs as prmt from prmt_rows rows on, as nf4_moe_matmul runs it
 
             def run():
                 part = decode._v2_matmul(x, packed, ends, rows, tok, split, True, index, tiles=tiles)

@@ -26,35 +26,45 @@ def kernel_events(trace: dict | str | Path) -> list[tuple[str, float, float]]:
     return sorted(events, key=lambda e: e[1])
 
 
-def period(names: list[str], repeats: int, start: int = 0, min_period: int = 1) -> tuple[int, int] | None:
+def period(names: list[str], repeats: int, start: int = 0, min_period: int = 1,
+           anchor: str | None = None) -> tuple[int, int] | None:
     """``(offset, p)``: the smallest ``p >= min_period`` such that ``names[offset:offset + repeats * p]`` is one run of
-    ``p`` names ``repeats`` times, searching offsets from ``start``; None if none fits."""
+    ``p`` names ``repeats`` times, searching offsets from ``start``; None if none fits. Where several offsets fit
+    (the name before the run equals its last one: the run could start one earlier), the first whose name holds
+    ``anchor`` wins (a layer starts with its norm), else the first."""
     n = len(names)
     for p in range(max(1, min_period), (n - start) // repeats + 1):
-        for off in range(start, n - repeats * p + 1):
-            if all(names[off + i] == names[off + i + p] for i in range((repeats - 1) * p)):
-                return off, p
+        fits = [off for off in range(start, n - repeats * p + 1)
+                if all(names[off + i] == names[off + i + p] for i in range((repeats - 1) * p))]
+        if fits:
+            anchored = [off for off in fits if anchor and anchor in names[off]]
+            return (anchored or fits)[0], p
     return None
 
 
-def decode_steps(events: list[tuple[str, float, float]], steps: int) -> list[list[tuple[str, float, float]]]:
+def decode_steps(events: list[tuple[str, float, float]], steps: int, max_trailing: int = 8,
+                 min_period: int = 2) -> list[list[tuple[str, float, float]]]:
     """The last ``steps`` repetitions of the step's kernel sequence (the decode steps: the prefill comes first and
-    does not repeat), found as the shortest sequence that the trace's tail repeats ``steps`` times."""
+    does not repeat), found as the shortest sequence that the trace's tail repeats ``steps`` times; up to
+    ``max_trailing`` kernels after the last step (``generate``'s final length reduction) are skipped."""
     names = [e[0] for e in events]
-    for p in range(1, len(names) // steps + 1):
-        tail = names[len(names) - steps * p:]
-        if all(tail[i] == tail[i + p] for i in range((steps - 1) * p)):
-            base = len(names) - steps * p
-            return [events[base + k * p: base + (k + 1) * p] for k in range(steps)]
+    for trail in range(max_trailing + 1):
+        end = len(names) - trail
+        for p in range(min_period, end // steps + 1):
+            tail = names[end - steps * p:end]
+            if all(tail[i] == tail[i + p] for i in range((steps - 1) * p)):
+                base = end - steps * p
+                return [events[base + k * p: base + (k + 1) * p] for k in range(steps)]
     raise ValueError(f"decode_steps: the trace's last kernels do not repeat {steps} times")
 
 
 def layer_breakdown(steps: list[list[tuple[str, float, float]]], layers: int) -> dict:
     """Per place in a layer (the run of kernels the step repeats ``layers`` times): the kernel's name, its median
-    time and the median gap before it over all layers and steps, and per step: wall time (first kernel's start to
-    last one's end), the layers' share, the kernels outside the layers (embedding, final norm, head, sampling)."""
+    time and the median gap before it over all layers and steps, and per step: its kernels' span (first kernel's
+    start to last one's end), its period (start to next start: the host's gaps between steps included), the
+    layers' span, the kernels outside the layers (embedding, final norm, head, sampling)."""
     names = [e[0] for e in steps[0]]
-    found = period(names, layers, min_period=2)
+    found = period(names, layers, min_period=2, anchor="norm")
     if found is None:
         raise ValueError(f"layer_breakdown: no run of kernels repeats {layers} times in a step of {len(names)}")
     off, p = found
@@ -73,18 +83,21 @@ def layer_breakdown(steps: list[list[tuple[str, float, float]]], layers: int) ->
                        "gap_before_us": round(statistics.median(gaps), 2) if gaps else 0.0,
                        "per_step_ms": round(statistics.median(times) * layers / 1e3, 3)})
     walls = [(s[-1][1] + s[-1][2] - s[0][1]) / 1e3 for s in steps]
+    periods = [(b[0][1] - a[0][1]) / 1e3 for a, b in zip(steps, steps[1:])]  # start to start: gaps between steps too
     busy = [sum(e[2] for e in s) / 1e3 for s in steps]
     layer_ms = [(s[off + layers * p - 1][1] + s[off + layers * p - 1][2] - s[off][1]) / 1e3 for s in steps]
     outside = sorted({e[0] for s in steps for e in s[:off] + s[off + layers * p:]})
     return {"kernels_per_step": len(names), "kernels_per_layer": p, "first_layer_at": off, "layers": layers,
-            "step_ms": round(statistics.median(walls), 3), "busy_ms": round(statistics.median(busy), 3),
+            "step_ms": round(statistics.median(walls), 3),
+            "step_period_ms": round(statistics.median(periods), 3) if periods else None, "busy_ms": round(statistics.median(busy), 3),
             "layers_ms": round(statistics.median(layer_ms), 3), "outside_layers": outside, "places": places}
 
 
 def format_breakdown(b: dict, title: str) -> str:
     """The breakdown as a text table (what bench/generation_mixtral.py writes beside the profiler's)."""
     lines = [title,
-             f"step {b['step_ms']} ms (kernels busy {b['busy_ms']} ms; the {b['layers']} layers {b['layers_ms']} ms), "
+             f"step {b['step_ms']} ms from its first kernel to its last, {b['step_period_ms']} ms start to start "
+             f"(kernels busy {b['busy_ms']} ms; the {b['layers']} layers {b['layers_ms']} ms), "
              f"{b['kernels_per_step']} kernels a step, {b['kernels_per_layer']} a layer; outside the layers: "
              + ", ".join(b["outside_layers"]),
              f"{'place':>5}  {'kernel':60s} {'median us':>10} {'gap before us':>14} {'ms a step':>10}"]

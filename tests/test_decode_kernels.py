@@ -195,16 +195,20 @@ def check_module(atol=1e-5, dtype=torch.float32):
         from phyassist.models.mixtral4bit import decode
 
         real, calls = decode.split_for_programs, []
+        launch, splits = decode._v2_matmul, []
         decode.split_for_programs = lambda *a: calls.append(a) or real(*a)
+        decode._v2_matmul = lambda *a, **k: splits.append(launch(*a, **k)) or splits[-1]
         try:
             q.decode_lut, q.decode_fuse, q.decode_split_bytes, q.decode_split_programs = "code16", 1, 0, 64
             out = routed_experts(q, x, idx, w)
         finally:
-            decode.split_for_programs, q.decode_split_programs = real, 0
+            decode.split_for_programs, decode._v2_matmul, q.decode_split_programs = real, launch, 0
         rows = idx.numel()
         assert calls == [(rows, q.num_experts, 2 * q.intermediate_dim, q.hidden_dim, 64),
                          (rows, q.num_experts, q.hidden_dim, q.intermediate_dim, 64)], calls
-        assert any(real(*c) < c[3] // 2 for c in calls), calls  # K is split (else the test would not show it)
+        # the kernels ran with that split: as many partial sums as K has chunks of it (split_bytes 0 gives one)
+        assert [part.shape[0] for part in splits] == [c[3] // 2 // real(*c) for c in calls], splits
+        assert all(part.shape[0] > 1 for part in splits)
         err = (out.float() - ref.float()).abs().max().item()
         assert err <= atol * max(1.0, ref.abs().max().item()), ("split_programs", err)
 
@@ -389,7 +393,8 @@ def test_gpu_every_multi_row_tile_matches_the_reference(has_gpu):
         tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(swap), "PREFETCH": bool(prefetch),
                  "num_warps": warps, "num_stages": stages}
         for lut in ((2, 3) if nb == 1 else (0,)):  # the defaults' decodings; the 2-block tiles take code, pair
-            out = decode._v2_matmul(x, packed, ends, rows, tok, 256, True, lut, tiles=tiles).sum(0).to(torch.bfloat16)
+            part = decode._v2_matmul(x, packed, ends, rows, tok, 256, True, lut, tiles=tiles)
+            out = part.sum(0).to(torch.bfloat16)
             _agree(out, ref, 2 ** -6, (tiles, lut))
 
 

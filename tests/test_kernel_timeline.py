@@ -8,7 +8,7 @@ import pytest
 
 from bench.kernel_timeline import decode_steps, format_breakdown, kernel_events, layer_breakdown, period
 
-LAYER = [("norm", 2.0), ("mm", 10.0), ("attn", 5.0), ("mm", 30.0), ("router", 3.0)]
+LAYER = [("rms_norm", 2.0), ("mm", 10.0), ("attn", 5.0), ("mm", 30.0), ("router", 3.0)]
 
 
 def _timeline(steps: int, layers: int, gap: float = 1.0, slow_layer: int | None = None):
@@ -20,15 +20,17 @@ def _timeline(steps: int, layers: int, gap: float = 1.0, slow_layer: int | None 
         events.append((name, t, dur))
         t += dur + gap
 
-    for name, dur in [("prefill_mm", 500.0), ("prefill_attn", 300.0), ("head", 20.0)]:
-        add(name, dur)
+    for name, dur in [("prefill_mm", 500.0), ("prefill_attn", 300.0), ("head", 20.0), ("argmax", 2.0)]:
+        add(name, dur)  # generate() picks the first token from the prefill's logits
     for _ in range(steps):
-        add("embed", 1.0)
+        add("router", 1.0)  # a kernel named as a layer's last one just before the first layer (a rotation trap)
         for layer in range(layers):
             for name, dur in LAYER:
                 add(name, dur * (3 if layer == slow_layer and name == "attn" else 1))
         add("head", 20.0)
         add("argmax", 2.0)
+    for name, dur in [("where", 1.0), ("max", 1.0)]:  # generate()'s final length, after the last step
+        add(name, dur)
     return events
 
 
@@ -41,10 +43,12 @@ def test_steps_and_places_are_found_and_timed():
     assert [r["median_us"] for r in b["places"]] == [d for _, d in LAYER]
     assert all(r["gap_before_us"] == 0.5 for r in b["places"])
     assert b["places"][3]["per_step_ms"] == pytest.approx(30.0 * 4 / 1e3)
-    assert b["outside_layers"] == ["argmax", "embed", "head"]
+    assert b["outside_layers"] == ["argmax", "head", "router"]
     per_step = 1 + sum(d for _, d in LAYER) * 4 + 20 + 2
     assert b["busy_ms"] == pytest.approx(per_step / 1e3)
     assert b["step_ms"] == pytest.approx((per_step + 0.5 * (len(steps[0]) - 1)) / 1e3)
+    assert b["step_period_ms"] == pytest.approx((per_step + 0.5 * len(steps[0])) / 1e3, abs=1e-3)  # rounded
+    assert b["layers_ms"] == pytest.approx((sum(d for _, d in LAYER) * 4 + 0.5 * (4 * len(LAYER) - 1)) / 1e3, abs=1e-3)
     text = format_breakdown(b, "t")
     assert "router" in text and "gaps" in text
 
@@ -66,6 +70,16 @@ def test_period_finds_the_offset_and_the_shortest_run():
     assert period(list("xyabababab"), 4) == (2, 2)
     assert period(list("abcabc"), 2, min_period=2) == (0, 3)
     assert period(list("abcd"), 2) is None
+    # "b" before the run equals the run's last name: it could start at 0 or 1; the anchor picks the layer's start
+    assert period(["b", "norm", "b", "norm", "b"], 2, min_period=2) == (0, 2)
+    assert period(["b", "norm", "b", "norm", "b"], 2, min_period=2, anchor="norm") == (1, 2)
+
+
+def test_trailing_kernels_after_the_last_step_are_skipped_within_a_limit():
+    events = _timeline(steps=3, layers=2)
+    assert len(decode_steps(events, 3)) == 3
+    with pytest.raises(ValueError, match="do not repeat"):
+        decode_steps(events, 3, max_trailing=1)  # two kernels follow the last step
 
 
 def test_kernel_events_reads_only_kernels_in_start_order():

@@ -368,8 +368,8 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
 
     ``packed`` is a :class:`~phyassist.models.mixtral4bit.experts.Packed4bit` of shape ``[E, N, K]``; ``ends[e]``
     the end (exclusive) of expert ``e``'s rows; ``src(r) = token_of_row[r]`` (a gather) or ``r``.
-    Each program covers ``split_bytes`` packed bytes of K (0: all of K), or with ``split_programs`` (v2 kernels) the
-    split that gives about that many programs (:func:`split_for_programs`); the partial sums are added
+    Each program covers ``split_bytes`` packed bytes of K (0: all of K), or with ``split_programs`` (the multi-row
+    kernel) the split that gives about that many programs (:func:`split_for_programs`); the partial sums are added
     in fp32 in a fixed order (deterministic, unlike atomics).
 
     ``kernel``: ``v1`` the first GEMV; ``gemv2`` its rewrite (aligned vector loads, one scale per quant
@@ -399,9 +399,9 @@ def nf4_moe_matmul(x: torch.Tensor, packed, ends: torch.Tensor, rows: int,
         return y if reduce else y[None]
     packed._sync_state_device()
     if kernel != "v1":
-        if split_programs:
-            split_bytes = split_for_programs(rows, E, N, K, split_programs)
         multi = kernel == "mm2" or (kernel == "v2" and rows > gemv_rows)
+        if split_programs and multi:  # counted in the multi-row kernel's tiles; the GEMV keeps split_bytes
+            split_bytes = split_for_programs(rows, E, N, K, split_programs)
         if lut == "code16" and multi and 0 < prmt_rows <= rows:  # chosen from the multi-row kernel's timings
             lut = "prmt"
         if lut == "prmt" and not (x.is_cuda and torch.version.hip is None and x.element_size() == 2):
@@ -506,8 +506,9 @@ def _one_expert_ends(rows: int, device: torch.device) -> torch.Tensor:
 def split_for_programs(rows: int, experts: int, n: int, k: int, programs: int) -> int:
     """Packed bytes of K per program for the multi-row kernel: the split (a power of two dividing K's quant blocks)
     that brings ``cdiv(n, 128)`` output tiles x row tiles x splits up to ``programs``, never below one block. Row
-    tiles: ``cdiv(rows, 16)``, plus one for each further expert that got rows (each may end in a partial tile); the
-    kernel's own tile may be larger, so this counts programs as tiles of 128 x 16."""
+    tiles: ``cdiv(rows, 16)`` plus ``min(experts, rows) - 1`` (each expert's rows may end in a partial tile: the
+    bound the kernel's grid takes too, with the host not knowing how many experts got rows); the kernel's own tile
+    may be larger, so this counts programs as tiles of 128 x 16."""
     blocks = k // 64
     tiles = -(-n // 128) * (-(-rows // 16) + min(experts, rows) - 1)
     splits = 1
