@@ -311,12 +311,9 @@ if triton is not None:
     # tried at 280cbcf, with the code and pair decodings, pipelined their table lookups and lost everywhere);
     # no prefetching tile won a cell in two sweeps, so none is in the set (the kernel keeps ``PREFETCH`` for tests
     # and other GPUs: a tile of its own list, not the autotuner's).
-    # The 3-stage transposed tiles of 64 rows (issue 22, batch 64 with a skewed router): an expert with 33-64 rows
-    # (a popular one at batch 64: 0.35 of 128 rows is 45) then decodes each weight tile once, not twice.
     _MM2_TILES = [(16, 64, 2, 4, 2, 0, 0), (16, 128, 1, 4, 1, 0, 0), (32, 64, 2, 4, 2, 0, 0), (64, 64, 2, 4, 2, 0, 0),
                   (32, 128, 2, 8, 2, 0, 0), (16, 128, 1, 4, 1, 1, 0), (32, 128, 1, 4, 1, 1, 0),
-                  (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0), (32, 128, 1, 4, 3, 1, 0),
-                  (64, 128, 1, 4, 3, 1, 0), (64, 128, 1, 8, 3, 1, 0)]
+                  (64, 128, 1, 8, 1, 1, 0), (16, 128, 1, 4, 3, 1, 0), (32, 128, 1, 4, 3, 1, 0)]
 
     def _mm2_configs(one_block: bool):
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "NB": nb, "SWAP": bool(sw), "PREFETCH": bool(pf)},
