@@ -111,7 +111,7 @@ def build(method: str, layers: int, vocab: int):
 
 # full token count and repeats
 FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse", "kit-fuse3",
-        "kit-new", "kit-s1024", "kit-s2048", "routed-hf")
+        "kit-new", "kit-sdpa", "kit-s1024", "kit-s2048", "routed-hf")
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -136,12 +136,15 @@ VARIANT_DECODE = {
     # the same with the fused kernels of the session before only (norms, rotary embedding, LoRA products): kit-new
     # vs this is what the fused router and the 4-bit GEMV of the attention projections add
     "kit-fuse3": {},
+    # the kit now with the decode step's attention in transformers' SDPA (cuDNN), not the fused decode attention
+    "kit-sdpa": {},
     # the split of K chosen per call for about 1,024 / 2,048 programs (DECODE_DEFAULTS' split_programs)
     "kit-s1024": {"split_programs": 1024},
     "kit-s2048": {"split_programs": 2048},
 }
 # the fused kernels (phyassist.models.fused_decode.FUSED_PARTS) each variant's captured steps get; others none
-VARIANT_FUSED = {"kit-new": True, "kit-fuse3": ("norm", "rotary", "lora"), "kit-s1024": True, "kit-s2048": True}
+VARIANT_FUSED = {"kit-new": True, "kit-fuse3": ("norm", "rotary", "lora"), "kit-s1024": True, "kit-s2048": True,
+                 "kit-sdpa": ("norm", "rotary", "lora", "router", "nf4")}
 
 
 def set_routed(model, variant: str, decode: dict | None = None) -> None:

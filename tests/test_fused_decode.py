@@ -200,9 +200,11 @@ def _tiny_study_model(device):
 def check_model(device="cpu"):
     """The tiny Mixtral in 4 bit with the study's LoRA (router included) one decode step with and without
     :func:`fused_decode`: the same logits within bf16 rounding; counts that every fused kernel ran (norms, rotary,
-    the 4-bit q/k/v/o with their adapters, the adapted routers); after the context every module runs its own forward
-    again."""
+    the 4-bit q/k/v/o with their adapters, the adapted routers, the decode step's attention and cache update); after
+    the context every module runs its own forward again, and transformers' SDPA function and cache update are theirs."""
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from phyassist.models.fused_decode import fused_decode
     from phyassist.models.mixtral4bit.decode import configure_decode
@@ -225,11 +227,14 @@ def check_model(device="cpu"):
 
     forwards = {n: m.forward for n, m in model.named_modules()}
     want = {batch: step(batch) for batch in (2, 1)}
+    import phyassist.models.decode_attention as da
     import phyassist.models.fused_decode as f
 
     calls = dict.fromkeys(("rms_norm", "apply_rotary", "lora_add_", "lora_add_partials", "nf4_linear_partials",
-                           "router_weight", "router_top_k"), 0)
-    originals = {name: getattr(f, name) for name in calls}
+                           "router_weight", "router_top_k", "decode_attention", "cache_write"), 0)
+    home = {name: da if name in ("decode_attention", "cache_write") else f for name in calls}
+    originals = {name: getattr(home[name], name) for name in calls}
+    min_programs, da.MIN_PROGRAMS = da.MIN_PROGRAMS, 0  # this batch of 2 would leave attention to SDPA on a GPU
 
     def counted(name):
         def run(*args, **kwargs):
@@ -238,23 +243,26 @@ def check_model(device="cpu"):
         return run
     try:
         for name in calls:
-            setattr(f, name, counted(name))
+            setattr(home[name], name, counted(name))
         got, counts = {}, {}
+        before = (ALL_ATTENTION_FUNCTIONS["sdpa"], StaticLayer.update, dict(ALL_ATTENTION_FUNCTIONS._local_mapping))
         with fused_decode(model):
+            inside = (ALL_ATTENTION_FUNCTIONS["sdpa"], StaticLayer.update)
             patched = [n for n, m in model.named_modules() if "forward" in vars(m)]
             for batch in (2, 1):
                 got[batch] = step(batch)
                 counts[batch] = dict(calls)
                 calls.update(dict.fromkeys(calls, 0))
     finally:
+        da.MIN_PROGRAMS = min_programs
         for name, fn in originals.items():
-            setattr(f, name, fn)
+            setattr(home[name], name, fn)
     layers = model.config.num_hidden_layers
     # the decode step's 2 norms a layer and the final one, a rotary embedding, q, k, v, o's 4-bit GEMVs with their
     # adapters and the adapted router a layer (the prefill inside step() runs them too: twice each); at batch 1 the
     # decode step's projections stay on bitsandbytes' GEMV (DENSE_MIN_ROWS), their adapters on lora_add_
     same = {"rms_norm": 2 * (2 * layers + 1), "apply_rotary": 2 * layers, "router_weight": 2 * layers,
-            "router_top_k": 2 * layers}
+            "router_top_k": 2 * layers, "decode_attention": layers, "cache_write": layers}  # attention: decode only
     assert counts[2] == dict(same, lora_add_=0, lora_add_partials=2 * 4 * layers,
                              nf4_linear_partials=2 * 4 * layers), counts[2]
     assert counts[1] == dict(same, lora_add_=4 * layers, lora_add_partials=4 * layers,
@@ -263,6 +271,8 @@ def check_model(device="cpu"):
     assert any(n.endswith("mlp.gate") for n in patched), patched  # the router's adapter wrapper
     assert not any("forward" in vars(m) for m in model.modules())
     assert all(m.forward == forwards[n] for n, m in model.named_modules())
+    assert inside[0].phyassist_wraps is before[0] and inside[1].phyassist_wraps is before[1]
+    assert (ALL_ATTENTION_FUNCTIONS["sdpa"], StaticLayer.update, ALL_ATTENTION_FUNCTIONS._local_mapping) == before
     for batch in (2, 1):
         rel = ((got[batch] - want[batch]).abs().amax(-1) / want[batch].abs().amax()).flatten()
         assert (rel <= 0.02).all(), (batch, rel.tolist())

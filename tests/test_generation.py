@@ -221,15 +221,19 @@ def test_gpu_routed_kernel_matches_at_mixtral_width(has_gpu):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decoding", ["defaults", "prmt"])
+@pytest.mark.parametrize("decoding", ["defaults", "prmt", "attention"])
 @pytest.mark.parametrize("width", ["tiny", "mixtral"])
-def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decoding):
+def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decoding, monkeypatch):
     """Each generated step's logits (static cache, CUDA graph, routed experts) against one forward over
     the whole generated sequence with the training path's experts, within bf16 tolerance; the study's
     LoRA attached (router included). ``mixtral``: 2 layers of Mixtral-8x7B's full width. ``prmt``: the
     register decoding from 1 row (``prmt_rows`` 1; the default, 2, already decodes this test's batch of 2 by byte
-    permutes), its PTX built while the first graph is captured. Both capture the step with the fused norm, rotary,
-    LoRA, router and 4-bit projection kernels (phyassist.models.fused_decode)."""
+    permutes), its PTX built while the first graph is captured. ``attention``: the decode step's attention in the
+    fused kernel (phyassist.models.decode_attention) at this batch of 2, which by default leaves it to SDPA (too few
+    programs). All capture the step with the fused norm, rotary, LoRA, router and 4-bit projection kernels
+    (phyassist.models.fused_decode)."""
+    import phyassist.models.decode_attention as da
+
     from transformers import LogitsProcessor
 
     from phyassist.models.mixtral4bit.build import build_quantized_model
@@ -247,6 +251,11 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decod
         from phyassist.models.mixtral4bit.decode import configure_decode
 
         configure_decode(model, {"prmt_rows": 1})
+    attended = []
+    if decoding == "attention":
+        monkeypatch.setattr(da, "MIN_PROGRAMS", 0)
+        kernel = da.decode_attention
+        monkeypatch.setattr(da, "decode_attention", lambda *a, **k: attended.append(1) or kernel(*a, **k))
     adapters_like_trained(model, 0.02)
     ids, mask = _left_padded_prompts(model.config.vocab_size)
     ids, mask = ids.cuda(), mask.cuda()
@@ -261,6 +270,7 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decod
     out = generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, eos_token_id=None,
                    logits_processor=[Record()], step_events=events)
     assert model.__dict__["_phyassist_decoders"], "the CUDA path captured no graph"
+    assert (len(attended) > 0) == (decoding == "attention"), len(attended)  # captured: called while capturing only
     torch.cuda.synchronize()
     assert len(events) == 64 and events[0].elapsed_time(events[-1]) > 0  # after the prefill and 63 decode steps
     full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1]:])], 1)

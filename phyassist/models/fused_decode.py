@@ -16,7 +16,8 @@ RMSNorm modules of the Llama family (Llama, Mistral, Mixtral, Qwen2: the same fo
 add into the base layer's output in two kernels), Mixtral's router (logits, softmax, top-k and renormalization in one
 kernel; with PEFT's adapter on its weight, one more kernel builds the adapted weight) and bitsandbytes' NF4
 ``Linear4bit`` (the routed expert kernel of :mod:`phyassist.models.mixtral4bit.decode` with one expert; under a LoRA
-layer its split-K partial sums are added in the adapter's second kernel). :class:`~phyassist.models.generation
+layer its split-K partial sums are added in the adapter's second kernel), and one query token's attention over the
+static cache with the cache's update (:mod:`phyassist.models.decode_attention`). :class:`~phyassist.models.generation
 .StaticDecoder` opens it around the capture of a decode step, so the graph holds the fused kernels; the prefill,
 CPUs, autograd and every case outside these (several adapters, DoRA, dropout in training mode, merged weights, a
 bias) run the modules' own code. The maths is the modules': the RMSNorm and the rotary embedding round where they round
@@ -45,8 +46,8 @@ RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
 # routers whose forward is Mixtral's: logits = x @ W.T, softmax in fp32, top-k, the k probabilities renormalized
 ROUTERS = ("MixtralTopKRouter",)
 # what fused_decode can patch (its ``parts``): the norms, the rotary embedding, the LoRA products, the router, the
-# 4-bit linear layers' GEMV
-FUSED_PARTS = ("norm", "rotary", "lora", "router", "nf4")
+# 4-bit linear layers' GEMV, one query token's attention and static cache update (phyassist.models.decode_attention)
+FUSED_PARTS = ("norm", "rotary", "lora", "router", "nf4", "attention")
 # modeling modules whose apply_rotary_pos_emb is HF's ``q * cos + rotate_half(q) * sin`` (cos, sin unsqueezed at 1)
 ROTARY_MODULES = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "mistral", "mixtral", "qwen2"))
 
@@ -508,12 +509,38 @@ def fused_parts(setting) -> tuple:
     return tuple(p for p in FUSED_PARTS if p in names)
 
 
+def _patch_attention():
+    """Install :mod:`phyassist.models.decode_attention`'s wrappers around transformers' SDPA attention function (this
+    process's attention-function table's own entry, which overrides the library-wide one) and the static cache layer's
+    update; returns what puts both back."""
+    from transformers.cache_utils import StaticLayer
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from phyassist.models.decode_attention import sdpa_decode_function, static_layer_update
+
+    table = ALL_ATTENTION_FUNCTIONS._local_mapping
+    had, own = "sdpa" in table, table.get("sdpa")
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_decode_function(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    update = StaticLayer.__dict__["update"]
+    StaticLayer.update = static_layer_update(update)
+
+    def undo():
+        StaticLayer.update = update
+        if had:
+            table["sdpa"] = own
+        else:
+            table.pop("sdpa", None)
+    return undo
+
+
 @contextlib.contextmanager
 def fused_decode(model, parts=FUSED_PARTS):
     """While open, ``model``'s Llama-family RMSNorms, rotary embedding, plain LoRA layers, Mixtral routers (with or
     without PEFT's adapter on their weight) and bitsandbytes NF4 linear layers run the fused kernels (on CUDA without
-    autograd; elsewhere their own code); ``parts`` (:data:`FUSED_PARTS`, or True / False) limits it to some of them.
-    Nothing is patched without Triton, nor modules carrying an
+    autograd; elsewhere their own code), and so do one query token's SDPA attention and static cache update (for the
+    whole process while open, as the rotary function: :mod:`phyassist.models.decode_attention`); ``parts``
+    (:data:`FUSED_PARTS`, or True / False) limits it to some of them. Nothing is patched without Triton, nor modules
+    carrying an
     accelerate hook (a model dispatched over devices: the hook moves their inputs; their children, reached after it
     moved them, are patched). A module's own ``forward`` attribute is what the fused forward falls back to and what
     it gets back on exit; nested use restores each level (contexts must close in the reverse order of opening, as
@@ -527,6 +554,7 @@ def fused_decode(model, parts=FUSED_PARTS):
 
     parts = fused_parts(parts)
     patched, originals = [], {}
+    undo = _patch_attention() if "attention" in parts else (lambda: None)
     lora, nf4 = _lora_linear_classes(), _nf4_linear_class()
     try:
         for m in model.modules():
@@ -542,6 +570,7 @@ def fused_decode(model, parts=FUSED_PARTS):
                 mod.apply_rotary_pos_emb = _rotary_function(originals[mod])
         yield model
     finally:
+        undo()
         for mod, fn in originals.items():
             mod.apply_rotary_pos_emb = fn
         for m, own in reversed(patched):
