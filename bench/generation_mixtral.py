@@ -111,7 +111,7 @@ def build(method: str, layers: int, vocab: int):
 
 # full token count and repeats
 FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse", "kit-fuse3",
-        "kit-new", "kit-sdpa", "kit-s1024", "kit-s2048", "routed-hf")
+        "kit-new", "kit-sdpa", "kit-before", "kit-s0", "kit-s1024", "kit-s2048", "routed-hf")
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -138,13 +138,18 @@ VARIANT_DECODE = {
     "kit-fuse3": {},
     # the kit now with the decode step's attention in transformers' SDPA (cuDNN), not the fused decode attention
     "kit-sdpa": {},
+    # the kit as committed at 481a0f0 (the session before): SDPA, the split of K by split_bytes alone
+    "kit-before": {"split_programs": 0},
+    # the kit now but the split of K by split_bytes alone: what the default split_programs 1,024 adds
+    "kit-s0": {"split_programs": 0},
     # the split of K chosen per call for about 1,024 / 2,048 programs (DECODE_DEFAULTS' split_programs)
     "kit-s1024": {"split_programs": 1024},
     "kit-s2048": {"split_programs": 2048},
 }
 # the fused kernels (phyassist.models.fused_decode.FUSED_PARTS) each variant's captured steps get; others none
 VARIANT_FUSED = {"kit-new": True, "kit-fuse3": ("norm", "rotary", "lora"), "kit-s1024": True, "kit-s2048": True,
-                 "kit-sdpa": ("norm", "rotary", "lora", "router", "nf4")}
+                 "kit-sdpa": ("norm", "rotary", "lora", "router", "nf4"), "kit-s0": True,
+                 "kit-before": ("norm", "rotary", "lora", "router", "nf4")}
 
 
 def set_routed(model, variant: str, decode: dict | None = None) -> None:
@@ -289,7 +294,7 @@ def eval_projection(model, tok, args, res):
     queries = json.loads(Path(args.queries).read_text())[: args.eval_n]
     ps = chat_prompts(tok, queries)
     out = {}
-    kit = [v for v in ("kit-new", "kit-fuse3", "kit-last", "kit-code16", "kit-prev", "kit")
+    kit = [v for v in ("kit-new", "kit-before", "kit-fuse3", "kit-last", "kit-code16", "kit-prev", "kit")
            if v in args.variants.split(",")]
     for variant in kit + ["kit-hf"]:
         set_routed(model, variant, args.decode_options)

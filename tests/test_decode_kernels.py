@@ -187,7 +187,7 @@ def check_module(atol=1e-5, dtype=torch.float32):
         # fuse: route kernel, partials summed in place; split 64 bytes: K in 2 (both matmuls), so 2 partial sums
         for lut, fuse, split in (("pair", 0, 0), ("code", 1, 0), ("code16", 1, 64), ("code", 1, 64), ("prmt", 1, 64)):
             q.decode_kernel, q.decode_lut, q.decode_gemv_rows, q.decode_fuse = "v2", lut, 0, fuse
-            q.decode_split_bytes = split
+            q.decode_split_bytes, q.decode_split_programs = split, 0  # split_bytes applies
             out = routed_experts(q, x, idx, w)
             err = (out.float() - ref.float()).abs().max().item()
             assert err <= atol * max(1.0, ref.abs().max().item()), (lut, fuse, split, err)

@@ -350,9 +350,10 @@ LUTS = ("code", "pair", "code16", "prmt")  # Quant4bitExperts.decode_lut: how th
 # ``split_programs`` (the multi-row kernel; the GEMV keeps ``split_bytes``): when not 0, the split of K is chosen per
 # call instead of ``split_bytes``, for about this many programs (:func:`split_for_programs`): few splits where rows give
 # many row tiles (batch 64: the split-K partial sums of gate/up are 4 x 128 x 28,672 fp32 values, 58.7 MB a layer,
-# with 512-byte splits), more where few do; 1,024 measured 1.02x at skewed batch 64 (bench/generation_mixtral.md).
+# with 512-byte splits), more where few do; 1,024 measured 1.02x at skewed batch 64 with the step's attention in SDPA
+# and 1.05x with it in the fused decode attention (bench/generation_mixtral.md), so it is the default.
 DECODE_DEFAULTS = {"max_rows": 128, "split_bytes": 512, "kernel": "v2", "lut": "code16", "gemv_rows": 0, "fuse": 1,
-                   "prmt_rows": 2, "split_programs": 0}
+                   "prmt_rows": 2, "split_programs": 1024}
 # The values each setting may take (check_decode_options).
 DECODE_OPTIONS = {"kernel": KERNELS, "lut": LUTS, "gemv_rows": int, "max_rows": int, "split_bytes": int,
                   "fuse": (0, 1), "prmt_rows": int, "split_programs": int}
