@@ -24,7 +24,7 @@ RESULTS_TABLES = {
     "Fine-tuning Mixtral-8x7B in 4-bit QLoRA": ["finetune_mixtral.json", "finetune_mixtral_keepw.json",
                                                  "finetune_mixtral_keepw_repeat.json", "trainer_gpu_repeat.json",
                                                  "trainer_gpu.json", "trainer_gpu_keepw.json"],
-    "Generation": ["generation_mixtral/run.json", "generation_mixtral/skew.json"],
+    "Generation": ["generation_mixtral/run.json"],
     "App": ["app.json", "app_gpu.json"],
     "Evaluation on IMHI": ["real_eval/scores/results.json", "real_eval/scores/comparison.csv",
                            "real_eval/data_mix.json"],

@@ -3,7 +3,7 @@ the whole cache, and each group of query heads that share a KV head over one rea
 
 Why: in the captured decode step of the 4-bit Mixtral at batch 64 (512-token prompts), PyTorch's SDPA (cuDNN) took
 79 us a layer plus a 7.5 us gap before it, 2.5 ms of a 34 ms step
-(bench/generation_mixtral/profile_decode_b64_s1.2.txt).
+(bench/generation_mixtral/profile_before_b64_s1.2.txt).
 It reads the whole static cache, whose length :mod:`phyassist.models.generation` rounds up to 256 (768 slots for
 576 tokens), masked; and transformers' SDPA wrapper reshapes the query for grouped heads around it. Here each program
 takes one sequence and one KV head, finds from the sequence's mask row the span of keys it may attend (the cache
@@ -140,7 +140,7 @@ def cache_write(keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, val
                 length: torch.Tensor) -> None:
     """``keys[:, :, length] = key[:, :, 0]`` and the same for the values, then ``length += 1``: a static cache
     layer's update by one token in two kernels (transformers' takes seven: an arange, two adds, two index copies
-    and their copies, 0.43 ms of a 34 ms step at batch 64, bench/generation_mixtral/profile_decode_b64_s1.2.txt)."""
+    and their copies, 0.43 ms of a 34 ms step at batch 64, bench/generation_mixtral/profile_before_b64_s1.2.txt)."""
     B, H, L, D = keys.shape
     _launch(_cache_write_kernel, (B, H), key, key, value, keys, values, length, L, key.stride(0), key.stride(1),
             value.stride(0), value.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
