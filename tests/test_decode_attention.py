@@ -46,26 +46,40 @@ def _masks(B, L, g):
 
 
 def check_kernel(device="cpu"):
-    """Grouped heads (4 query heads a KV head, as Mixtral) and one a head, bf16 and fp16, a cache length past a
-    block, per-sequence, shared and no masks, the query a transposed view (as the projections give it), and a
-    scaling of its own; then the keys past each sequence's last attendable one and in its holes filled with NaN
-    (SDPA reads them; this kernel must not)."""
-    from phyassist.models.decode_attention import decode_attention
+    """Grouped heads (4 query heads a KV head, as Mixtral; 32, two row tiles of the product; and one a head), bf16 and
+    fp16, a cache length past a block, per-sequence, shared and no masks, the query a transposed view (as the
+    projections give it), keys and values a view of a longer cache (their strides not their shapes'), the
+    interpreter's block of 64 keys and of 32, and a scaling of its own; then the keys past each sequence's last
+    attendable one and in its holes filled with NaN (SDPA reads them; this kernel must not); and a sequence whose mask
+    hides every key (zeros, as SDPA's math path)."""
+    import phyassist.models.decode_attention as da
 
     g = torch.Generator().manual_seed(0)
-    for B, H, Hkv, D, L, dtype in ((4, 8, 2, 64, 150, torch.bfloat16), (4, 4, 4, 32, 70, torch.float16)):
-        q = torch.randn(B, 1, H * D, generator=g).to(device, dtype).view(B, 1, H, D).transpose(1, 2)
-        k = torch.randn(B, Hkv, L, D, generator=g).to(device, dtype)
-        v = torch.randn(B, Hkv, L, D, generator=g).to(device, dtype)
-        mask = _masks(B, L, g).to(device)
-        for m, scaling in ((mask, None), (mask[1:2], 0.3), (None, None)):
-            got = decode_attention(q, k, v, m, scaling)
-            _check_close(got, _reference(q, k, v, m, scaling), v, (B, H, Hkv, D, L, dtype, m is None, scaling))
-        hidden = ~mask[:, 0, 0, None, :, None]  # [B, 1, L, 1]: the keys each sequence may not attend
-        k_nan = k.masked_fill(hidden, float("nan"))
-        v_nan = v.masked_fill(hidden, float("nan"))
-        got = decode_attention(q, k_nan, v_nan, mask)
-        _check_close(got, _reference(q, k, v, mask), v, ("NaN in hidden keys", B, H, Hkv, D, L, dtype))
+    block = da.INTERPRETER_BLOCK_L
+    cases = ((4, 8, 2, 64, 150, torch.bfloat16, 64), (4, 4, 4, 32, 70, torch.float16, 64),
+             (4, 32, 1, 16, 140, torch.bfloat16, 32))
+    try:
+        for B, H, Hkv, D, L, dtype, da.INTERPRETER_BLOCK_L in cases:
+            what = (B, H, Hkv, D, L, dtype, da.INTERPRETER_BLOCK_L)
+            q = torch.randn(B, 1, H * D, generator=g).to(device, dtype).view(B, 1, H, D).transpose(1, 2)
+            k = torch.randn(B, Hkv, L + 9, D, generator=g).to(device, dtype)[:, :, 9:]
+            v = torch.randn(B, Hkv, L + 5, D, generator=g).to(device, dtype)[:, :, :L]
+            mask = _masks(B, L, g).to(device)
+            for m, scaling in ((mask, None), (mask[1:2], 0.3), (None, None)):
+                got = da.decode_attention(q, k, v, m, scaling)
+                _check_close(got, _reference(q, k, v, m, scaling), v, what + (m is None, scaling))
+            hidden = ~mask[:, 0, 0, None, :, None]  # [B, 1, L, 1]: the keys each sequence may not attend
+            k_nan = k.masked_fill(hidden, float("nan"))
+            v_nan = v.masked_fill(hidden, float("nan"))
+            got = da.decode_attention(q, k_nan, v_nan, mask)
+            _check_close(got, _reference(q, k, v, mask), v, ("NaN in hidden keys",) + what)
+            none = mask.clone()
+            none[3] = False
+            got = da.decode_attention(q, k, v, none)
+            assert torch.equal(got[3], torch.zeros_like(got[3])), ("no key attended",) + what
+            _check_close(got[:3], _reference(q[:3], k[:3], v[:3], none[:3]), v[:3], ("beside no key",) + what)
+    finally:
+        da.INTERPRETER_BLOCK_L = block
 
 
 class _Attention(torch.nn.Module):
@@ -198,8 +212,11 @@ def test_gpu_decode_attention_matches_the_maths(has_gpu):
     slots = torch.arange(L)
     mask = ((slots[None] >= pad[:, None]) & (slots[None] < 552)).view(B, 1, 1, L).to("cuda")
     _check_close(decode_attention(q, k, v, mask), _reference(q, k, v, mask), v, "Mixtral shapes")
-    from phyassist.models.decode_attention import MIN_PROGRAMS, decode_attention_fits
+    from phyassist.models.decode_attention import MAX_KEYS, MIN_PROGRAMS, decode_attention_fits
 
     with torch.no_grad():  # the fused path is for inference only
         assert decode_attention_fits(q, k, v, mask) and B * Hkv >= MIN_PROGRAMS
         assert not decode_attention_fits(q[:1], k[:1], v[:1], mask[:1])  # batch 1: 8 programs, SDPA's split keys
+        long = MAX_KEYS + 1  # the mask row is one tile: longer caches stay on SDPA
+        k_long = k[:, :, :1].expand(B, Hkv, long, D)
+        assert not decode_attention_fits(q, k_long, k_long, mask[..., :1].expand(B, 1, 1, long).contiguous())

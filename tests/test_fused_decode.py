@@ -348,6 +348,49 @@ def test_a_modules_own_forward_comes_back_and_nesting_restores_each_level():
     assert "forward" not in vars(norm)
 
 
+def test_contexts_in_two_threads_take_turns_and_a_failed_patch_leaves_nothing(monkeypatch):
+    """The process-wide patches (attention function, cache update, rotary): a context opened in another thread waits
+    for the open one to close, so each puts back what it found; a patch that fails half-way is undone and the lock
+    released."""
+    pytest.importorskip("triton")
+    import threading
+
+    from transformers.cache_utils import StaticLayer
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import phyassist.models.fused_decode as fd
+
+    sdpa, update = ALL_ATTENTION_FUNCTIONS["sdpa"], StaticLayer.__dict__["update"]
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    seen = []
+
+    def second():
+        with fd.fused_decode(model):
+            seen.append(ALL_ATTENTION_FUNCTIONS["sdpa"].phyassist_wraps)
+
+    with fd.fused_decode(model):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and not seen  # waiting for this context to close
+    thread.join(10)
+    assert seen == [sdpa]  # it wrapped the original, not this context's wrapper
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa and StaticLayer.__dict__["update"] is update
+
+    def broken(original):
+        raise RuntimeError("no cache update today")
+
+    import phyassist.models.decode_attention as da
+
+    monkeypatch.setattr(da, "static_layer_update", broken)
+    with pytest.raises(RuntimeError, match="no cache update"):
+        with fd.fused_decode(model):
+            pass
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa and StaticLayer.__dict__["update"] is update
+    assert fd._PATCHING.acquire(blocking=False)  # released
+    fd._PATCHING.release()
+
+
 def test_only_routers_with_mixtrals_maths_are_fused(monkeypatch):
     """A router class whose forward was replaced keeps it (the fused kernel would drop what it adds), unless the
     forward declares itself Mixtral's maths plus the router's ``logit_bias`` (the benchmarks' skewed router)."""

@@ -251,11 +251,11 @@ def test_gpu_graph_decode_logits_agree_with_a_full_forward(has_gpu, width, decod
         from phyassist.models.mixtral4bit.decode import configure_decode
 
         configure_decode(model, {"prmt_rows": 1})
-    attended = []
+    attended = []  # counted in every case: the defaults' batch of 2 must stay on SDPA
+    kernel = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **k: attended.append(1) or kernel(*a, **k))
     if decoding == "attention":
         monkeypatch.setattr(da, "MIN_PROGRAMS", 0)
-        kernel = da.decode_attention
-        monkeypatch.setattr(da, "decode_attention", lambda *a, **k: attended.append(1) or kernel(*a, **k))
     adapters_like_trained(model, 0.02)
     ids, mask = _left_padded_prompts(model.config.vocab_size)
     ids, mask = ids.cuda(), mask.cuda()

@@ -13,7 +13,7 @@ heads as the rows of one tensor-core product.
 The maths is SDPA's with a boolean mask (True: attend): ``softmax(q k^T * scaling) v`` per query head, keys the mask
 hides left out, scores and softmax in fp32, the probabilities rounded to the value dtype before their product with the
 values (as flash-attention kernels round them), one rounding of the output. A sequence whose mask hides every key gets
-NaN (0 / 0), as SDPA's math path gives.
+zeros, as SDPA's math path gives (its safe softmax); generation never asks it (each step attends its own token).
 
 :func:`sdpa_decode_function` wraps transformers' SDPA attention function: one query token, a boolean mask of one row per
 sequence (or none), 16-bit inputs, CUDA (or Triton's CPU interpreter), no dropout, softcap, attention sinks, position
@@ -84,7 +84,7 @@ if triton is not None:
                 p, v = p.to(tl.float32), v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, v)
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)  # no key attended: zeros, not 0 / 0
         tl.store(o_ptr + b * so_b + heads[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=gmask[:, None])
 
@@ -107,12 +107,15 @@ if triton is not None:
     _TILES = [(bl, w, st) for bl in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
     _decode_attention_tuned = triton.autotune(
         [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=st) for bl, w, st in _TILES],
-        key=["L", "GROUP", "D", "HAS_MASK"], restore_value=[])(_decode_attention_kernel)
+        key=["L_POW2", "GROUP", "D", "HAS_MASK"], restore_value=[])(_decode_attention_kernel)  # L_POW2: tuned once
+    # for the cache lengths up to a power of two, not again for each length generation rounds to (256 apart)
 
 INTERPRETER_BLOCK_L = 64  # the interpreter's one tile (a cache of 150 slots spans three)
 # Programs are (sequence, KV head) pairs and each walks its whole span: below this many a call leaves most of an H200's
 # 132 SMs idle (batch 1 of Mixtral: 8 programs), where SDPA splits the keys; those calls stay on SDPA.
 MIN_PROGRAMS = 128
+# Each program reads its sequence's mask row as one tile to find its span: longer caches stay on SDPA.
+MAX_KEYS = 16384
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -139,8 +142,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def cache_write(keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 length: torch.Tensor) -> None:
     """``keys[:, :, length] = key[:, :, 0]`` and the same for the values, then ``length += 1``: a static cache
-    layer's update by one token in two kernels (transformers' takes seven: an arange, two adds, two index copies
-    and their copies, 0.43 ms of a 34 ms step at batch 64, bench/generation_mixtral/profile_before_b64_s1.2.txt)."""
+    layer's update by one token in two kernels (transformers' takes seven: an arange, two adds, two index copies and
+    their copies, 0.43 ms of a 34 ms step at batch 64, bench/generation_mixtral/profile_before_b64_s1.2.txt). The
+    length is read on the GPU, so a full cache is not checked here: the write is dropped where transformers' update
+    raises; generation sizes the cache for the prompt and every new token, so its steps never ask it."""
     B, H, L, D = keys.shape
     _launch(_cache_write_kernel, (B, H), key, key, value, keys, values, length, L, key.stride(0), key.stride(1),
             value.stride(0), value.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
@@ -182,7 +187,7 @@ def static_layer_update(original):
 def decode_attention_fits(query, key, value, mask, dropout=0.0, **kwargs) -> bool:
     """Whether :func:`decode_attention` computes what transformers' SDPA function would for these arguments: one
     query token, 16-bit inputs of one dtype on one device, on a GPU at least :data:`MIN_PROGRAMS` (sequence, KV head)
-    pairs, grouped heads, a head size that is a power of two from 16 to 256, the last dimension contiguous, a boolean
+    pairs, at most :data:`MAX_KEYS` cache slots, grouped heads, a head size that is a power of two from 16 to 256, the last dimension contiguous, a boolean
     mask of one row per sequence (or shared, or none), no autograd, dropout, softcap, attention sinks, position bias,
     paged cache or attention weights asked for."""
     if (query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.shape[2] != 1 or not use_triton(query)
@@ -193,7 +198,7 @@ def decode_attention_fits(query, key, value, mask, dropout=0.0, **kwargs) -> boo
     if kwargs.get("output_attentions"):
         return False
     B, H, _, D = query.shape
-    if query.is_cuda and B * key.shape[1] < MIN_PROGRAMS:
+    if (query.is_cuda and B * key.shape[1] < MIN_PROGRAMS) or key.shape[2] > MAX_KEYS:
         return False
     if (query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype
             or key.device != query.device or value.device != query.device or key.shape != value.shape

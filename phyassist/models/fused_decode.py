@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 
 import torch
 
@@ -520,9 +521,9 @@ def _patch_attention():
 
     table = ALL_ATTENTION_FUNCTIONS._local_mapping
     had, own = "sdpa" in table, table.get("sdpa")
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_decode_function(ALL_ATTENTION_FUNCTIONS["sdpa"])
     update = StaticLayer.__dict__["update"]
-    StaticLayer.update = static_layer_update(update)
+    attention, cache_update = sdpa_decode_function(ALL_ATTENTION_FUNCTIONS["sdpa"]), static_layer_update(update)
+    ALL_ATTENTION_FUNCTIONS["sdpa"], StaticLayer.update = attention, cache_update  # both wrappers built: nothing fails
 
     def undo():
         StaticLayer.update = update
@@ -533,6 +534,12 @@ def _patch_attention():
     return undo
 
 
+# Held while a fused_decode context is open: the process-wide patches (attention, cache update, rotary) are undone by
+# the context that made them, so contexts in several threads take turns rather than interleave (the app captures a
+# graph under its own lock; a benchmark or a second model in another thread waits for the capture, a few seconds).
+_PATCHING = threading.RLock()
+
+
 @contextlib.contextmanager
 def fused_decode(model, parts=FUSED_PARTS):
     """While open, ``model``'s Llama-family RMSNorms, rotary embedding, plain LoRA layers, Mixtral routers (with or
@@ -540,13 +547,12 @@ def fused_decode(model, parts=FUSED_PARTS):
     autograd; elsewhere their own code), and so do one query token's SDPA attention and static cache update (for the
     whole process while open, as the rotary function: :mod:`phyassist.models.decode_attention`); ``parts``
     (:data:`FUSED_PARTS`, or True / False) limits it to some of them. Nothing is patched without Triton, nor modules
-    carrying an
-    accelerate hook (a model dispatched over devices: the hook moves their inputs; their children, reached after it
-    moved them, are patched). A module's own ``forward`` attribute is what the fused forward falls back to and what
-    it gets back on exit; nested use restores each level (contexts must close in the reverse order of opening, as
-    ``with`` blocks in one thread do). The rotary function is patched in its modeling module, for
-    the whole process while open (the fused version is the same maths, and runs only for CUDA tensors without
-    autograd)."""
+    carrying an accelerate hook (a model dispatched over devices: the hook moves their inputs; their children, reached
+    after it moved them, are patched). A module's own ``forward`` attribute is what the fused forward falls back to
+    and what it gets back on exit; nested use restores each level (contexts in one thread close in the reverse order
+    of opening, as ``with`` blocks do; a context in another thread waits for them to close). The rotary function is
+    patched in its modeling module, for the whole process while open (the fused version is the same maths, and runs
+    only for CUDA tensors without autograd)."""
     if triton is None:
         yield model
         return
@@ -554,9 +560,12 @@ def fused_decode(model, parts=FUSED_PARTS):
 
     parts = fused_parts(parts)
     patched, originals = [], {}
-    undo = _patch_attention() if "attention" in parts else (lambda: None)
     lora, nf4 = _lora_linear_classes(), _nf4_linear_class()
+    undo = lambda: None  # noqa: E731  (what the finally runs if patching fails half-way)
+    _PATCHING.acquire()
     try:
+        if "attention" in parts:
+            undo = _patch_attention()
         for m in model.modules():
             fused = _fused_forward(m, parts, lora, ParamWrapper, nf4)
             if fused is not None and not hasattr(m, "_hf_hook"):  # accelerate moves such a module's inputs
@@ -570,11 +579,14 @@ def fused_decode(model, parts=FUSED_PARTS):
                 mod.apply_rotary_pos_emb = _rotary_function(originals[mod])
         yield model
     finally:
-        undo()
-        for mod, fn in originals.items():
-            mod.apply_rotary_pos_emb = fn
-        for m, own in reversed(patched):
-            if own is None:
-                m.__dict__.pop("forward", None)  # the class's forward again
-            else:
-                m.forward = own
+        try:
+            undo()
+            for mod, fn in originals.items():
+                mod.apply_rotary_pos_emb = fn
+            for m, own in reversed(patched):
+                if own is None:
+                    m.__dict__.pop("forward", None)  # the class's forward again
+                else:
+                    m.forward = own
+        finally:
+            _PATCHING.release()
