@@ -15,7 +15,8 @@ PY=${PYTHON:-.venv/bin/python}
 # The image's packages (/work/.library/device/KINDS.md): torch 2.11+cu130, triton, accelerate 1.15, tokenizers,
 # safetensors, numpy, pandas, pyarrow, xxhash, pyyaml, httpx, hf-xet are there. Missing or at another version:
 PACKAGES=(bitsandbytes trl peft transformers huggingface_hub httpx2 httpcore2 truststore datasets dill multiprocess
-          pydantic pydantic_core annotated-types typing-inspection typing_extensions)
+          pydantic pydantic_core annotated-types typing-inspection typing_extensions
+          cryptography cffi pycparser SQLAlchemy)  # the last four: the app's encrypted store (bench/app_bench.py)
 
 pin() {  # "name==version" as requirements.txt pins it (names compared as pip does: case, - and _ alike)
   local want
