@@ -111,7 +111,7 @@ def build(method: str, layers: int, vocab: int):
 
 # full token count and repeats
 FAST = ("kit", "kit-nosplit", "kit-v2", "kit-v2pair", "kit-prev", "kit-code16", "kit-last", "kit-nofuse", "kit-fuse3",
-        "kit-new", "kit-sdpa", "kit-before", "kit-s0", "kit-s1024", "kit-s2048", "routed-hf")
+        "kit-new", "kit-sdpa", "kit-before", "kit-s0", "kit-s1024", "kit-s2048", "kit-attn-all", "routed-hf")
 # each variant's decode settings over DECODE_DEFAULTS (kit-new: over them, those of --decode)
 VARIANT_DECODE = {
     "kit-hf": {"max_rows": 0},  # the training path's experts: every expert dequantized each step
@@ -145,9 +145,15 @@ VARIANT_DECODE = {
     # the split of K chosen per call for about 1,024 / 2,048 programs (DECODE_DEFAULTS' split_programs)
     "kit-s1024": {"split_programs": 1024},
     "kit-s2048": {"split_programs": 2048},
+    # the kit now with the decode attention kernel at every batch (decode_attention.MIN_PROGRAMS 0, ATTENTION_MIN)
+    "kit-attn-all": {},
 }
+# phyassist.models.decode_attention.MIN_PROGRAMS per variant; the others get the module's default
+ATTENTION_MIN = {"kit-attn-all": 0}
+_DEFAULT_MIN: list = []
 # the fused kernels (phyassist.models.fused_decode.FUSED_PARTS) each variant's captured steps get; others none
 VARIANT_FUSED = {"kit-new": True, "kit-fuse3": ("norm", "rotary", "lora"), "kit-s1024": True, "kit-s2048": True,
+                 "kit-attn-all": True,
                  "kit-sdpa": ("norm", "rotary", "lora", "router", "nf4"), "kit-s0": True,
                  "kit-before": ("norm", "rotary", "lora", "router", "nf4")}
 
@@ -162,6 +168,13 @@ def set_routed(model, variant: str, decode: dict | None = None) -> None:
         configure_decode(model, dict(DECODE_DEFAULTS, **settings))
         # which fused kernels the captured steps get (phyassist.models.generation reads this)
         model.phyassist_fused_decode = VARIANT_FUSED.get(variant, False)
+    import phyassist.models.decode_attention as da
+
+    _DEFAULT_MIN or _DEFAULT_MIN.append(da.MIN_PROGRAMS)
+    want = ATTENTION_MIN.get(variant, _DEFAULT_MIN[0])
+    if da.MIN_PROGRAMS != want:  # the captured graphs' key does not hold it: capture again
+        da.MIN_PROGRAMS = want
+        model.__dict__.pop("_phyassist_decoders", None)
 
 
 def timed_generate(variant, model, ids, mask, new, repeats):
@@ -313,6 +326,17 @@ def eval_projection(model, tok, args, res):
     res["eval_projection"] = out
 
 
+def save_events(events, path: Path) -> str:
+    """The trace's kernels, compactly (``names``: each kernel name once; ``events``: ``[name index, start us,
+    duration us]`` in start order): kept where the breakdown fails, to find why and rerun it on the file
+    (bench/kernel_timeline.py) without the GPU."""
+    names = sorted({e[0] for e in events})
+    index = {n: i for i, n in enumerate(names)}
+    rows = [[index[n], round(ts, 3), round(d, 3)] for n, ts, d in events]
+    path.write_text(json.dumps({"names": names, "events": rows}))
+    return path.name
+
+
 def profile_decode(model, tok, args, res, batch: int = 1, skew: float = 0.0, new: int = 16) -> None:
     """Where a decode step's time goes: torch.profiler over one ``generate`` call of ``new`` tokens (512-token
     prompts, ``batch`` of them, router skew ``skew``, after a warm-up call): kernels by total GPU time, and the
@@ -343,12 +367,15 @@ def profile_decode(model, tok, args, res, batch: int = 1, skew: float = 0.0, new
     entry = {"variant": args.profile, "batch": batch, "skew": skew, "shares": expert_shares(model),
              "prompt": args.prompt_len, "new_tokens": new, "table": table}
     try:  # the breakdown must not cost the table
-        steps = decode_steps(kernel_events(trace), new - 1)
+        # a step holds every layer (at batch 1 fewer steps than layers are profiled); sampling's eager kernels
+        # between replays may change variant from step to step (bench/kernel_timeline.py)
+        steps = decode_steps(kernel_events(trace), new - 1, min_period=2 * args.layers, max_mismatch=4)
         entry["breakdown"] = layer_breakdown(steps, args.layers)
         table += "\n\n" + format_breakdown(entry["breakdown"], f"{args.profile}, batch {batch}, skew {skew:g}, "
                                             f"expert shares {entry['shares']}: the captured decode steps")
     except ValueError as exc:
         entry["breakdown_error"] = str(exc)
+        entry["events_file"] = save_events(kernel_events(trace), out_dir / f"{name}_events.json")
     finally:
         trace.unlink()  # tens of MB; the breakdown keeps what it says
     res.setdefault("profiles", []).append(entry)

@@ -43,16 +43,26 @@ def period(names: list[str], repeats: int, start: int = 0, min_period: int = 1,
 
 
 def decode_steps(events: list[tuple[str, float, float]], steps: int, max_trailing: int = 8,
-                 min_period: int = 2) -> list[list[tuple[str, float, float]]]:
+                 min_period: int = 2, max_mismatch: int = 0) -> list[list[tuple[str, float, float]]]:
     """The last ``steps`` repetitions of the step's kernel sequence (the decode steps: the prefill comes first and
-    does not repeat), found as the shortest sequence that the trace's tail repeats ``steps`` times; up to
-    ``max_trailing`` kernels after the last step (``generate``'s final length reduction) are skipped."""
+    does not repeat), found as the shortest sequence of at least ``min_period`` kernels that the trace's tail repeats
+    ``steps`` times; up to ``max_trailing`` kernels after the last step (``generate``'s final length reduction) are
+    skipped. A step may differ from the next in up to ``max_mismatch`` places: the eager kernels between two
+    replays (sampling, the output's growth) pick a vectorized variant by their tensors' alignment, which moves as the
+    output grows (at batch 1 of Mixtral, one place in every step). Give ``min_period`` at least twice the layer
+    count where fewer steps than layers are profiled: a run of layers inside one step repeats too."""
     names = [e[0] for e in events]
     for trail in range(max_trailing + 1):
         end = len(names) - trail
         for p in range(min_period, end // steps + 1):
             tail = names[end - steps * p:end]
-            if all(tail[i] == tail[i + p] for i in range((steps - 1) * p)):
+            allowed, mismatches = max_mismatch * (steps - 1), 0
+            for i in range((steps - 1) * p):
+                if tail[i] != tail[i + p]:
+                    mismatches += 1
+                    if mismatches > allowed:
+                        break
+            if mismatches <= allowed:
                 base = end - steps * p
                 return [events[base + k * p: base + (k + 1) * p] for k in range(steps)]
     raise ValueError(f"decode_steps: the trace's last kernels do not repeat {steps} times")

@@ -87,3 +87,23 @@ def test_kernel_events_reads_only_kernels_in_start_order():
                              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9},
                              {"cat": "kernel", "name": "a", "ts": 2, "dur": 2}]}
     assert kernel_events(trace) == [("a", 2.0, 2.0), ("b", 5.0, 1.0)]
+
+
+def test_batch_one_steps_fewer_than_layers_and_a_host_kernel_that_changes_variant():
+    """What the batch-1 trace of the 4-bit Mixtral holds (bench/generation_mixtral.md): fewer profiled steps than
+    layers, so a run of layers inside one step repeats as often as the steps (the shortest period is a layer), and
+    an eager kernel between replays whose vectorized variant alternates from step to step. ``min_period`` of two
+    kernels a layer and ``max_mismatch`` find the step."""
+    events, seen = [], 0
+    for n, t, d in _timeline(steps=3, layers=8):
+        if n == "argmax":
+            n, seen = ("argmax_v2" if seen % 2 else "argmax_v4"), seen + 1
+        events.append((n, t, d))
+    per_step = 1 + 8 * len(LAYER) + 2
+    assert len(decode_steps(events, 3)[0]) == len(LAYER)  # the trap: one layer taken for a step
+    with pytest.raises(ValueError, match="do not repeat"):
+        decode_steps(events, 3, min_period=2 * 8)  # the variant differs between steps
+    steps = decode_steps(events, 3, min_period=2 * 8, max_mismatch=1)
+    assert [len(s) for s in steps] == [per_step] * 3
+    b = layer_breakdown(steps, 8)
+    assert [r["kernel"] for r in b["places"]] == [n for n, _ in LAYER]
