@@ -7,11 +7,15 @@ module reads a profiler trace (``export_chrome_trace``'s JSON), finds the repeat
 repeating layer, and reports per place in the layer: the kernel, its median time and the median idle gap before it
 (the GPU waiting between two kernels of the graph), summed over the layers of one step.
 
-Pure functions over lists (no torch): tests/test_kernel_timeline.py checks them on synthetic timelines.
+Pure functions over lists (no torch): tests/test_kernel_timeline.py checks them on synthetic timelines. From the
+kernel events bench/generation_mixtral.py keeps where its breakdown failed (``*_events.json``), again on any machine:
+
+    python3 bench/kernel_timeline.py EVENTS.json --steps 15 --layers 32 --min-period 64 --max-mismatch 4
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -118,3 +122,28 @@ def format_breakdown(b: dict, title: str) -> str:
     lines.append(f"sum over places: kernels {sum(r['per_step_ms'] for r in b['places']):.3f} ms, gaps {gaps:.3f} ms "
                  "a step (medians times layers)")
     return "\n".join(lines)
+
+
+def read_events(path: str | Path) -> list[tuple[str, float, float]]:
+    """The kernel events of a ``*_events.json`` (bench/generation_mixtral.py's ``save_events``)."""
+    d = json.loads(Path(path).read_text())
+    return [(d["names"][i], float(ts), float(dur)) for i, ts, dur in d["events"]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="The captured decode step's breakdown from a kernel events file.")
+    ap.add_argument("events", help="a *_events.json written by bench/generation_mixtral.py")
+    ap.add_argument("--steps", type=int, required=True, help="decode steps profiled (new tokens - 1)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--min-period", type=int, default=2)
+    ap.add_argument("--max-mismatch", type=int, default=0)
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    steps = decode_steps(read_events(args.events), args.steps, min_period=args.min_period,
+                         max_mismatch=args.max_mismatch)
+    print(format_breakdown(layer_breakdown(steps, args.layers), args.title or Path(args.events).name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
