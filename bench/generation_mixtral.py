@@ -150,7 +150,7 @@ VARIANT_DECODE = {
 }
 # phyassist.models.decode_attention.MIN_PROGRAMS per variant; the others get the module's default
 ATTENTION_MIN = {"kit-attn-all": 0}
-_DEFAULT_MIN: list = []
+_MIN_PROGRAMS = None  # decode_attention.MIN_PROGRAMS as the kit sets it, read before a variant changes it
 # the fused kernels (phyassist.models.fused_decode.FUSED_PARTS) each variant's captured steps get; others none
 VARIANT_FUSED = {"kit-new": True, "kit-fuse3": ("norm", "rotary", "lora"), "kit-s1024": True, "kit-s2048": True,
                  "kit-attn-all": True,
@@ -161,6 +161,8 @@ VARIANT_FUSED = {"kit-new": True, "kit-fuse3": ("norm", "rotary", "lora"), "kit-
 def set_routed(model, variant: str, decode: dict | None = None) -> None:
     """The experts' decode settings of ``variant`` (VARIANT_DECODE, or ``decode`` for kit-new), each time from
     DECODE_DEFAULTS so that no variant inherits another's; plain-hf has no 4-bit expert modules."""
+    global _MIN_PROGRAMS
+    import phyassist.models.decode_attention as da
     from phyassist.models.mixtral4bit.decode import DECODE_DEFAULTS, configure_decode
 
     if variant != "plain-hf":
@@ -168,10 +170,8 @@ def set_routed(model, variant: str, decode: dict | None = None) -> None:
         configure_decode(model, dict(DECODE_DEFAULTS, **settings))
         # which fused kernels the captured steps get (phyassist.models.generation reads this)
         model.phyassist_fused_decode = VARIANT_FUSED.get(variant, False)
-    import phyassist.models.decode_attention as da
-
-    _DEFAULT_MIN or _DEFAULT_MIN.append(da.MIN_PROGRAMS)
-    want = ATTENTION_MIN.get(variant, _DEFAULT_MIN[0])
+    _MIN_PROGRAMS = da.MIN_PROGRAMS if _MIN_PROGRAMS is None else _MIN_PROGRAMS
+    want = ATTENTION_MIN.get(variant, _MIN_PROGRAMS)
     if da.MIN_PROGRAMS != want:  # the captured graphs' key does not hold it: capture again
         da.MIN_PROGRAMS = want
         model.__dict__.pop("_phyassist_decoders", None)
@@ -366,16 +366,18 @@ def profile_decode(model, tok, args, res, batch: int = 1, skew: float = 0.0, new
     prof.export_chrome_trace(str(trace))
     entry = {"variant": args.profile, "batch": batch, "skew": skew, "shares": expert_shares(model),
              "prompt": args.prompt_len, "new_tokens": new, "table": table}
+    events: list = []
     try:  # the breakdown must not cost the table
+        events = kernel_events(trace)  # read once: the trace is tens of MB
         # a step holds every layer (at batch 1 fewer steps than layers are profiled); sampling's eager kernels
         # between replays may change variant from step to step (bench/kernel_timeline.py)
-        steps = decode_steps(kernel_events(trace), new - 1, min_period=2 * args.layers, max_mismatch=4)
+        steps = decode_steps(events, new - 1, min_period=2 * args.layers, max_mismatch=4)
         entry["breakdown"] = layer_breakdown(steps, args.layers)
         table += "\n\n" + format_breakdown(entry["breakdown"], f"{args.profile}, batch {batch}, skew {skew:g}, "
                                             f"expert shares {entry['shares']}: the captured decode steps")
     except ValueError as exc:
         entry["breakdown_error"] = str(exc)
-        entry["events_file"] = save_events(kernel_events(trace), out_dir / f"{name}_events.json")
+        entry["events_file"] = save_events(events, out_dir / f"{name}_events.json")
     finally:
         trace.unlink()  # tens of MB; the breakdown keeps what it says
     res.setdefault("profiles", []).append(entry)

@@ -187,9 +187,9 @@ def static_layer_update(original):
 def decode_attention_fits(query, key, value, mask, dropout=0.0, **kwargs) -> bool:
     """Whether :func:`decode_attention` computes what transformers' SDPA function would for these arguments: one
     query token, 16-bit inputs of one dtype on one device, on a GPU at least :data:`MIN_PROGRAMS` (sequence, KV head)
-    pairs, at most :data:`MAX_KEYS` cache slots, grouped heads, a head size that is a power of two from 16 to 256, the last dimension contiguous, a boolean
-    mask of one row per sequence (or shared, or none), no autograd, dropout, softcap, attention sinks, position bias,
-    paged cache or attention weights asked for."""
+    pairs, at most :data:`MAX_KEYS` cache slots, grouped heads, a head size that is a power of two from 16 to 256, the
+    last dimension contiguous, a boolean mask of one row per sequence (or shared, or none), no autograd, dropout,
+    softcap, attention sinks, position bias, paged cache or attention weights asked for."""
     if (query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.shape[2] != 1 or not use_triton(query)
             or torch.is_grad_enabled() or dropout):
         return False
